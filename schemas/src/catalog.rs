@@ -1,0 +1,327 @@
+//! The meter and plan catalogue: which meters exist, how each one aggregates, and what every plan
+//! allows. Plans are configuration: the default catalogue ships as `catalog.toml` and a user's own
+//! file replaces it whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::{Error, Result};
+
+/// The catalogue Tally ships with.
+pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
+
+/// How the events of a meter fold into one figure per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Each event adds its `data.value` (default 1): requests, calls.
+    Count,
+    /// Each event adds its `data.value`: bytes, minutes.
+    Sum,
+    /// A gauge: the value of the latest event (by event time) is the usage, and it carries over
+    /// from one period to the next. Ties on event time keep the larger value.
+    Latest,
+}
+
+impl Aggregation {
+    /// Whether the events of this meter add up (count, sum) rather than replace each other.
+    pub fn is_additive(self) -> bool {
+        !matches!(self, Aggregation::Latest)
+    }
+}
+
+/// One meter of the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meter {
+    /// How events fold into usage.
+    pub aggregation: Aggregation,
+    /// The unit of `data.value` and of every limit on this meter.
+    pub unit: String,
+    /// Shown in dashboards and the API.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A plan's allowance on one meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// At most this many units per billing period (for gauges: at any time).
+    Finite(u64),
+    /// Never limited.
+    Unlimited,
+}
+
+impl Limit {
+    pub fn finite(self) -> Option<u64> {
+        match self {
+            Limit::Finite(n) => Some(n),
+            Limit::Unlimited => None,
+        }
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Limit::Finite(n) => s.serialize_u64(*n),
+            Limit::Unlimited => s.serialize_str("unlimited"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct LimitVisitor;
+        impl Visitor<'_> for LimitVisitor {
+            type Value = Limit;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-negative whole number, \"unlimited\" or \"custom\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Limit, E> {
+                Ok(Limit::Finite(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Limit, E> {
+                u64::try_from(v)
+                    .map(Limit::Finite)
+                    .map_err(|_| E::custom("a limit cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Limit, E> {
+                match v {
+                    // A custom limit is negotiated per customer and set as an override; until it
+                    // is set, the meter does not block.
+                    "unlimited" | "custom" => Ok(Limit::Unlimited),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(LimitVisitor)
+    }
+}
+
+/// What happens when usage passes the plan's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Warn, grant the grace period, then block (the 80 / 100 / 110 % rules).
+    #[default]
+    Block,
+    /// Usage past the limit is billed as overage and never blocked; notifications still go out.
+    Overage,
+}
+
+/// Per-plan request-rate limit (a token bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained checks per second.
+    pub per_second: u32,
+    /// Checks that may arrive at once above the sustained rate.
+    pub burst: u32,
+}
+
+/// One plan of the catalogue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Name shown to people.
+    pub display_name: String,
+    /// List price per month; absent for plans priced by contract.
+    #[serde(default)]
+    pub monthly_price_cents: Option<u64>,
+    /// Block or bill overage once the limit is passed.
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    /// Request-rate limit applied by the enforcer, if any.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Allowance per meter; a meter that is not listed is unlimited.
+    #[serde(default)]
+    pub limits: BTreeMap<String, Limit>,
+}
+
+impl Plan {
+    /// The plan's allowance on `meter`.
+    pub fn limit(&self, meter: &str) -> Limit {
+        self.limits.get(meter).copied().unwrap_or(Limit::Unlimited)
+    }
+}
+
+/// Thresholds and grace periods of the quota rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaPolicy {
+    pub warn_percent: u32,
+    pub soft_percent: u32,
+    pub block_percent: u32,
+    pub grace_hours: u32,
+    pub payment_grace_days: u32,
+    pub default_plan: String,
+    pub fallback_plan: String,
+}
+
+impl Default for QuotaPolicy {
+    fn default() -> Self {
+        QuotaPolicy {
+            warn_percent: 80,
+            soft_percent: 100,
+            block_percent: 110,
+            grace_hours: 48,
+            payment_grace_days: 7,
+            default_plan: "free".into(),
+            fallback_plan: "free".into(),
+        }
+    }
+}
+
+impl QuotaPolicy {
+    pub fn grace_ms(&self) -> i64 {
+        i64::from(self.grace_hours) * 3_600_000
+    }
+
+    pub fn payment_grace_ms(&self) -> i64 {
+        i64::from(self.payment_grace_days) * 86_400_000
+    }
+}
+
+/// Pricing facts that billing needs beyond the per-plan prices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    pub annual_discount_percent: u32,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Pricing {
+            annual_discount_percent: 10,
+        }
+    }
+}
+
+/// Meters, plans and the quota policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    #[serde(default)]
+    pub policy: QuotaPolicy,
+    #[serde(default)]
+    pub pricing: Pricing,
+    pub meters: BTreeMap<String, Meter>,
+    pub plans: BTreeMap<String, Plan>,
+}
+
+impl Catalog {
+    /// Parses and checks a catalogue written in TOML.
+    pub fn from_toml(text: &str) -> Result<Catalog> {
+        let catalog: Catalog =
+            toml::from_str(text).map_err(|e| Error::Catalog(e.message().to_string()))?;
+        catalog.check()?;
+        Ok(catalog)
+    }
+
+    /// The catalogue Tally ships with.
+    pub fn builtin() -> Catalog {
+        // The shipped file is checked by this crate's tests, so this cannot fail at run time.
+        Catalog::from_toml(DEFAULT_CATALOG_TOML).expect("the built-in catalogue is valid")
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.meters.is_empty() {
+            return Err(Error::Catalog("the catalogue defines no meter".into()));
+        }
+        for name in self.meters.keys() {
+            crate::event::check_meter_name(name)
+                .map_err(|_| Error::Catalog(format!("meter name `{name}` is not valid")))?;
+        }
+        for (id, plan) in &self.plans {
+            for meter in plan.limits.keys() {
+                if !self.meters.contains_key(meter) {
+                    return Err(Error::Catalog(format!(
+                        "plan `{id}` limits unknown meter `{meter}`"
+                    )));
+                }
+            }
+        }
+        for plan in [&self.policy.default_plan, &self.policy.fallback_plan] {
+            if !self.plans.contains_key(plan) {
+                return Err(Error::Catalog(format!("policy names unknown plan `{plan}`")));
+            }
+        }
+        let p = &self.policy;
+        if !(p.warn_percent <= p.soft_percent && p.soft_percent <= p.block_percent)
+            || p.soft_percent == 0
+        {
+            return Err(Error::Catalog(
+                "policy needs 0 < soft_percent and warn_percent <= soft_percent <= block_percent"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn meter(&self, name: &str) -> Option<&Meter> {
+        self.meters.get(name)
+    }
+
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.get(id)
+    }
+
+    /// The plan of customers that were never assigned one.
+    pub fn default_plan(&self) -> &Plan {
+        &self.plans[&self.policy.default_plan]
+    }
+
+    /// The plan a customer falls back to after its payment grace ran out.
+    pub fn fallback_plan(&self) -> &Plan {
+        &self.plans[&self.policy.fallback_plan]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalogue_matches_the_published_plans() {
+        let c = Catalog::builtin();
+        assert_eq!(c.plans.len(), 4);
+        let free = c.plan("free").unwrap();
+        assert_eq!(free.limit("api_requests"), Limit::Finite(10_000));
+        assert_eq!(free.limit("bandwidth_bytes"), Limit::Finite(1_000_000_000));
+        assert_eq!(free.limit("build_minutes"), Limit::Finite(100));
+        assert_eq!(free.limit("wasm_modules"), Limit::Finite(3));
+        assert_eq!(free.limit("edge_deployments"), Limit::Finite(2));
+        assert_eq!(free.limit("collaborators"), Limit::Finite(1));
+        let starter = c.plan("starter").unwrap();
+        assert_eq!(starter.monthly_price_cents, Some(2_900));
+        assert_eq!(starter.limit("api_requests"), Limit::Finite(100_000));
+        assert_eq!(starter.limit("collaborators"), Limit::Finite(3));
+        let pro = c.plan("professional").unwrap();
+        assert_eq!(pro.monthly_price_cents, Some(9_900));
+        assert_eq!(pro.limit("bandwidth_bytes"), Limit::Finite(100_000_000_000));
+        assert_eq!(pro.limit("build_minutes"), Limit::Finite(2_000));
+        let ent = c.plan("enterprise").unwrap();
+        assert_eq!(ent.limit("api_requests"), Limit::Unlimited);
+        assert_eq!(ent.limit("build_minutes"), Limit::Unlimited);
+        // storage_bytes is metered but no plan limits it.
+        assert_eq!(free.limit("storage_bytes"), Limit::Unlimited);
+        assert_eq!(c.meter("wasm_modules").unwrap().aggregation, Aggregation::Latest);
+        assert_eq!(c.pricing.annual_discount_percent, 10);
+        assert_eq!(c.policy.grace_ms(), 48 * 3_600_000);
+    }
+
+    #[test]
+    fn rejects_limits_on_unknown_meters_and_unknown_keys() {
+        let bad = "[meters.a]\naggregation='sum'\nunit='x'\n[plans.free]\ndisplay_name='F'\nlimits={b=1}\n";
+        assert!(matches!(Catalog::from_toml(bad), Err(Error::Catalog(m)) if m.contains("unknown meter")));
+        let typo = "[meters.a]\naggregation='sum'\nunit='x'\nunitz='y'\n[plans.free]\ndisplay_name='F'\n";
+        assert!(Catalog::from_toml(typo).is_err());
+        let neg = "[meters.a]\naggregation='sum'\nunit='x'\n[plans.free]\ndisplay_name='F'\nlimits={a=-1}\n";
+        assert!(Catalog::from_toml(neg).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! What Tally knows of a customer: its plan, per-meter limit overrides, billing period and payment
+//! state. Customers Tally never heard of are on the catalogue's default plan, billed by calendar
+//! month.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, Limit, Plan};
+use crate::period::{Period, anchored_month, calendar_month};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Customer {
+    /// Plan id in the catalogue.
+    pub plan: String,
+    /// Limits negotiated for this customer, replacing the plan's on these meters.
+    #[serde(default)]
+    pub limit_overrides: BTreeMap<String, Limit>,
+    /// Start of any one billing period; later periods start monthly on the same day and time.
+    #[serde(default)]
+    pub period_anchor_ms: Option<i64>,
+    /// The subscription's current period as the billing provider reported it; it wins over the
+    /// anchor while it lasts.
+    #[serde(default)]
+    pub current_period: Option<Period>,
+    /// Links the customer to Stripe for usage reporting.
+    #[serde(default)]
+    pub stripe_customer_id: Option<String>,
+    /// When the latest unpaid invoice failed; the payment grace runs from here.
+    #[serde(default)]
+    pub payment_failed_at_ms: Option<i64>,
+    /// Last change, for replicas that poll for changes.
+    #[serde(default)]
+    pub updated_ms: i64,
+}
+
+impl Customer {
+    /// A customer on the catalogue's default plan.
+    pub fn new_default(catalog: &Catalog) -> Customer {
+        Customer {
+            plan: catalog.policy.default_plan.clone(),
+            limit_overrides: BTreeMap::new(),
+            period_anchor_ms: None,
+            current_period: None,
+            stripe_customer_id: None,
+            payment_failed_at_ms: None,
+            updated_ms: 0,
+        }
+    }
+
+    /// The billing period holding `t_ms`.
+    pub fn period_at(&self, t_ms: i64) -> Period {
+        if let Some(p) = self.current_period {
+            if p.contains(t_ms) {
+                return p;
+            }
+        }
+        match self
+            .period_anchor_ms
+            .or(self.current_period.map(|p| p.start_ms))
+        {
+            Some(anchor) => anchored_month(anchor, t_ms),
+            None => calendar_month(t_ms),
+        }
+    }
+
+    /// When the payment grace ends, if a payment failed.
+    pub fn payment_grace_until(&self, catalog: &Catalog) -> Option<i64> {
+        self.payment_failed_at_ms
+            .map(|t| t.saturating_add(catalog.policy.payment_grace_ms()))
+    }
+
+    /// Whether the customer lost its plan to an unpaid invoice at `now_ms`.
+    pub fn fell_back(&self, catalog: &Catalog, now_ms: i64) -> bool {
+        self.payment_grace_until(catalog)
+            .is_some_and(|until| now_ms >= until)
+    }
+
+    /// The plan in force at `now_ms`, with its id.
+    pub fn plan_at<'c>(&self, catalog: &'c Catalog, now_ms: i64) -> (&'c str, &'c Plan) {
+        let id = if self.fell_back(catalog, now_ms) {
+            &catalog.policy.fallback_plan
+        } else {
+            &self.plan
+        };
+        match catalog.plans.get_key_value(id.as_str()) {
+            Some((id, plan)) => (id.as_str(), plan),
+            // The plan was removed from a replaced catalogue: the default plan applies.
+            None => (catalog.policy.default_plan.as_str(), catalog.default_plan()),
+        }
+    }
+
+    /// The limit on `meter` at `now_ms`: the override if one is set and the plan is still
+    /// paid for, otherwise the plan's.
+    pub fn limit_at(&self, catalog: &Catalog, meter: &str, now_ms: i64) -> Limit {
+        if !self.fell_back(catalog, now_ms) {
+            if let Some(l) = self.limit_overrides.get(meter) {
+                return *l;
+            }
+        }
+        self.plan_at(catalog, now_ms).1.limit(meter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::period::parse_rfc3339 as ms;
+
+    #[test]
+    fn payment_grace_then_fallback_to_free() {
+        let c = Catalog::builtin();
+        let mut cust = Customer::new_default(&c);
+        cust.plan = "professional".into();
+        cust.limit_overrides.insert("api_requests".into(), Limit::Finite(5_000_000));
+        let t0 = ms("2026-11-01T00:00:00Z").unwrap();
+        assert_eq!(cust.limit_at(&c, "api_requests", t0), Limit::Finite(5_000_000));
+        assert_eq!(cust.limit_at(&c, "build_minutes", t0), Limit::Finite(2_000));
+        cust.payment_failed_at_ms = Some(t0);
+        let day = 86_400_000;
+        assert_eq!(cust.plan_at(&c, t0 + 7 * day - 1).0, "professional");
+        assert_eq!(cust.limit_at(&c, "api_requests", t0 + 7 * day - 1), Limit::Finite(5_000_000));
+        assert_eq!(cust.plan_at(&c, t0 + 7 * day).0, "free");
+        assert_eq!(cust.limit_at(&c, "api_requests", t0 + 7 * day), Limit::Finite(10_000));
+    }
+
+    #[test]
+    fn subscription_period_wins_then_anchor_continues_it() {
+        let c = Catalog::builtin();
+        let mut cust = Customer::new_default(&c);
+        let now = ms("2026-11-21T10:00:00Z").unwrap();
+        assert_eq!(cust.period_at(now).start_ms, ms("2026-11-01T00:00:00Z").unwrap());
+        let p = Period {
+            start_ms: ms("2026-11-07T12:00:00Z").unwrap(),
+            end_ms: ms("2026-12-07T12:00:00Z").unwrap(),
+        };
+        cust.current_period = Some(p);
+        assert_eq!(cust.period_at(now), p);
+        let next = cust.period_at(ms("2026-12-20T00:00:00Z").unwrap());
+        assert_eq!(next.start_ms, p.end_ms);
+        assert_eq!(next.end_ms, ms("2027-01-07T12:00:00Z").unwrap());
+        let unknown = Customer { plan: "gone".into(), ..cust };
+        assert_eq!(unknown.plan_at(&c, now).0, "free");
+    }
+}

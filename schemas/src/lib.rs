@@ -1,0 +1,41 @@
+//! Tally's I/O-free core.
+//!
+//! `edge -> ingest -> Kafka -> aggregator -> ClickHouse / enforcer -> billing-sync -> Stripe`
+//!
+//! Everything the stages must agree on, with no tokio and no sockets, so it is cheap to test,
+//! fuzz and benchmark.
+//!
+//! # Layout
+//! - [`event`]: the CloudEvents 1.0 contract, validation with stable error codes.
+//! - [`wire`]: the binary encoding of events on the log (Kafka or embedded).
+//! - [`catalog`]: meters, plans, limits and the quota policy (`catalog.toml`).
+//! - [`customer`]: a customer's plan, overrides, billing period and payment state.
+//! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
+//! - [`quota`]: the 80 / 100 / 110 % decision rules and threshold crossings.
+//!
+//! # Units
+//! Quantities are whole numbers in the meter's unit (requests, bytes, minutes, items). Times are
+//! milliseconds since the Unix epoch, UTC.
+
+pub mod catalog;
+pub mod customer;
+pub mod event;
+pub mod period;
+pub mod quota;
+pub mod wire;
+
+pub use catalog::{Aggregation, Catalog, Limit, Meter, OnLimit, Plan, QuotaPolicy};
+pub use customer::Customer;
+pub use event::{EventError, TimePolicy, UsageEvent};
+pub use period::{Period, Window};
+pub use quota::{Decision, UsageState, Verdict};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid catalogue: {0}")]
+    Catalog(String),
+    #[error("undecodable event record: {0}")]
+    Wire(#[from] prost::DecodeError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
