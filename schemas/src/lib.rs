@@ -11,24 +11,27 @@
 //! - [`catalog`]: meters, plans, limits and the quota policy (`catalog.toml`).
 //! - [`customer`]: a customer's plan, overrides, billing period and payment state.
 //! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
-//! - [`quota`]: the 80 / 100 / 110 % decision rules and threshold crossings.
+//! - [`quota`]: the 80 / 100 / 110 % decision rules, threshold crossings and notifications.
+//! - [`clock`]: wall-clock time behind a trait, so tests control it.
 //!
 //! # Units
 //! Quantities are whole numbers in the meter's unit (requests, bytes, minutes, items). Times are
 //! milliseconds since the Unix epoch, UTC.
 
 pub mod catalog;
+pub mod clock;
 pub mod customer;
 pub mod event;
 pub mod period;
 pub mod quota;
 pub mod wire;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use catalog::{Aggregation, Catalog, Limit, Meter, OnLimit, Plan, QuotaPolicy};
 pub use customer::Customer;
 pub use event::{EventError, TimePolicy, UsageEvent};
 pub use period::{Period, Window};
-pub use quota::{Decision, UsageState, Verdict};
+pub use quota::{Decision, Notification, UsageState, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

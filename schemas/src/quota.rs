@@ -16,7 +16,7 @@
 //! of the event that crossed). Unlimited meters always allow; plans that bill overage never block.
 //! A limit of 0 blocks everything.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Limit, OnLimit, QuotaPolicy};
 
@@ -137,6 +137,22 @@ pub fn decide(
         grace_until_ms,
         remaining: Some(remaining),
     }
+}
+
+/// A threshold crossing: sent once per customer, meter, billing period and threshold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    pub customer: String,
+    pub meter: String,
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+    /// Percent of the limit: 80, 100 or 110 with the default policy.
+    pub threshold: u32,
+    /// Usage when the threshold was crossed.
+    pub usage: u64,
+    pub limit: u64,
+    /// Event time of the event that crossed it; the soft-limit grace runs from here.
+    pub crossed_ms: i64,
 }
 
 #[cfg(test)]

@@ -1,0 +1,265 @@
+//! `POST /v1/events`: CloudEvents in, durable log records out.
+//!
+//! | Content-Type | body |
+//! |---|---|
+//! | `application/json`, `application/cloudevents+json` | one event (a JSON array is taken as a batch) |
+//! | `application/cloudevents-batch+json` | a JSON array of events |
+//! | `application/x-ndjson` | one event per line |
+//!
+//! Reply: 202 `{"accepted", "duplicates", "rejected", "errors": [{"index", "code", "message"}]}`
+//! once every accepted event is durable. Invalid events never block the valid ones of the same
+//! request; a request whose events are all invalid gets 400. 413 for an oversize body
+//! (`body_too_large`) or batch (`too_many_events`), 415 for other content types, 503 with
+//! `Retry-After` when the log cannot take the events (nothing of that request is acknowledged).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Serialize;
+use tally_schemas::event::{decode_event, split_batch, split_ndjson};
+use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
+
+use crate::log::EventLog;
+use crate::metrics;
+use crate::problem::{ApiError, from_rejection};
+
+/// Limits and rules of the ingest endpoint.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one request.
+    pub max_batch_events: usize,
+    /// Late and future limits on event times.
+    pub time_policy: TimePolicy,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_batch_events: 50_000,
+            time_policy: TimePolicy::default(),
+        }
+    }
+}
+
+/// Everything the ingest handler needs.
+#[derive(Clone)]
+pub struct IngestState {
+    pub log: Arc<dyn EventLog>,
+    pub catalog: Arc<Catalog>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: Arc<IngestSettings>,
+}
+
+/// Most per-event errors listed in one reply; the counts stay exact.
+const MAX_LISTED_ERRORS: usize = 1_000;
+/// Bodies larger than this are decoded off the async workers.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
+pub fn router(state: IngestState) -> Router {
+    let limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Batch,
+    Ndjson,
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" | "application/cloudevents+json" => Ok(BodyKind::Json),
+        "application/cloudevents-batch+json" => Ok(BodyKind::Batch),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+            Ok(BodyKind::Ndjson)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json, application/cloudevents+json, \
+             application/cloudevents-batch+json or application/x-ndjson",
+        )),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventFault {
+    pub index: usize,
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IngestReply {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    pub errors: Vec<EventFault>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub errors_truncated: bool,
+}
+
+/// The events of one request, decoded.
+struct Decoded {
+    valid: Vec<UsageEvent>,
+    faults: Vec<EventFault>,
+    rejected: usize,
+    /// The body was one event rather than a batch.
+    single: bool,
+}
+
+fn decode_body(
+    kind: BodyKind,
+    text: &str,
+    catalog: &Catalog,
+    settings: &IngestSettings,
+    now_ms: i64,
+) -> Result<Decoded, ApiError> {
+    let mut out = Decoded {
+        valid: Vec::new(),
+        faults: Vec::new(),
+        rejected: 0,
+        single: false,
+    };
+    let policy = &settings.time_policy;
+    let take = |index: usize, r: Result<UsageEvent, EventError>, out: &mut Decoded| match r {
+        Ok(e) => out.valid.push(e),
+        Err(e) => {
+            out.rejected += 1;
+            metrics::REJECTED.with_label_values(&[e.code()]).inc();
+            if out.faults.len() < MAX_LISTED_ERRORS {
+                out.faults.push(EventFault {
+                    index,
+                    code: e.code(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    };
+    let too_many = |n: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!(
+                "a request may carry at most {} events, this one has {n}",
+                settings.max_batch_events
+            ),
+        )
+    };
+    let is_array = text.trim_start().starts_with('[');
+    match kind {
+        BodyKind::Ndjson => {
+            let lines: Vec<&str> = split_ndjson(text).collect();
+            if lines.len() > settings.max_batch_events {
+                return Err(too_many(lines.len()));
+            }
+            out.valid.reserve(lines.len());
+            for (i, line) in lines.into_iter().enumerate() {
+                take(i, decode_event(line, catalog, policy, now_ms), &mut out);
+            }
+        }
+        BodyKind::Batch | BodyKind::Json if kind == BodyKind::Batch || is_array => {
+            let items = split_batch(text)
+                .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+            if items.len() > settings.max_batch_events {
+                return Err(too_many(items.len()));
+            }
+            out.valid.reserve(items.len());
+            for (i, raw) in items.into_iter().enumerate() {
+                take(i, decode_event(raw.get(), catalog, policy, now_ms), &mut out);
+            }
+        }
+        BodyKind::Json | BodyKind::Batch => {
+            out.single = true;
+            take(0, decode_event(text, catalog, policy, now_ms), &mut out);
+        }
+    }
+    Ok(out)
+}
+
+async fn post_events(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let kind = body_kind(&headers)?;
+    if std::str::from_utf8(&body).is_err() {
+        return Err(ApiError::bad_request("malformed_json", "the body is not UTF-8"));
+    }
+    let now_ms = state.clock.now_ms();
+    let decoded = if body.len() <= INLINE_DECODE_BYTES {
+        decode_utf8(kind, &body, &state, now_ms)?
+    } else {
+        let s = state.clone();
+        tokio::task::spawn_blocking(move || decode_utf8(kind, &body, &s, now_ms))
+            .await
+            .map_err(|e| ApiError::unavailable(&e))??
+    };
+    let total = decoded.valid.len() + decoded.rejected;
+    metrics::EVENTS
+        .with_label_values(&["rejected"])
+        .inc_by(decoded.rejected as u64);
+    if decoded.valid.is_empty() && total > 0 {
+        let (code, message) = if decoded.single {
+            let f = &decoded.faults[0];
+            (f.code, f.message.clone())
+        } else {
+            ("invalid_events", format!("all {total} events are invalid"))
+        };
+        return Err(ApiError::bad_request(code, message)
+            .with("rejected", decoded.rejected)
+            .with("errors", serde_json::to_value(&decoded.faults).unwrap_or_default()));
+    }
+    let started = std::time::Instant::now();
+    let outcome = state
+        .log
+        .append(decoded.valid)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    metrics::APPEND_SECONDS.observe(started.elapsed().as_secs_f64());
+    metrics::EVENTS
+        .with_label_values(&["accepted"])
+        .inc_by(outcome.accepted as u64);
+    metrics::EVENTS
+        .with_label_values(&["duplicate"])
+        .inc_by(outcome.duplicates as u64);
+    let reply = IngestReply {
+        accepted: outcome.accepted,
+        duplicates: outcome.duplicates,
+        rejected: decoded.rejected,
+        errors_truncated: decoded.rejected > decoded.faults.len(),
+        errors: decoded.faults,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(reply)).into_response())
+}
+
+fn decode_utf8(
+    kind: BodyKind,
+    body: &[u8],
+    state: &IngestState,
+    now_ms: i64,
+) -> Result<Decoded, ApiError> {
+    // Checked by the caller.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("malformed_json", "the body is not UTF-8"))?;
+    decode_body(kind, text, &state.catalog, &state.settings, now_ms)
+}

@@ -1,0 +1,81 @@
+//! The one error reply of Tally's HTTP API: a status, a stable machine-readable `code` and a
+//! safe `message`, as `{"code": .., "message": .., ...}`. Internal detail goes to the log, never
+//! to the client.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra members of the body (for example per-event errors).
+    pub extra: Map<String, Value>,
+    /// Seconds the client should wait before retrying (503, 429).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// A failure of Tally or of a backend: logged in full, reported as 503 with a generic text.
+    pub fn unavailable(detail: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(error = %detail, "request failed on a backend");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the service cannot complete the request now; retry later",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = Map::new();
+        body.insert("code".into(), Value::from(self.code));
+        body.insert("message".into(), Value::from(self.message));
+        body.extend(self.extra);
+        let mut resp = (self.status, Json(Value::Object(body))).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Maps axum's body and query rejections to [`ApiError`]s with codes.
+pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, "body_too_large", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(status, "unsupported_media_type", text),
+        s if s.is_client_error() => ApiError::new(s, "invalid_request", text),
+        _ => ApiError::unavailable(&text),
+    }
+}
