@@ -1,0 +1,487 @@
+//! The embedded usage store: SQLite (`usage.db`) in WAL mode with `synchronous=FULL`.
+//!
+//! Tables: `usage_minute` (customer, meter, minute) cells; `gauge_latest`, the latest value of
+//! each gauge; `log_offsets`, the next log offset per partition, written in the same transaction
+//! as the cells; `customers`, JSON customer records.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tally_schemas::{Aggregation, Customer, Window};
+
+use super::{Applied, Snapshot, SnapshotRequest, UsageStore};
+use crate::rollup::{Cell, Rollup};
+use crate::{Error, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_minute (
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    minute_ms INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    PRIMARY KEY (customer, meter, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_by_minute ON usage_minute (minute_ms);
+CREATE TABLE IF NOT EXISTS gauge_latest (
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (customer, meter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_offsets (
+    partition INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS customers (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS customers_by_update ON customers (updated_ms);
+";
+
+/// The embedded store. Writes go through one connection, reads through another, so queries
+/// never wait for a flush (WAL readers see the last committed state).
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    pub fn open(path: impl Into<PathBuf>) -> Result<SqliteStore> {
+        let path = path.into();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let writer = open(&path)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = open(&path)?;
+        Ok(SqliteStore {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        conn: &Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().map_err(|_| Error::Closed)?;
+            f(&mut c)
+        })
+        .await
+        .map_err(|_| Error::Closed)?
+    }
+}
+
+fn read_offsets(c: &Connection) -> Result<BTreeMap<u32, u64>> {
+    let mut stmt = c.prepare_cached("SELECT partition, next_offset FROM log_offsets")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let stored = read_offsets(&tx)?;
+    let mut fresh = false;
+    for (&partition, &(first, next)) in &rollup.ranges {
+        let at = stored.get(&partition).copied().unwrap_or(0);
+        if at >= next {
+            continue;
+        }
+        if at > first {
+            return Err(Error::Fenced {
+                partition,
+                first,
+                stored: at,
+            });
+        }
+        fresh = true;
+    }
+    if !fresh {
+        return Ok(Applied::Replay);
+    }
+    {
+        let mut add = tx.prepare_cached(
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (customer, meter, minute_ms)
+             DO UPDATE SET value = value + excluded.value",
+        )?;
+        let mut latest = tx.prepare_cached(
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (customer, meter, minute_ms) DO UPDATE SET
+               value = CASE WHEN (excluded.last_ms, excluded.value) > (last_ms, value)
+                            THEN excluded.value ELSE value END,
+               last_ms = max(last_ms, excluded.last_ms)",
+        )?;
+        let mut gauge = tx.prepare_cached(
+            "INSERT INTO gauge_latest (customer, meter, time_ms, value) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (customer, meter) DO UPDATE SET
+               value = CASE WHEN (excluded.time_ms, excluded.value) > (time_ms, value)
+                            THEN excluded.value ELSE value END,
+               time_ms = max(time_ms, excluded.time_ms)",
+        )?;
+        for (k, cell) in &rollup.cells {
+            match *cell {
+                Cell::Add(v) => {
+                    add.execute(params![k.customer, k.meter, k.minute_ms, v as i64, 0])?;
+                }
+                Cell::Latest { time_ms, value } => {
+                    latest.execute(params![k.customer, k.meter, k.minute_ms, value as i64, time_ms])?;
+                    gauge.execute(params![k.customer, k.meter, time_ms, value as i64])?;
+                }
+            }
+        }
+        let mut pos = tx.prepare_cached(
+            "INSERT INTO log_offsets (partition, next_offset) VALUES (?1, ?2)
+             ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )?;
+        for (&partition, &(_, next)) in &rollup.ranges {
+            pos.execute(params![partition, next as i64])?;
+        }
+    }
+    tx.commit()?;
+    Ok(Applied::Written)
+}
+
+fn total(
+    c: &Connection,
+    customer: &str,
+    meter: &str,
+    aggregation: Aggregation,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<u64> {
+    let v: Option<i64> = if aggregation.is_additive() {
+        c.prepare_cached(
+            "SELECT SUM(value) FROM usage_minute
+             WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
+        )?
+        .query_row(params![customer, meter, from_ms, to_ms], |r| r.get(0))?
+    } else {
+        c.prepare_cached(
+            "SELECT value FROM usage_minute
+             WHERE customer = ?1 AND meter = ?2 AND minute_ms < ?3
+             ORDER BY minute_ms DESC LIMIT 1",
+        )?
+        .query_row(params![customer, meter, to_ms], |r| r.get(0))
+        .optional()?
+    };
+    Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn apply(&self, rollup: &Rollup) -> Result<Applied> {
+        let rollup = rollup.clone();
+        Self::with(&self.writer, move |c| apply_rollup(c, &rollup)).await
+    }
+
+    async fn offsets(&self) -> Result<BTreeMap<u32, u64>> {
+        Self::with(&self.reader, |c| read_offsets(c)).await
+    }
+
+    async fn total(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            total(c, &customer, &meter, aggregation, from_ms, to_ms)
+        })
+        .await
+    }
+
+    async fn series(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(i64, u64)>> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT minute_ms, value, last_ms FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+                 ORDER BY minute_ms",
+            )?;
+            let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            let mut out: Vec<(i64, u64)> = Vec::new();
+            for row in rows {
+                let (minute, value) = row?;
+                let bucket = window.bucket_of(minute);
+                match out.last_mut() {
+                    Some((b, v)) if *b == bucket => {
+                        if aggregation.is_additive() {
+                            *v = v.saturating_add(value);
+                        } else {
+                            // Rows come in time order: the last one in a bucket is the latest.
+                            *v = value;
+                        }
+                    }
+                    _ => out.push((bucket, value)),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn snapshot(&self, req: SnapshotRequest) -> Result<Snapshot> {
+        Self::with(&self.reader, move |c| {
+            let tx = c.transaction()?; // one read snapshot for offsets and usage
+            let offsets = read_offsets(&tx)?;
+            let mut totals = Vec::new();
+            let special: std::collections::HashMap<&str, i64> = req
+                .since_by_customer
+                .iter()
+                .map(|(c, s)| (c.as_str(), *s))
+                .collect();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT customer, SUM(value) FROM usage_minute
+                     WHERE meter = ?1 AND minute_ms >= ?2 GROUP BY customer",
+                )?;
+                for meter in &req.additive_meters {
+                    let rows = stmt.query_map(params![meter, req.default_since_ms], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    })?;
+                    for row in rows {
+                        let (customer, sum) = row?;
+                        if !special.contains_key(customer.as_str()) {
+                            totals.push((customer, meter.clone(), sum.max(0) as u64));
+                        }
+                    }
+                }
+                for (customer, since) in &req.since_by_customer {
+                    for meter in &req.additive_meters {
+                        let v = total(&tx, customer, meter, Aggregation::Sum, *since, i64::MAX)?;
+                        if v > 0 {
+                            totals.push((customer.clone(), meter.clone(), v));
+                        }
+                    }
+                }
+            }
+            let mut gauges = Vec::new();
+            {
+                let mut stmt =
+                    tx.prepare("SELECT customer, meter, time_ms, value FROM gauge_latest")?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?.max(0) as u64))
+                })?;
+                for row in rows {
+                    gauges.push(row?);
+                }
+            }
+            tx.finish()?;
+            Ok(Snapshot {
+                offsets,
+                totals,
+                gauges,
+            })
+        })
+        .await
+    }
+
+    async fn customer(&self, id: &str) -> Result<Option<Customer>> {
+        let id = id.to_owned();
+        Self::with(&self.reader, move |c| {
+            let rec: Option<String> = c
+                .prepare_cached("SELECT record FROM customers WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            Ok(rec.map(|r| serde_json::from_str(&r)).transpose()?)
+        })
+        .await
+    }
+
+    async fn put_customer(&self, id: &str, customer: &Customer) -> Result<()> {
+        let (id, json, updated) = (
+            id.to_owned(),
+            serde_json::to_string(customer)?,
+            customer.updated_ms,
+        );
+        Self::with(&self.writer, move |c| {
+            c.prepare_cached(
+                "INSERT INTO customers (id, record, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record,
+                                                updated_ms = excluded.updated_ms",
+            )?
+            .execute(params![id, json, updated])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>> {
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT id, record FROM customers WHERE updated_ms >= ?1")?;
+            let rows = stmt.query_map([updated_ms], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, rec) = row?;
+                out.push((id, serde_json::from_str(&rec)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_ingest::log::Record;
+    use tally_schemas::{Catalog, UsageEvent};
+
+    fn rec(offset: u64, customer: &str, meter: &str, value: u64, time_ms: i64) -> Record {
+        Record {
+            partition: 0,
+            offset,
+            event: UsageEvent {
+                id: offset.to_string(),
+                source: "s".into(),
+                customer: customer.into(),
+                meter: meter.into(),
+                value,
+                time_ms,
+                received_ms: time_ms,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_once_and_skips_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let cat = Catalog::builtin();
+        let b1 = Rollup::from_records(
+            &[rec(1, "a", "api_requests", 2, 60_000), rec(2, "a", "api_requests", 3, 61_000)],
+            &cat,
+        );
+        assert_eq!(store.apply(&b1).await.unwrap(), Applied::Written);
+        assert_eq!(store.apply(&b1).await.unwrap(), Applied::Replay);
+        let b2 = Rollup::from_records(&[rec(3, "a", "api_requests", 10, 3_600_000)], &cat);
+        assert_eq!(store.apply(&b2).await.unwrap(), Applied::Written);
+        assert_eq!(store.offsets().await.unwrap()[&0], 4);
+        let t = store
+            .total("a", "api_requests", Aggregation::Count, 0, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(t, 15);
+        let s = store
+            .series("a", "api_requests", Aggregation::Count, 0, 7_200_000, Window::Hour)
+            .await
+            .unwrap();
+        assert_eq!(s, vec![(0, 5), (3_600_000, 10)]);
+        // A batch overlapping the stored position in part means another writer: refused.
+        let overlap = Rollup::from_records(
+            &[rec(3, "a", "api_requests", 1, 0), rec(4, "a", "api_requests", 1, 0)],
+            &cat,
+        );
+        assert!(matches!(store.apply(&overlap).await, Err(Error::Fenced { .. })));
+    }
+
+    #[tokio::test]
+    async fn gauges_keep_the_latest_value_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let cat = Catalog::builtin();
+        let late = Rollup::from_records(&[rec(1, "a", "wasm_modules", 5, 200_000)], &cat);
+        let early = Rollup::from_records(&[rec(2, "a", "wasm_modules", 9, 100_000)], &cat);
+        store.apply(&late).await.unwrap();
+        store.apply(&early).await.unwrap();
+        let g = Aggregation::Latest;
+        assert_eq!(store.total("a", "wasm_modules", g, 0, i64::MAX).await.unwrap(), 5);
+        assert_eq!(store.total("a", "wasm_modules", g, 0, 150_000).await.unwrap(), 9);
+        let snap = store
+            .snapshot(SnapshotRequest {
+                default_since_ms: 0,
+                since_by_customer: vec![],
+                additive_meters: vec!["api_requests".into()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(snap.gauges, vec![("a".into(), "wasm_modules".into(), 200_000, 5)]);
+        assert_eq!(snap.offsets[&0], 3);
+    }
+
+    #[tokio::test]
+    async fn snapshot_uses_each_customers_period_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let cat = Catalog::builtin();
+        let b = Rollup::from_records(
+            &[
+                rec(1, "month", "api_requests", 1, 0),
+                rec(2, "month", "api_requests", 2, 600_000),
+                rec(3, "anchored", "api_requests", 4, 0),
+                rec(4, "anchored", "api_requests", 8, 600_000),
+            ],
+            &cat,
+        );
+        store.apply(&b).await.unwrap();
+        let mut snap = store
+            .snapshot(SnapshotRequest {
+                default_since_ms: 60_000,
+                since_by_customer: vec![("anchored".into(), 0)],
+                additive_meters: vec!["api_requests".into()],
+            })
+            .await
+            .unwrap();
+        snap.totals.sort();
+        assert_eq!(
+            snap.totals,
+            vec![
+                ("anchored".into(), "api_requests".into(), 12),
+                ("month".into(), "api_requests".into(), 2)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn customers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let mut c = Customer::new_default(&Catalog::builtin());
+        c.plan = "starter".into();
+        c.updated_ms = 50;
+        store.put_customer("cust_1", &c).await.unwrap();
+        assert_eq!(store.customer("cust_1").await.unwrap(), Some(c.clone()));
+        assert_eq!(store.customer("nobody").await.unwrap(), None);
+        assert_eq!(store.customers_since(50).await.unwrap().len(), 1);
+        assert!(store.customers_since(51).await.unwrap().is_empty());
+    }
+}
