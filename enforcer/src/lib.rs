@@ -1,1 +1,251 @@
-//! placeholder
+//! Enforcer: answers, per request, whether a customer may go on, from memory.
+//!
+//! `edge -> ingest -> Kafka -> aggregator -> ClickHouse / enforcer -> billing-sync -> Stripe`
+//!
+//! # Layout
+//! - [`state`]: customers and counters in memory; applying events; answering checks.
+//! - [`http`]: `/v1/check` (POST and GET) and `/v1/customers/{id}`.
+//! - [`metrics`]: Prometheus metrics of this stage.
+//!
+//! # Contract
+//! - At start-up the state is loaded from the usage store (period-to-date totals and gauges,
+//!   with the log positions they cover) and the enforcer then follows the log from exactly those
+//!   positions, so its counters converge to the store's without counting anything twice. It is
+//!   ready (`/readyz`) once it caught up with the log's end as of start-up.
+//! - Before it is ready it fails open by default (answers from what it has, marked
+//!   `"degraded": true`); with `fail_open = false` it answers 503 `not_ready`.
+//! - Decisions follow [`tally_schemas::quota`]: 80 % warn, 100 % soft limit with a 48 h grace
+//!   from the event that crossed it, 110 % block; unlimited meters and overage plans never block;
+//!   7 days after a failed payment the fallback plan's limits apply.
+//! - Threshold notifications (80, 100, 110 %) are published to the log, which keeps one per
+//!   customer, meter, period and threshold however many replicas publish it.
+//! - Customer changes made through this process apply at once; changes made elsewhere are picked
+//!   up from the store within `customer_refresh`. When a change moves a customer's current
+//!   period, its counters are re-read from the store (events not yet flushed by the aggregator
+//!   are then missing until the next restart: at most `flush_interval` of usage).
+
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+pub use state::State;
+use tally_aggregator::store::{SnapshotRequest, UsageStore};
+use tally_ingest::log::EventLog;
+use tally_schemas::period::calendar_month;
+use tally_schemas::{Customer, Notification};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How the enforcer follows the log and the store.
+#[derive(Debug, Clone)]
+pub struct EnforcerSettings {
+    /// Answer from partial state before loading finished (true) or refuse with 503 (false).
+    pub fail_open: bool,
+    /// How often customer changes made by other processes are read from the store.
+    pub customer_refresh: Duration,
+    /// Longest the follower waits to batch log records (freshness vs. overhead).
+    pub follow_linger: Duration,
+}
+
+impl Default for EnforcerSettings {
+    fn default() -> Self {
+        EnforcerSettings {
+            fail_open: true,
+            customer_refresh: Duration::from_secs(1),
+            follow_linger: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Records a customer change in memory; re-reads its counters when its current period moved.
+pub async fn update_customer(
+    state: &State,
+    store: &dyn UsageStore,
+    id: &str,
+    record: Customer,
+) -> Result<()> {
+    let now = state.clock().now_ms();
+    let new_period = record.period_at(now);
+    let old = state.set_customer(id, record);
+    let old_period = old.map_or_else(|| calendar_month(now), |o| o.period_at(now));
+    if old_period != new_period {
+        for (name, meter) in &state.catalog().meters {
+            if meter.aggregation.is_additive() {
+                let total = store
+                    .total(id, name, meter.aggregation, new_period.start_ms, i64::MAX)
+                    .await?;
+                state.load_total(id, name, new_period.start_ms, total);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn load(
+    state: &State,
+    log: &dyn EventLog,
+    store: &dyn UsageStore,
+    notes: &mpsc::UnboundedSender<Notification>,
+) -> Result<(std::collections::BTreeMap<u32, u64>, i64)> {
+    let now = state.clock().now_ms();
+    let mut last_update = 0;
+    let mut since_by_customer = Vec::new();
+    let default_since = calendar_month(now).start_ms;
+    let mut starts = std::collections::HashMap::new();
+    for (id, record) in store.customers_since(0).await? {
+        last_update = last_update.max(record.updated_ms);
+        let start = record.period_at(now).start_ms;
+        if start != default_since {
+            since_by_customer.push((id.clone(), start));
+        }
+        starts.insert(id.clone(), start);
+        state.set_customer(&id, record);
+    }
+    let catalog = state.catalog().clone();
+    let snapshot = store
+        .snapshot(SnapshotRequest {
+            default_since_ms: default_since,
+            since_by_customer,
+            additive_meters: catalog
+                .meters
+                .iter()
+                .filter(|(_, m)| m.aggregation.is_additive())
+                .map(|(n, _)| n.clone())
+                .collect(),
+        })
+        .await?;
+    for (customer, meter, usage) in &snapshot.totals {
+        let start = starts.get(customer).copied().unwrap_or(default_since);
+        state.load_total(customer, meter, start, *usage);
+    }
+    for (customer, meter, time_ms, value) in &snapshot.gauges {
+        state.load_gauge(customer, meter, *time_ms, *value);
+    }
+    for n in log.notifications_since(now).await? {
+        state.load_crossing(&n);
+    }
+    for n in state.pending_crossings() {
+        state.load_crossing(&n);
+        let _ = notes.send(n);
+    }
+    tracing::info!(
+        customers = state.customers_len(),
+        totals = snapshot.totals.len(),
+        gauges = snapshot.gauges.len(),
+        "enforcer state loaded from the store"
+    );
+    Ok((snapshot.offsets, last_update))
+}
+
+async fn publish(log: Arc<dyn EventLog>, mut rx: mpsc::UnboundedReceiver<Notification>) {
+    while let Some(n) = rx.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            match log.publish_notification(&n).await {
+                Ok(true) => {
+                    metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
+                    tracing::info!(
+                        customer = %n.customer,
+                        meter = %n.meter,
+                        threshold = n.threshold,
+                        usage = n.usage,
+                        limit = n.limit,
+                        "quota threshold crossed"
+                    );
+                    break;
+                }
+                Ok(false) => {
+                    metrics::NOTIFICATIONS
+                        .with_label_values(&["already_published"])
+                        .inc();
+                    break;
+                }
+                Err(e) if tries < 8 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "publishing a notification failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => {
+                    metrics::NOTIFICATIONS.with_label_values(&["failed"]).inc();
+                    tracing::error!(error = %e, customer = %n.customer, meter = %n.meter,
+                        threshold = n.threshold, "notification dropped after retries");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Loads the state, then follows the log and the customer records until `shutdown`.
+pub async fn run(
+    settings: EnforcerSettings,
+    state: Arc<State>,
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn UsageStore>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+    let publisher = tokio::spawn(publish(log.clone(), notes_rx));
+    let (offsets, mut last_update) = load(&state, log.as_ref(), store.as_ref(), &notes_tx).await?;
+    let mut reader = log.reader()?;
+    let mut position = offsets.clone();
+    for (&partition, &next) in &offsets {
+        reader.seek(partition, next);
+    }
+    let mut catch_up: Vec<(u32, u64)> = log.end_offsets().await?;
+    let mut refresh = tokio::time::interval(settings.customer_refresh);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut notes = Vec::new();
+    loop {
+        if !state.is_ready() {
+            catch_up.retain(|(p, end)| position.get(p).copied().unwrap_or(0) < *end);
+            if catch_up.is_empty() {
+                state.set_ready();
+                tracing::info!("enforcer caught up with the log; ready");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = refresh.tick() => {
+                match store.customers_since(last_update).await {
+                    Ok(changed) => {
+                        for (id, record) in changed {
+                            last_update = last_update.max(record.updated_ms);
+                            if state.customer(&id).as_ref() != &record {
+                                update_customer(&state, store.as_ref(), &id, record).await?;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
+                }
+                metrics::CUSTOMERS.set(state.customers_len() as i64);
+            }
+            batch = reader.poll(10_000, settings.follow_linger) => {
+                let batch = batch?;
+                for rec in &batch {
+                    state.apply(&rec.event, &mut notes);
+                    position.insert(rec.partition, rec.offset + 1);
+                }
+                metrics::EVENTS_APPLIED.inc_by(batch.len() as u64);
+                for n in notes.drain(..) {
+                    let _ = notes_tx.send(n);
+                }
+                if batch.is_empty() && !state.is_ready() {
+                    // Nothing more to read: whatever remains below the start-up end is gone.
+                    catch_up.clear();
+                }
+            }
+        }
+    }
+    drop(notes_tx);
+    // Let queued notifications go out, within bounds.
+    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! The quota check over HTTP, and the customer (plan assignment) API.
+//!
+//! - `POST /v1/check` `{"customer", "meter", "quantity"}` and
+//!   `GET /v1/check?customer=..&meter=..&quantity=..`: 200 with the decision, or 429 with an
+//!   `application/problem+json` body carrying the same members and `Retry-After` when blocked.
+//!   `quantity` (default 1) is what the caller is about to use; a check never counts usage.
+//!   Every finite-limit answer carries the IETF `RateLimit-Policy` and `RateLimit` headers
+//!   (draft-ietf-httpapi-ratelimit-headers: policy `quota`, `q` the limit, `w` the period in
+//!   seconds, `r` the units left before the soft limit, `t` seconds to the period's end), and
+//!   `Tally-Quota-State: ok|warn|over|blocked`.
+//! - `PUT /v1/customers/{id}` assigns a plan, per-meter limit overrides and a period anchor;
+//!   members left out keep their value, `null` clears one. `GET /v1/customers/{id}` reads it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Deserializer, Serialize};
+use tally_aggregator::store::UsageStore;
+use tally_ingest::problem::{ApiError, from_rejection};
+use tally_schemas::period::{parse_rfc3339, rfc3339};
+use tally_schemas::{Customer, Decision, Limit, UsageState};
+
+use crate::metrics;
+use crate::state::{Answer, CheckError, Question, State};
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct EnforcerHttp {
+    pub state: Arc<State>,
+    pub store: Arc<dyn UsageStore>,
+}
+
+pub fn router(s: EnforcerHttp) -> Router {
+    Router::new()
+        .route("/v1/check", post(post_check).get(get_check))
+        .route("/v1/customers/{id}", get(get_customer).put(put_customer))
+        .with_state(s)
+}
+
+/// A quota question as JSON or query string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    pub customer: Option<String>,
+    pub meter: Option<String>,
+    #[serde(default, deserialize_with = "quantity")]
+    pub quantity: Option<u64>,
+}
+
+fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    // Accept numbers (JSON) and numeric strings (query strings).
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Q {
+        N(u64),
+        S(String),
+    }
+    match Option::<Q>::deserialize(d)? {
+        None => Ok(None),
+        Some(Q::N(n)) => Ok(Some(n)),
+        Some(Q::S(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom("quantity must be a whole number >= 0")),
+    }
+}
+
+/// The decision body of `/v1/check`.
+#[derive(Debug, Serialize)]
+pub struct CheckReply {
+    pub decision: Decision,
+    pub state: UsageState,
+    pub customer: String,
+    pub meter: String,
+    pub plan: String,
+    pub quantity: u64,
+    pub usage: u64,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub percent: Option<f64>,
+    pub threshold: Option<u32>,
+    pub period_start: String,
+    pub period_end: String,
+    pub grace_until: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
+}
+
+static STATE_HEADER: HeaderName = HeaderName::from_static("tally-quota-state");
+static POLICY_HEADER: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT_HEADER: HeaderName = HeaderName::from_static("ratelimit");
+
+fn state_name(s: UsageState) -> &'static str {
+    match s {
+        UsageState::Ok => "ok",
+        UsageState::Warn => "warn",
+        UsageState::Over => "over",
+        UsageState::Blocked => "blocked",
+    }
+}
+
+fn decision_name(d: Decision) -> &'static str {
+    match d {
+        Decision::Allow => "allow",
+        Decision::Warn => "warn",
+        Decision::Block => "block",
+    }
+}
+
+/// Validates a question and asks the state. Shared by every protocol.
+pub fn answer(
+    state: &State,
+    req: CheckRequest,
+    protocol: &'static str,
+) -> Result<(CheckReply, Answer), ApiError> {
+    let customer = req
+        .customer
+        .ok_or_else(|| ApiError::bad_request("missing_parameter", "`customer` is required"))?;
+    tally_schemas::event::check_customer_id(&customer)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let meter = req
+        .meter
+        .ok_or_else(|| ApiError::bad_request("missing_parameter", "`meter` is required"))?;
+    let quantity = req.quantity.unwrap_or(1);
+    let a = state
+        .check(Question {
+            customer: &customer,
+            meter: &meter,
+            quantity,
+        })
+        .map_err(|e| match e {
+            CheckError::UnknownMeter => {
+                ApiError::not_found("unknown_meter", format!("no meter named `{meter}`"))
+            }
+            CheckError::NotReady => {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    "quota state is still loading and the enforcer fails closed",
+                );
+                e.retry_after = Some(1);
+                e
+            }
+        })?;
+    metrics::DECISIONS
+        .with_label_values(&[decision_name(a.verdict.decision), protocol])
+        .inc();
+    let reply = CheckReply {
+        decision: a.verdict.decision,
+        state: a.verdict.state,
+        customer,
+        meter,
+        plan: a.plan.clone(),
+        quantity,
+        usage: a.usage,
+        limit: a.limit.finite(),
+        remaining: a.verdict.remaining,
+        percent: a.verdict.percent.map(|p| (p * 100.0).round() / 100.0),
+        threshold: a.verdict.threshold,
+        period_start: rfc3339(a.period.start_ms),
+        period_end: rfc3339(a.period.end_ms),
+        grace_until: a.verdict.grace_until_ms.map(rfc3339),
+        degraded: a.degraded,
+    };
+    Ok((reply, a))
+}
+
+/// The RateLimit, state and Retry-After headers of an answer.
+pub fn quota_headers(a: &Answer, now_ms: i64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        STATE_HEADER.clone(),
+        HeaderValue::from_static(state_name(a.verdict.state)),
+    );
+    let reset_secs = ((a.period.end_ms - now_ms).max(0) + 999) / 1000;
+    if let Limit::Finite(limit) = a.limit {
+        let window = (a.period.end_ms - a.period.start_ms) / 1000;
+        if let Ok(v) = HeaderValue::from_str(&format!("\"quota\";q={limit};w={window}")) {
+            h.insert(POLICY_HEADER.clone(), v);
+        }
+        let r = a.verdict.remaining.unwrap_or(0);
+        if let Ok(v) = HeaderValue::from_str(&format!("\"quota\";r={r};t={reset_secs}")) {
+            h.insert(RATELIMIT_HEADER.clone(), v);
+        }
+    }
+    if a.verdict.decision == Decision::Block {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(reset_secs.max(1) as u64));
+    }
+    h
+}
+
+fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
+    let headers = quota_headers(a, state.clock().now_ms());
+    if a.verdict.decision != Decision::Block {
+        return (StatusCode::OK, headers, Json(reply)).into_response();
+    }
+    let mut body = serde_json::to_value(&reply).unwrap_or_default();
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("type".into(), "https://tally.dev/problems/quota-exceeded".into());
+        obj.insert("title".into(), "Quota exceeded".into());
+        obj.insert("status".into(), 429.into());
+        obj.insert(
+            "detail".into(),
+            format!(
+                "customer `{}` has used {} of {} on `{}` this period",
+                reply.customer,
+                reply.usage,
+                reply.limit.map_or("unlimited".to_string(), |l| l.to_string()),
+                reply.meter
+            )
+            .into(),
+        );
+    }
+    let mut resp = (StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+async fn post_check(
+    AxState(s): AxState<EnforcerHttp>,
+    body: Result<Json<CheckRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let (reply, a) = answer(&s.state, req, "http")?;
+    Ok(respond(&s.state, reply, &a))
+}
+
+async fn get_check(
+    AxState(s): AxState<EnforcerHttp>,
+    q: Result<Query<CheckRequest>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(req) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let (reply, a) = answer(&s.state, req, "http")?;
+    Ok(respond(&s.state, reply, &a))
+}
+
+fn some<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Body of `PUT /v1/customers/{id}`: members left out keep their value; `null` clears.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerUpdate {
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Replaces every override when present.
+    #[serde(default, deserialize_with = "some")]
+    pub limits: Option<Option<BTreeMap<String, Limit>>>,
+    #[serde(default, deserialize_with = "some")]
+    pub period_anchor: Option<Option<String>>,
+    #[serde(default, deserialize_with = "some")]
+    pub stripe_customer_id: Option<Option<String>>,
+    /// Normally set from Stripe's `invoice.payment_failed`; settable for manual dunning.
+    #[serde(default, deserialize_with = "some")]
+    pub payment_failed_at: Option<Option<String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CustomerView {
+    pub id: String,
+    /// Whether Tally has a record for this customer (otherwise it is on the default plan).
+    pub known: bool,
+    pub plan: String,
+    /// The plan in force now (the fallback plan once a payment grace ran out).
+    pub effective_plan: String,
+    pub limits: BTreeMap<String, Limit>,
+    pub period_anchor: Option<String>,
+    pub period_start: String,
+    pub period_end: String,
+    pub stripe_customer_id: Option<String>,
+    pub payment_failed_at: Option<String>,
+    pub payment_grace_until: Option<String>,
+}
+
+fn view(state: &State, id: String, c: &Customer, known: bool) -> CustomerView {
+    let now = state.clock().now_ms();
+    let period = c.period_at(now);
+    CustomerView {
+        known,
+        plan: c.plan.clone(),
+        effective_plan: c.plan_at(state.catalog(), now).0.to_owned(),
+        limits: c.limit_overrides.clone(),
+        period_anchor: c.period_anchor_ms.map(rfc3339),
+        period_start: rfc3339(period.start_ms),
+        period_end: rfc3339(period.end_ms),
+        stripe_customer_id: c.stripe_customer_id.clone(),
+        payment_failed_at: c.payment_failed_at_ms.map(rfc3339),
+        payment_grace_until: c.payment_grace_until(state.catalog()).map(rfc3339),
+        id,
+    }
+}
+
+fn time_member(name: &str, v: Option<String>) -> Result<Option<i64>, ApiError> {
+    v.map(|t| {
+        parse_rfc3339(&t).ok_or_else(|| {
+            ApiError::bad_request("invalid_time", format!("`{name}` must be an RFC 3339 timestamp"))
+        })
+    })
+    .transpose()
+}
+
+async fn get_customer(
+    AxState(s): AxState<EnforcerHttp>,
+    Path(id): Path<String>,
+) -> Result<Json<CustomerView>, ApiError> {
+    tally_schemas::event::check_customer_id(&id)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let stored = s.store.customer(&id).await.map_err(|e| ApiError::unavailable(&e))?;
+    let known = stored.is_some();
+    let c = stored.unwrap_or_else(|| Customer::new_default(s.state.catalog()));
+    Ok(Json(view(&s.state, id, &c, known)))
+}
+
+async fn put_customer(
+    AxState(s): AxState<EnforcerHttp>,
+    Path(id): Path<String>,
+    body: Result<Json<CustomerUpdate>, JsonRejection>,
+) -> Result<Json<CustomerView>, ApiError> {
+    tally_schemas::event::check_customer_id(&id)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let Json(u) = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let catalog = s.state.catalog().clone();
+    let mut c = s
+        .store
+        .customer(&id)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?
+        .unwrap_or_else(|| Customer::new_default(&catalog));
+    if let Some(plan) = u.plan {
+        if catalog.plan(&plan).is_none() {
+            return Err(ApiError::bad_request(
+                "unknown_plan",
+                format!("no plan named `{plan}`"),
+            ));
+        }
+        c.plan = plan;
+    }
+    if let Some(limits) = u.limits {
+        let limits = limits.unwrap_or_default();
+        if let Some(m) = limits.keys().find(|m| catalog.meter(m).is_none()) {
+            return Err(ApiError::bad_request("unknown_meter", format!("no meter named `{m}`")));
+        }
+        c.limit_overrides = limits;
+    }
+    if let Some(anchor) = u.period_anchor {
+        c.period_anchor_ms = time_member("period_anchor", anchor)?;
+        // An explicit anchor replaces the subscription period learnt earlier.
+        c.current_period = None;
+    }
+    if let Some(stripe) = u.stripe_customer_id {
+        c.stripe_customer_id = stripe;
+    }
+    if let Some(failed) = u.payment_failed_at {
+        c.payment_failed_at_ms = time_member("payment_failed_at", failed)?;
+    }
+    c.updated_ms = s.state.clock().now_ms();
+    s.store
+        .put_customer(&id, &c)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    crate::update_customer(&s.state, s.store.as_ref(), &id, c.clone())
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    Ok(Json(view(&s.state, id, &c, true)))
+}

@@ -1,0 +1,38 @@
+//! Enforcer metrics. Decisions are counted by outcome and protocol only, never by customer.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, register_int_counter,
+    register_int_counter_vec, register_int_gauge};
+
+pub static DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new("tally_enforcer_decisions_total", "Quota decisions, by decision and protocol"),
+        &["decision", "protocol"]
+    )
+    .expect("metric registers once")
+});
+
+pub static EVENTS_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_enforcer_events_applied_total",
+        "Log records applied to the in-memory counters"
+    )
+    .expect("metric registers once")
+});
+
+pub static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "tally_enforcer_notifications_total",
+            "Threshold notifications, by result: published, already_published, failed"
+        ),
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+pub static CUSTOMERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("tally_enforcer_customers", "Customers held in memory")
+        .expect("metric registers once")
+});
