@@ -1,1 +1,109 @@
-fn main() {}
+//! The `tally` command: parses the command line, loads the configuration, binds the listeners
+//! and hands over to the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tally::{Component, Config};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Usage metering: ingest, aggregate, enforce, bill"
+)]
+struct Cli {
+    /// Configuration file (TOML); environment variables TALLY_* override it.
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline in one process (the default).
+    Run,
+    /// Run only the ingest API.
+    Ingest,
+    /// Run only the aggregator (and the query API).
+    Aggregator,
+    /// Run only the enforcer (checks and customers API).
+    Enforcer,
+    /// Run only billing-sync.
+    BillingSync,
+    /// Print the effective configuration as TOML.
+    Config,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let (config, unknown) = Config::load(cli.config.as_deref(), &env)?;
+    let components: &[Component] = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => &Component::ALL,
+        Command::Ingest => &[Component::Ingest],
+        Command::Aggregator => &[Component::Aggregator],
+        Command::Enforcer => &[Component::Enforcer],
+        Command::BillingSync => &[Component::BillingSync],
+        Command::Config => {
+            print!("{}", toml::to_string(&config_view(&config)?)?);
+            return Ok(());
+        }
+    };
+    tally::telemetry::init(&config);
+    for name in unknown {
+        tracing::warn!(variable = %name, "ignoring unknown TALLY_ variable");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(config, components))
+}
+
+fn config_view(config: &Config) -> anyhow::Result<toml::Value> {
+    Ok(toml::Value::try_from(serde_json::to_value(config)?)?)
+}
+
+async fn serve(config: Config, components: &[Component]) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    tally::run(
+        config,
+        components,
+        Arc::new(tally_schemas::SystemClock),
+        listener,
+        admin,
+        shutdown,
+    )
+    .await?;
+    tracing::info!("tally stopped");
+    Ok(())
+}
+
+/// The first SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutting down; send the signal again to exit at once");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

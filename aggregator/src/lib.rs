@@ -102,7 +102,11 @@ pub async fn run(
 }
 
 /// Writes one batch, retrying with backoff while the store fails.
-async fn flush(rollup: &Rollup, store: &dyn UsageStore, shutdown: &CancellationToken) -> Result<()> {
+async fn flush(
+    rollup: &Rollup,
+    store: &dyn UsageStore,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();

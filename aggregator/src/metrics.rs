@@ -35,10 +35,14 @@ pub static FLUSHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 pub static FLUSH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
-    register_histogram!(HistogramOpts::new(
-        "tally_aggregator_flush_seconds",
-        "Duration of one flush to the store"
+    register_histogram!(
+        HistogramOpts::new(
+            "tally_aggregator_flush_seconds",
+            "Duration of one flush to the store"
+        )
+        .buckets(vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
+        ])
     )
-    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]))
     .expect("metric registers once")
 });

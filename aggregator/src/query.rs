@@ -119,7 +119,13 @@ async fn get_usage(
         let period = record.period_at(now);
         let usage = s
             .store
-            .total(&customer, &meter_name, meter.aggregation, period.start_ms, period.end_ms)
+            .total(
+                &customer,
+                &meter_name,
+                meter.aggregation,
+                period.start_ms,
+                period.end_ms,
+            )
             .await
             .map_err(|e| ApiError::unavailable(&e))?;
         let limit = record.limit_at(&s.catalog, &meter_name, now);
@@ -154,14 +160,16 @@ async fn get_usage(
         .map(|v| time_param("from", v))
         .transpose()?
         .ok_or_else(|| ApiError::bad_request("missing_parameter", "a series needs `from`"))?;
-    let to = q
-        .to
-        .as_deref()
-        .map(|v| time_param("to", v))
-        .transpose()?
-        .unwrap_or(now);
+    let to =
+        q.to.as_deref()
+            .map(|v| time_param("to", v))
+            .transpose()?
+            .unwrap_or(now);
     if from >= to {
-        return Err(ApiError::bad_request("invalid_range", "`from` must be before `to`"));
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "`from` must be before `to`",
+        ));
     }
     let window = match q.window.as_deref() {
         None => Window::Hour,

@@ -141,7 +141,10 @@ mod tests {
         assert_eq!(r.cells[&key("api_requests", 120_000)], Cell::Add(4));
         assert_eq!(
             r.cells[&key("wasm_modules", 60_000)],
-            Cell::Latest { time_ms: 62_000, value: 7 }
+            Cell::Latest {
+                time_ms: 62_000,
+                value: 7
+            }
         );
         assert_eq!(r.ranges[&0], (5, 11));
         assert_eq!(r.events, 6);

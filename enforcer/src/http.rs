@@ -190,7 +190,10 @@ pub fn quota_headers(a: &Answer, now_ms: i64) -> HeaderMap {
         }
     }
     if a.verdict.decision == Decision::Block {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(reset_secs.max(1) as u64));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(reset_secs.max(1) as u64),
+        );
     }
     h
 }
@@ -202,7 +205,10 @@ fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
     }
     let mut body = serde_json::to_value(&reply).unwrap_or_default();
     if let Some(obj) = body.as_object_mut() {
-        obj.insert("type".into(), "https://tally.dev/problems/quota-exceeded".into());
+        obj.insert(
+            "type".into(),
+            "https://tally.dev/problems/quota-exceeded".into(),
+        );
         obj.insert("title".into(), "Quota exceeded".into());
         obj.insert("status".into(), 429.into());
         obj.insert(
@@ -211,7 +217,9 @@ fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
                 "customer `{}` has used {} of {} on `{}` this period",
                 reply.customer,
                 reply.usage,
-                reply.limit.map_or("unlimited".to_string(), |l| l.to_string()),
+                reply
+                    .limit
+                    .map_or("unlimited".to_string(), |l| l.to_string()),
                 reply.meter
             )
             .into(),
@@ -303,7 +311,10 @@ fn view(state: &State, id: String, c: &Customer, known: bool) -> CustomerView {
 fn time_member(name: &str, v: Option<String>) -> Result<Option<i64>, ApiError> {
     v.map(|t| {
         parse_rfc3339(&t).ok_or_else(|| {
-            ApiError::bad_request("invalid_time", format!("`{name}` must be an RFC 3339 timestamp"))
+            ApiError::bad_request(
+                "invalid_time",
+                format!("`{name}` must be an RFC 3339 timestamp"),
+            )
         })
     })
     .transpose()
@@ -315,7 +326,11 @@ async fn get_customer(
 ) -> Result<Json<CustomerView>, ApiError> {
     tally_schemas::event::check_customer_id(&id)
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
-    let stored = s.store.customer(&id).await.map_err(|e| ApiError::unavailable(&e))?;
+    let stored = s
+        .store
+        .customer(&id)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
     let known = stored.is_some();
     let c = stored.unwrap_or_else(|| Customer::new_default(s.state.catalog()));
     Ok(Json(view(&s.state, id, &c, known)))
@@ -348,7 +363,10 @@ async fn put_customer(
     if let Some(limits) = u.limits {
         let limits = limits.unwrap_or_default();
         if let Some(m) = limits.keys().find(|m| catalog.meter(m).is_none()) {
-            return Err(ApiError::bad_request("unknown_meter", format!("no meter named `{m}`")));
+            return Err(ApiError::bad_request(
+                "unknown_meter",
+                format!("no meter named `{m}`"),
+            ));
         }
         c.limit_overrides = limits;
     }

@@ -149,7 +149,9 @@ async fn publish(log: Arc<dyn EventLog>, mut rx: mpsc::UnboundedReceiver<Notific
         loop {
             match log.publish_notification(&n).await {
                 Ok(true) => {
-                    metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
+                    metrics::NOTIFICATIONS
+                        .with_label_values(&["published"])
+                        .inc();
                     tracing::info!(
                         customer = %n.customer,
                         meter = %n.meter,

@@ -2,12 +2,17 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, register_int_counter,
-    register_int_counter_vec, register_int_gauge};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, Opts, register_int_counter, register_int_counter_vec,
+    register_int_gauge,
+};
 
 pub static DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
-        Opts::new("tally_enforcer_decisions_total", "Quota decisions, by decision and protocol"),
+        Opts::new(
+            "tally_enforcer_decisions_total",
+            "Quota decisions, by decision and protocol"
+        ),
         &["decision", "protocol"]
     )
     .expect("metric registers once")

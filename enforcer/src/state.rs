@@ -159,7 +159,9 @@ impl State {
 
     /// Sets a counter from the store at start-up or after a period change.
     pub fn load_total(&self, customer: &str, meter: &str, period_start_ms: i64, usage: u64) {
-        let Some(&(i, _)) = self.meters.get(meter) else { return };
+        let Some(&(i, _)) = self.meters.get(meter) else {
+            return;
+        };
         let mut e = self.entry(customer);
         let c = &mut e.counters[i];
         *c = Counter {
@@ -172,7 +174,9 @@ impl State {
 
     /// Sets a gauge from the store at start-up.
     pub fn load_gauge(&self, customer: &str, meter: &str, time_ms: i64, value: u64) {
-        let Some(&(i, _)) = self.meters.get(meter) else { return };
+        let Some(&(i, _)) = self.meters.get(meter) else {
+            return;
+        };
         let mut e = self.entry(customer);
         let c = &mut e.counters[i];
         c.usage = value;
@@ -184,7 +188,9 @@ impl State {
         if n.threshold != self.catalog.policy.soft_percent {
             return;
         }
-        let Some(&(i, agg)) = self.meters.get(n.meter.as_str()) else { return };
+        let Some(&(i, agg)) = self.meters.get(n.meter.as_str()) else {
+            return;
+        };
         let mut e = self.entry(&n.customer);
         let c = &mut e.counters[i];
         if !agg.is_additive() || c.period_start_ms == n.period_start_ms {
@@ -200,7 +206,10 @@ impl State {
         let now = self.clock.now_ms();
         let mut out = Vec::new();
         for e in self.customers.iter() {
-            let record = e.record.clone().unwrap_or_else(|| self.default_customer.clone());
+            let record = e
+                .record
+                .clone()
+                .unwrap_or_else(|| self.default_customer.clone());
             for (name, &(i, agg)) in &self.meters {
                 let c = e.counters[i];
                 let period = if agg.is_additive() {
@@ -231,9 +240,14 @@ impl State {
 
     /// Applies one log record; returns the notifications it triggers.
     pub fn apply(&self, event: &UsageEvent, out: &mut Vec<Notification>) {
-        let Some(&(i, agg)) = self.meters.get(event.meter.as_str()) else { return };
+        let Some(&(i, agg)) = self.meters.get(event.meter.as_str()) else {
+            return;
+        };
         let mut e = self.entry(&event.customer);
-        let record = e.record.clone().unwrap_or_else(|| self.default_customer.clone());
+        let record = e
+            .record
+            .clone()
+            .unwrap_or_else(|| self.default_customer.clone());
         let period = record.period_at(event.time_ms);
         let limit = record.limit_at(&self.catalog, &event.meter, event.time_ms);
         let c = &mut e.counters[i];
@@ -295,7 +309,9 @@ impl State {
         let now = self.clock.now_ms();
         let (record, counter) = match self.customers.get(q.customer) {
             Some(e) => (
-                e.record.clone().unwrap_or_else(|| self.default_customer.clone()),
+                e.record
+                    .clone()
+                    .unwrap_or_else(|| self.default_customer.clone()),
                 e.counters[i],
             ),
             None => (self.default_customer.clone(), Counter::default()),
@@ -360,29 +376,63 @@ mod tests {
     }
 
     fn ask<'a>(customer: &'a str, meter: &'a str, quantity: u64) -> Question<'a> {
-        Question { customer, meter, quantity }
+        Question {
+            customer,
+            meter,
+            quantity,
+        }
     }
 
     #[test]
     fn counts_per_period_and_notifies_once_per_threshold() {
         let (s, clock) = state("2026-11-21T10:00:00Z");
         let mut notes = Vec::new();
-        s.apply(&ev("c", "api_requests", 7_999, "2026-11-20T00:00:00Z"), &mut notes);
+        s.apply(
+            &ev("c", "api_requests", 7_999, "2026-11-20T00:00:00Z"),
+            &mut notes,
+        );
         assert!(notes.is_empty());
-        s.apply(&ev("c", "api_requests", 1, "2026-11-20T00:01:00Z"), &mut notes);
-        assert_eq!(notes.iter().map(|n| n.threshold).collect::<Vec<_>>(), vec![80]);
-        s.apply(&ev("c", "api_requests", 1, "2026-11-20T00:02:00Z"), &mut notes);
+        s.apply(
+            &ev("c", "api_requests", 1, "2026-11-20T00:01:00Z"),
+            &mut notes,
+        );
+        assert_eq!(
+            notes.iter().map(|n| n.threshold).collect::<Vec<_>>(),
+            vec![80]
+        );
+        s.apply(
+            &ev("c", "api_requests", 1, "2026-11-20T00:02:00Z"),
+            &mut notes,
+        );
         assert_eq!(notes.len(), 1);
         // Last month's late event does not count toward this month.
-        s.apply(&ev("c", "api_requests", 5_000, "2026-10-31T23:59:59Z"), &mut notes);
+        s.apply(
+            &ev("c", "api_requests", 5_000, "2026-10-31T23:59:59Z"),
+            &mut notes,
+        );
         let a = s.check(ask("c", "api_requests", 0)).unwrap();
         assert_eq!((a.usage, a.verdict.decision), (8_001, Decision::Warn));
         assert_eq!(a.period.start_ms, ms("2026-11-01T00:00:00Z"));
-        s.apply(&ev("c", "api_requests", 3_000, "2026-11-20T00:03:00Z"), &mut notes);
-        assert_eq!(notes.iter().map(|n| n.threshold).collect::<Vec<_>>(), vec![80, 100, 110]);
-        assert_eq!(s.check(ask("c", "api_requests", 0)).unwrap().verdict.decision, Decision::Block);
+        s.apply(
+            &ev("c", "api_requests", 3_000, "2026-11-20T00:03:00Z"),
+            &mut notes,
+        );
+        assert_eq!(
+            notes.iter().map(|n| n.threshold).collect::<Vec<_>>(),
+            vec![80, 100, 110]
+        );
+        assert_eq!(
+            s.check(ask("c", "api_requests", 0))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Block
+        );
         // Next period starts from zero.
-        s.apply(&ev("c", "api_requests", 1, "2026-12-01T00:00:00Z"), &mut notes);
+        s.apply(
+            &ev("c", "api_requests", 1, "2026-12-01T00:00:00Z"),
+            &mut notes,
+        );
         assert_eq!(notes.len(), 3);
         clock.set(ms("2026-12-01T00:00:01Z"));
         let a = s.check(ask("c", "api_requests", 0)).unwrap();
@@ -392,8 +442,17 @@ mod tests {
     #[test]
     fn a_check_in_a_new_period_sees_zero_before_any_event() {
         let (s, clock) = state("2026-11-30T23:59:00Z");
-        s.apply(&ev("c", "api_requests", 20_000, "2026-11-30T00:00:00Z"), &mut Vec::new());
-        assert_eq!(s.check(ask("c", "api_requests", 1)).unwrap().verdict.decision, Decision::Block);
+        s.apply(
+            &ev("c", "api_requests", 20_000, "2026-11-30T00:00:00Z"),
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            s.check(ask("c", "api_requests", 1))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Block
+        );
         clock.set(ms("2026-12-01T00:00:00Z"));
         let a = s.check(ask("c", "api_requests", 1)).unwrap();
         assert_eq!((a.usage, a.verdict.decision), (0, Decision::Allow));
@@ -402,25 +461,52 @@ mod tests {
     #[test]
     fn grace_runs_from_the_crossing_event() {
         let (s, clock) = state("2026-11-21T10:00:00Z");
-        s.apply(&ev("c", "api_requests", 10_500, "2026-11-21T10:00:00Z"), &mut Vec::new());
+        s.apply(
+            &ev("c", "api_requests", 10_500, "2026-11-21T10:00:00Z"),
+            &mut Vec::new(),
+        );
         let a = s.check(ask("c", "api_requests", 0)).unwrap();
         assert_eq!(a.verdict.decision, Decision::Warn);
         assert_eq!(a.verdict.grace_until_ms, Some(ms("2026-11-23T10:00:00Z")));
         clock.set(ms("2026-11-23T09:59:59Z"));
-        assert_eq!(s.check(ask("c", "api_requests", 0)).unwrap().verdict.decision, Decision::Warn);
+        assert_eq!(
+            s.check(ask("c", "api_requests", 0))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Warn
+        );
         clock.set(ms("2026-11-23T10:00:00Z"));
-        assert_eq!(s.check(ask("c", "api_requests", 0)).unwrap().verdict.decision, Decision::Block);
+        assert_eq!(
+            s.check(ask("c", "api_requests", 0))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Block
+        );
     }
 
     #[test]
     fn gauges_carry_over_and_ignore_older_reports() {
         let (s, clock) = state("2026-11-21T10:00:00Z");
-        s.apply(&ev("c", "wasm_modules", 2, "2026-11-21T09:00:00Z"), &mut Vec::new());
-        s.apply(&ev("c", "wasm_modules", 9, "2026-11-21T08:00:00Z"), &mut Vec::new());
+        s.apply(
+            &ev("c", "wasm_modules", 2, "2026-11-21T09:00:00Z"),
+            &mut Vec::new(),
+        );
+        s.apply(
+            &ev("c", "wasm_modules", 9, "2026-11-21T08:00:00Z"),
+            &mut Vec::new(),
+        );
         let a = s.check(ask("c", "wasm_modules", 1)).unwrap();
         assert_eq!((a.usage, a.verdict.decision), (2, Decision::Warn));
         assert_eq!(a.verdict.threshold, Some(100));
-        assert_eq!(s.check(ask("c", "wasm_modules", 2)).unwrap().verdict.decision, Decision::Block);
+        assert_eq!(
+            s.check(ask("c", "wasm_modules", 2))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Block
+        );
         clock.set(ms("2026-12-05T00:00:00Z"));
         assert_eq!(s.check(ask("c", "wasm_modules", 0)).unwrap().usage, 2);
     }
@@ -431,16 +517,43 @@ mod tests {
         let mut rec = Customer::new_default(s.catalog());
         rec.plan = "enterprise".into();
         s.set_customer("big", rec.clone());
-        s.apply(&ev("big", "build_minutes", 1_000_000, "2026-11-21T09:00:00Z"), &mut Vec::new());
+        s.apply(
+            &ev("big", "build_minutes", 1_000_000, "2026-11-21T09:00:00Z"),
+            &mut Vec::new(),
+        );
         let a = s.check(ask("big", "build_minutes", 1)).unwrap();
-        assert_eq!((a.verdict.decision, a.limit, a.plan.as_str()), (Decision::Allow, Limit::Unlimited, "enterprise"));
-        rec.limit_overrides.insert("api_requests".into(), Limit::Finite(100));
+        assert_eq!(
+            (a.verdict.decision, a.limit, a.plan.as_str()),
+            (Decision::Allow, Limit::Unlimited, "enterprise")
+        );
+        rec.limit_overrides
+            .insert("api_requests".into(), Limit::Finite(100));
         s.set_customer("big", rec);
-        assert_eq!(s.check(ask("big", "api_requests", 100)).unwrap().verdict.threshold, Some(100));
-        assert_eq!(s.check(ask("big", "gpu_hours", 1)), Err(CheckError::UnknownMeter));
-        let closed = State::new(Arc::new(Catalog::builtin()), Arc::new(ManualClock::new(0)), false);
-        assert_eq!(closed.check(ask("c", "api_requests", 1)), Err(CheckError::NotReady));
-        let open = State::new(Arc::new(Catalog::builtin()), Arc::new(ManualClock::new(0)), true);
+        assert_eq!(
+            s.check(ask("big", "api_requests", 100))
+                .unwrap()
+                .verdict
+                .threshold,
+            Some(100)
+        );
+        assert_eq!(
+            s.check(ask("big", "gpu_hours", 1)),
+            Err(CheckError::UnknownMeter)
+        );
+        let closed = State::new(
+            Arc::new(Catalog::builtin()),
+            Arc::new(ManualClock::new(0)),
+            false,
+        );
+        assert_eq!(
+            closed.check(ask("c", "api_requests", 1)),
+            Err(CheckError::NotReady)
+        );
+        let open = State::new(
+            Arc::new(Catalog::builtin()),
+            Arc::new(ManualClock::new(0)),
+            true,
+        );
         assert!(open.check(ask("c", "api_requests", 1)).unwrap().degraded);
     }
 
@@ -448,13 +561,23 @@ mod tests {
     fn overage_plans_never_block() {
         let mut cat = Catalog::builtin();
         cat.plans.get_mut("starter").unwrap().on_limit = tally_schemas::OnLimit::Overage;
-        let s = State::new(Arc::new(cat), Arc::new(ManualClock::new(ms("2026-11-21T10:00:00Z"))), false);
+        let s = State::new(
+            Arc::new(cat),
+            Arc::new(ManualClock::new(ms("2026-11-21T10:00:00Z"))),
+            false,
+        );
         s.set_ready();
         let mut rec = Customer::new_default(s.catalog());
         rec.plan = "starter".into();
         s.set_customer("c", rec);
-        s.apply(&ev("c", "api_requests", 500_000, "2026-11-21T09:00:00Z"), &mut Vec::new());
+        s.apply(
+            &ev("c", "api_requests", 500_000, "2026-11-21T09:00:00Z"),
+            &mut Vec::new(),
+        );
         let a = s.check(ask("c", "api_requests", 1)).unwrap();
-        assert_eq!((a.verdict.decision, a.verdict.threshold), (Decision::Warn, Some(110)));
+        assert_eq!(
+            (a.verdict.decision, a.verdict.threshold),
+            (Decision::Warn, Some(110))
+        );
     }
 }

@@ -84,13 +84,16 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match mime.as_str() {
         "application/json" | "application/cloudevents+json" => Ok(BodyKind::Json),
         "application/cloudevents-batch+json" => Ok(BodyKind::Batch),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
-            Ok(BodyKind::Ndjson)
-        }
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyKind::Ndjson),
         _ => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -177,14 +180,18 @@ fn decode_body(
             }
         }
         BodyKind::Batch | BodyKind::Json if kind == BodyKind::Batch || is_array => {
-            let items = split_batch(text)
-                .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+            let items =
+                split_batch(text).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
             if items.len() > settings.max_batch_events {
                 return Err(too_many(items.len()));
             }
             out.valid.reserve(items.len());
             for (i, raw) in items.into_iter().enumerate() {
-                take(i, decode_event(raw.get(), catalog, policy, now_ms), &mut out);
+                take(
+                    i,
+                    decode_event(raw.get(), catalog, policy, now_ms),
+                    &mut out,
+                );
             }
         }
         BodyKind::Json | BodyKind::Batch => {
@@ -203,7 +210,10 @@ async fn post_events(
     let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let kind = body_kind(&headers)?;
     if std::str::from_utf8(&body).is_err() {
-        return Err(ApiError::bad_request("malformed_json", "the body is not UTF-8"));
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "the body is not UTF-8",
+        ));
     }
     let now_ms = state.clock.now_ms();
     let decoded = if body.len() <= INLINE_DECODE_BYTES {
@@ -227,7 +237,10 @@ async fn post_events(
         };
         return Err(ApiError::bad_request(code, message)
             .with("rejected", decoded.rejected)
-            .with("errors", serde_json::to_value(&decoded.faults).unwrap_or_default()));
+            .with(
+                "errors",
+                serde_json::to_value(&decoded.faults).unwrap_or_default(),
+            ));
     }
     let started = std::time::Instant::now();
     let outcome = state

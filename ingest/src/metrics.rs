@@ -10,7 +10,10 @@ use prometheus::{
 /// Events by outcome: `accepted`, `duplicate`, `rejected`.
 pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
-        Opts::new("tally_ingest_events_total", "Usage events received, by outcome"),
+        Opts::new(
+            "tally_ingest_events_total",
+            "Usage events received, by outcome"
+        ),
         &["outcome"]
     )
     .expect("metric registers once")
@@ -30,22 +33,28 @@ pub static REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Time from the start of an append to its durable acknowledgement.
 pub static APPEND_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
-    register_histogram!(HistogramOpts::new(
-        "tally_ingest_append_seconds",
-        "Time to make a request's events durable on the log"
+    register_histogram!(
+        HistogramOpts::new(
+            "tally_ingest_append_seconds",
+            "Time to make a request's events durable on the log"
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
+        ])
     )
-    .buckets(vec![
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
-    ]))
     .expect("metric registers once")
 });
 
 /// Duration of one group commit of the embedded log.
 pub static LOG_COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
-    register_histogram!(HistogramOpts::new(
-        "tally_log_commit_seconds",
-        "Duration of one group commit of the embedded log"
+    register_histogram!(
+        HistogramOpts::new(
+            "tally_log_commit_seconds",
+            "Duration of one group commit of the embedded log"
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
+        ])
     )
-    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]))
     .expect("metric registers once")
 });

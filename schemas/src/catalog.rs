@@ -248,7 +248,9 @@ impl Catalog {
         }
         for plan in [&self.policy.default_plan, &self.policy.fallback_plan] {
             if !self.plans.contains_key(plan) {
-                return Err(Error::Catalog(format!("policy names unknown plan `{plan}`")));
+                return Err(Error::Catalog(format!(
+                    "policy names unknown plan `{plan}`"
+                )));
             }
         }
         let p = &self.policy;
@@ -310,7 +312,10 @@ mod tests {
         assert_eq!(ent.limit("build_minutes"), Limit::Unlimited);
         // storage_bytes is metered but no plan limits it.
         assert_eq!(free.limit("storage_bytes"), Limit::Unlimited);
-        assert_eq!(c.meter("wasm_modules").unwrap().aggregation, Aggregation::Latest);
+        assert_eq!(
+            c.meter("wasm_modules").unwrap().aggregation,
+            Aggregation::Latest
+        );
         assert_eq!(c.pricing.annual_discount_percent, 10);
         assert_eq!(c.policy.grace_ms(), 48 * 3_600_000);
     }
@@ -318,8 +323,11 @@ mod tests {
     #[test]
     fn rejects_limits_on_unknown_meters_and_unknown_keys() {
         let bad = "[meters.a]\naggregation='sum'\nunit='x'\n[plans.free]\ndisplay_name='F'\nlimits={b=1}\n";
-        assert!(matches!(Catalog::from_toml(bad), Err(Error::Catalog(m)) if m.contains("unknown meter")));
-        let typo = "[meters.a]\naggregation='sum'\nunit='x'\nunitz='y'\n[plans.free]\ndisplay_name='F'\n";
+        assert!(
+            matches!(Catalog::from_toml(bad), Err(Error::Catalog(m)) if m.contains("unknown meter"))
+        );
+        let typo =
+            "[meters.a]\naggregation='sum'\nunit='x'\nunitz='y'\n[plans.free]\ndisplay_name='F'\n";
         assert!(Catalog::from_toml(typo).is_err());
         let neg = "[meters.a]\naggregation='sum'\nunit='x'\n[plans.free]\ndisplay_name='F'\nlimits={a=-1}\n";
         assert!(Catalog::from_toml(neg).is_err());

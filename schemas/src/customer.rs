@@ -113,16 +113,26 @@ mod tests {
         let c = Catalog::builtin();
         let mut cust = Customer::new_default(&c);
         cust.plan = "professional".into();
-        cust.limit_overrides.insert("api_requests".into(), Limit::Finite(5_000_000));
+        cust.limit_overrides
+            .insert("api_requests".into(), Limit::Finite(5_000_000));
         let t0 = ms("2026-11-01T00:00:00Z").unwrap();
-        assert_eq!(cust.limit_at(&c, "api_requests", t0), Limit::Finite(5_000_000));
+        assert_eq!(
+            cust.limit_at(&c, "api_requests", t0),
+            Limit::Finite(5_000_000)
+        );
         assert_eq!(cust.limit_at(&c, "build_minutes", t0), Limit::Finite(2_000));
         cust.payment_failed_at_ms = Some(t0);
         let day = 86_400_000;
         assert_eq!(cust.plan_at(&c, t0 + 7 * day - 1).0, "professional");
-        assert_eq!(cust.limit_at(&c, "api_requests", t0 + 7 * day - 1), Limit::Finite(5_000_000));
+        assert_eq!(
+            cust.limit_at(&c, "api_requests", t0 + 7 * day - 1),
+            Limit::Finite(5_000_000)
+        );
         assert_eq!(cust.plan_at(&c, t0 + 7 * day).0, "free");
-        assert_eq!(cust.limit_at(&c, "api_requests", t0 + 7 * day), Limit::Finite(10_000));
+        assert_eq!(
+            cust.limit_at(&c, "api_requests", t0 + 7 * day),
+            Limit::Finite(10_000)
+        );
     }
 
     #[test]
@@ -130,7 +140,10 @@ mod tests {
         let c = Catalog::builtin();
         let mut cust = Customer::new_default(&c);
         let now = ms("2026-11-21T10:00:00Z").unwrap();
-        assert_eq!(cust.period_at(now).start_ms, ms("2026-11-01T00:00:00Z").unwrap());
+        assert_eq!(
+            cust.period_at(now).start_ms,
+            ms("2026-11-01T00:00:00Z").unwrap()
+        );
         let p = Period {
             start_ms: ms("2026-11-07T12:00:00Z").unwrap(),
             end_ms: ms("2026-12-07T12:00:00Z").unwrap(),
@@ -140,7 +153,10 @@ mod tests {
         let next = cust.period_at(ms("2026-12-20T00:00:00Z").unwrap());
         assert_eq!(next.start_ms, p.end_ms);
         assert_eq!(next.end_ms, ms("2027-01-07T12:00:00Z").unwrap());
-        let unknown = Customer { plan: "gone".into(), ..cust };
+        let unknown = Customer {
+            plan: "gone".into(),
+            ..cust
+        };
         assert_eq!(unknown.plan_at(&c, now).0, "free");
     }
 }

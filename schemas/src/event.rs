@@ -339,7 +339,10 @@ mod tests {
 
     #[test]
     fn value_and_time_default() {
-        let e = decode(r#"{"specversion":"1.0","id":"a","source":"s","type":"bandwidth_bytes","subject":"c"}"#).unwrap();
+        let e = decode(
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"bandwidth_bytes","subject":"c"}"#,
+        )
+        .unwrap();
         assert_eq!((e.value, e.time_ms), (1, NOW));
         let e = decode(r#"{"specversion":"1.0","id":"a","source":"s","type":"bandwidth_bytes","subject":"c","data":{"value":5368709120,"route":"/x"}}"#).unwrap();
         assert_eq!(e.value, 5_368_709_120);

@@ -26,8 +26,8 @@ pub mod period;
 pub mod quota;
 pub mod wire;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use catalog::{Aggregation, Catalog, Limit, Meter, OnLimit, Plan, QuotaPolicy};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use customer::Customer;
 pub use event::{EventError, TimePolicy, UsageEvent};
 pub use period::{Period, Window};

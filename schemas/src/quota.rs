@@ -57,9 +57,13 @@ pub struct Verdict {
 /// The highest policy threshold that `amount` reaches against `limit`.
 pub fn threshold_reached(policy: &QuotaPolicy, limit: u64, amount: u64) -> Option<u32> {
     let reached = |pct: u32| u128::from(amount) * 100 >= u128::from(limit) * u128::from(pct);
-    [policy.block_percent, policy.soft_percent, policy.warn_percent]
-        .into_iter()
-        .find(|&p| reached(p))
+    [
+        policy.block_percent,
+        policy.soft_percent,
+        policy.warn_percent,
+    ]
+    .into_iter()
+    .find(|&p| reached(p))
 }
 
 /// Thresholds crossed when usage grows from `before` to `after`, lowest first.
@@ -185,7 +189,11 @@ mod tests {
         ];
         for (usage, decision, threshold) in cases {
             let v = at(usage, Some(0), 0);
-            assert_eq!((v.decision, v.threshold), (decision, threshold), "usage {usage}");
+            assert_eq!(
+                (v.decision, v.threshold),
+                (decision, threshold),
+                "usage {usage}"
+            );
         }
         let v = at(7_990, None, 0);
         assert_eq!(v.percent, Some(79.9));
@@ -208,7 +216,10 @@ mod tests {
         assert_eq!((v.decision, v.state), (Decision::Warn, UsageState::Over));
         assert_eq!(v.grace_until_ms, Some(48 * H));
         let v = at(10_500, Some(0), 48 * H);
-        assert_eq!((v.decision, v.state), (Decision::Block, UsageState::Blocked));
+        assert_eq!(
+            (v.decision, v.state),
+            (Decision::Block, UsageState::Blocked)
+        );
         // Below the soft limit an expired grace does not matter.
         assert_eq!(at(9_000, Some(0), 100 * H).decision, Decision::Warn);
     }
@@ -216,10 +227,32 @@ mod tests {
     #[test]
     fn unlimited_overage_and_zero_limits() {
         let p = QuotaPolicy::default();
-        let v = decide(&p, Limit::Unlimited, OnLimit::Block, u64::MAX, u64::MAX, None, 0);
-        assert_eq!((v.decision, v.percent, v.threshold), (Decision::Allow, None, None));
-        let v = decide(&p, Limit::Finite(10), OnLimit::Overage, 50, 1, Some(0), 100 * H);
-        assert_eq!((v.decision, v.state, v.threshold), (Decision::Warn, UsageState::Over, Some(110)));
+        let v = decide(
+            &p,
+            Limit::Unlimited,
+            OnLimit::Block,
+            u64::MAX,
+            u64::MAX,
+            None,
+            0,
+        );
+        assert_eq!(
+            (v.decision, v.percent, v.threshold),
+            (Decision::Allow, None, None)
+        );
+        let v = decide(
+            &p,
+            Limit::Finite(10),
+            OnLimit::Overage,
+            50,
+            1,
+            Some(0),
+            100 * H,
+        );
+        assert_eq!(
+            (v.decision, v.state, v.threshold),
+            (Decision::Warn, UsageState::Over, Some(110))
+        );
         let v = decide(&p, Limit::Finite(0), OnLimit::Block, 0, 0, None, 0);
         assert_eq!((v.decision, v.percent), (Decision::Block, None));
     }
@@ -229,9 +262,18 @@ mod tests {
         let p = QuotaPolicy::default();
         let l = Limit::Finite(100);
         assert_eq!(thresholds_crossed(&p, l, 0, 79).count(), 0);
-        assert_eq!(thresholds_crossed(&p, l, 79, 80).collect::<Vec<_>>(), vec![80]);
-        assert_eq!(thresholds_crossed(&p, l, 80, 200).collect::<Vec<_>>(), vec![100, 110]);
-        assert_eq!(thresholds_crossed(&p, l, 0, 200).collect::<Vec<_>>(), vec![80, 100, 110]);
+        assert_eq!(
+            thresholds_crossed(&p, l, 79, 80).collect::<Vec<_>>(),
+            vec![80]
+        );
+        assert_eq!(
+            thresholds_crossed(&p, l, 80, 200).collect::<Vec<_>>(),
+            vec![100, 110]
+        );
+        assert_eq!(
+            thresholds_crossed(&p, l, 0, 200).collect::<Vec<_>>(),
+            vec![80, 100, 110]
+        );
         assert_eq!(thresholds_crossed(&p, Limit::Unlimited, 0, 200).count(), 0);
     }
 }

@@ -94,7 +94,9 @@ impl SqliteStore {
 
 fn read_offsets(c: &Connection) -> Result<BTreeMap<u32, u64>> {
     let mut stmt = c.prepare_cached("SELECT partition, next_offset FROM log_offsets")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -147,7 +149,13 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
                     add.execute(params![k.customer, k.meter, k.minute_ms, v as i64, 0])?;
                 }
                 Cell::Latest { time_ms, value } => {
-                    latest.execute(params![k.customer, k.meter, k.minute_ms, value as i64, time_ms])?;
+                    latest.execute(params![
+                        k.customer,
+                        k.meter,
+                        k.minute_ms,
+                        value as i64,
+                        time_ms
+                    ])?;
                     gauge.execute(params![k.customer, k.meter, time_ms, value as i64])?;
                 }
             }
@@ -296,7 +304,12 @@ impl UsageStore for SqliteStore {
                 let mut stmt =
                     tx.prepare("SELECT customer, meter, time_ms, value FROM gauge_latest")?;
                 let rows = stmt.query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?.max(0) as u64))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get::<_, i64>(3)?.max(0) as u64,
+                    ))
                 })?;
                 for row in rows {
                     gauges.push(row?);
@@ -344,8 +357,8 @@ impl UsageStore for SqliteStore {
 
     async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>> {
         Self::with(&self.reader, move |c| {
-            let mut stmt = c
-                .prepare_cached("SELECT id, record FROM customers WHERE updated_ms >= ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT id, record FROM customers WHERE updated_ms >= ?1")?;
             let rows = stmt.query_map([updated_ms], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
             })?;
@@ -388,7 +401,10 @@ mod tests {
         let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
         let cat = Catalog::builtin();
         let b1 = Rollup::from_records(
-            &[rec(1, "a", "api_requests", 2, 60_000), rec(2, "a", "api_requests", 3, 61_000)],
+            &[
+                rec(1, "a", "api_requests", 2, 60_000),
+                rec(2, "a", "api_requests", 3, 61_000),
+            ],
             &cat,
         );
         assert_eq!(store.apply(&b1).await.unwrap(), Applied::Written);
@@ -402,16 +418,29 @@ mod tests {
             .unwrap();
         assert_eq!(t, 15);
         let s = store
-            .series("a", "api_requests", Aggregation::Count, 0, 7_200_000, Window::Hour)
+            .series(
+                "a",
+                "api_requests",
+                Aggregation::Count,
+                0,
+                7_200_000,
+                Window::Hour,
+            )
             .await
             .unwrap();
         assert_eq!(s, vec![(0, 5), (3_600_000, 10)]);
         // A batch overlapping the stored position in part means another writer: refused.
         let overlap = Rollup::from_records(
-            &[rec(3, "a", "api_requests", 1, 0), rec(4, "a", "api_requests", 1, 0)],
+            &[
+                rec(3, "a", "api_requests", 1, 0),
+                rec(4, "a", "api_requests", 1, 0),
+            ],
             &cat,
         );
-        assert!(matches!(store.apply(&overlap).await, Err(Error::Fenced { .. })));
+        assert!(matches!(
+            store.apply(&overlap).await,
+            Err(Error::Fenced { .. })
+        ));
     }
 
     #[tokio::test]
@@ -424,8 +453,20 @@ mod tests {
         store.apply(&late).await.unwrap();
         store.apply(&early).await.unwrap();
         let g = Aggregation::Latest;
-        assert_eq!(store.total("a", "wasm_modules", g, 0, i64::MAX).await.unwrap(), 5);
-        assert_eq!(store.total("a", "wasm_modules", g, 0, 150_000).await.unwrap(), 9);
+        assert_eq!(
+            store
+                .total("a", "wasm_modules", g, 0, i64::MAX)
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(
+            store
+                .total("a", "wasm_modules", g, 0, 150_000)
+                .await
+                .unwrap(),
+            9
+        );
         let snap = store
             .snapshot(SnapshotRequest {
                 default_since_ms: 0,
@@ -434,7 +475,10 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(snap.gauges, vec![("a".into(), "wasm_modules".into(), 200_000, 5)]);
+        assert_eq!(
+            snap.gauges,
+            vec![("a".into(), "wasm_modules".into(), 200_000, 5)]
+        );
         assert_eq!(snap.offsets[&0], 3);
     }
 

@@ -259,6 +259,7 @@ impl EventLog for EmbeddedLog {
             conn: Arc::new(Mutex::new(open(&self.path)?)),
             next: 0,
             high: self.high.clone(),
+            cross_process: false,
         }))
     }
 
@@ -331,9 +332,22 @@ struct EmbeddedReader {
     conn: Arc<Mutex<Connection>>,
     next: u64,
     high: watch::Receiver<u64>,
+    /// Set once records were found that this process did not write: from then on the stored
+    /// high watermark is read on every poll.
+    cross_process: bool,
 }
 
 impl EmbeddedReader {
+    async fn stored_high(&self) -> Result<u64> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().map_err(|_| Error::Closed)?;
+            next_offset(&conn)
+        })
+        .await
+        .map_err(|_| Error::Closed)?
+    }
+
     async fn read(&self, max: usize) -> Result<Vec<Record>> {
         let (conn, from) = (self.conn.clone(), self.next);
         tokio::task::spawn_blocking(move || {
@@ -371,7 +385,10 @@ impl LogReader for EmbeddedReader {
         let mut out: Vec<Record> = Vec::new();
         let mut deadline = tokio::time::Instant::now() + linger;
         loop {
-            let high = *self.high.borrow_and_update();
+            let mut high = *self.high.borrow_and_update();
+            if self.cross_process {
+                high = high.max(self.stored_high().await?);
+            }
             if high > self.next {
                 let had = out.len();
                 let batch = self.read(max - out.len()).await?;
@@ -400,7 +417,16 @@ impl LogReader for EmbeddedReader {
                         return if out.is_empty() { Err(Error::Closed) } else { Ok(out) };
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return Ok(out),
+                _ = tokio::time::sleep_until(deadline) => {
+                    // Another process may share the file: look at the database itself before
+                    // reporting that nothing arrived.
+                    if out.is_empty() && self.stored_high().await? > self.next {
+                        self.cross_process = true;
+                        deadline = tokio::time::Instant::now() + linger;
+                        continue;
+                    }
+                    return Ok(out);
+                }
             }
         }
     }
@@ -427,21 +453,49 @@ mod tests {
     async fn appends_dedups_and_reads_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(ManualClock::new(1_000));
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(dir.path().join("e.db")), clock).unwrap();
+        let log =
+            EmbeddedLog::open(EmbeddedLogConfig::new(dir.path().join("e.db")), clock).unwrap();
         let out = log
-            .append(vec![event("a", "c1", 1), event("b", "c2", 2), event("a", "c1", 1)])
+            .append(vec![
+                event("a", "c1", 1),
+                event("b", "c2", 2),
+                event("a", "c1", 1),
+            ])
             .await
             .unwrap();
-        assert_eq!(out, AppendOutcome { accepted: 2, duplicates: 1 });
-        let out = log.append(vec![event("b", "c2", 2), event("c", "c1", 3)]).await.unwrap();
-        assert_eq!(out, AppendOutcome { accepted: 1, duplicates: 1 });
+        assert_eq!(
+            out,
+            AppendOutcome {
+                accepted: 2,
+                duplicates: 1
+            }
+        );
+        let out = log
+            .append(vec![event("b", "c2", 2), event("c", "c1", 3)])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            AppendOutcome {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
         assert_eq!(log.end_offsets().await.unwrap(), vec![(0, 4)]);
 
         let mut r = log.reader().unwrap();
         let recs = r.poll(10, Duration::from_millis(10)).await.unwrap();
-        let ids: Vec<_> = recs.iter().map(|r| (r.offset, r.event.id.as_str())).collect();
+        let ids: Vec<_> = recs
+            .iter()
+            .map(|r| (r.offset, r.event.id.as_str()))
+            .collect();
         assert_eq!(ids, vec![(1, "a"), (2, "b"), (3, "c")]);
-        assert!(r.poll(10, Duration::from_millis(10)).await.unwrap().is_empty());
+        assert!(
+            r.poll(10, Duration::from_millis(10))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         r.seek(0, 2);
         let recs = r.poll(1, Duration::from_millis(10)).await.unwrap();
         assert_eq!(recs[0].event, event("b", "c2", 2));
@@ -453,7 +507,8 @@ mod tests {
         let path = dir.path().join("e.db");
         let clock = Arc::new(ManualClock::new(1_000));
         {
-            let log = Arc::new(EmbeddedLog::open(EmbeddedLogConfig::new(&path), clock.clone()).unwrap());
+            let log =
+                Arc::new(EmbeddedLog::open(EmbeddedLogConfig::new(&path), clock.clone()).unwrap());
             let mut r = log.reader().unwrap();
             let waiter = tokio::spawn(async move { r.poll(1, Duration::from_secs(5)).await });
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -474,7 +529,13 @@ mod tests {
             assert!(!log.publish_notification(&n).await.unwrap());
         }
         let log = EmbeddedLog::open(EmbeddedLogConfig::new(&path), clock).unwrap();
-        assert_eq!(log.append(vec![event("x", "c", 5)]).await.unwrap().duplicates, 1);
+        assert_eq!(
+            log.append(vec![event("x", "c", 5)])
+                .await
+                .unwrap()
+                .duplicates,
+            1
+        );
         assert_eq!(log.end_offsets().await.unwrap(), vec![(0, 2)]);
         assert_eq!(log.notifications_since(0).await.unwrap().len(), 1);
         assert!(log.notifications_since(10).await.unwrap().is_empty());
@@ -487,14 +548,20 @@ mod tests {
         cfg.dedup_window = Duration::from_secs(10);
         cfg.retention = Duration::from_secs(10);
         let log = EmbeddedLog::open(cfg.clone(), Arc::new(ManualClock::new(0))).unwrap();
-        log.append(vec![event("a", "c", 1), event("b", "c", 1)]).await.unwrap();
+        log.append(vec![event("a", "c", 1), event("b", "c", 1)])
+            .await
+            .unwrap();
         log.commit("aggregator", 0, 2).await.unwrap();
         {
             let side = log.side.lock().unwrap();
             maintain(&side, &cfg, 20_000).unwrap();
-            let left: i64 = side.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap();
+            let left: i64 = side
+                .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+                .unwrap();
             assert_eq!(left, 1, "record 2 is not consumed yet");
-            let ids: i64 = side.query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0)).unwrap();
+            let ids: i64 = side
+                .query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0))
+                .unwrap();
             assert_eq!(ids, 0);
         }
         // Offsets keep growing after records were dropped.

@@ -1,0 +1,337 @@
+//! Wiring: builds the adapters once, starts the pipeline tasks of the chosen components and
+//! assembles the public and admin routers. `tally run` starts every component in one process;
+//! `tally ingest|aggregator|enforcer|billing-sync` start one each.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tally_aggregator::store::UsageStore;
+use tally_aggregator::store::sqlite::SqliteStore;
+use tally_aggregator::{AggregatorSettings, query};
+use tally_enforcer::http::EnforcerHttp;
+use tally_enforcer::{EnforcerSettings, State};
+use tally_ingest::log::EventLog;
+use tally_ingest::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use tally_ingest::problem::ApiError;
+use tally_ingest::{IngestSettings, IngestState};
+use tally_schemas::{Catalog, Clock, TimePolicy};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::{Error, Result, metrics};
+
+/// A stage of the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Component {
+    Ingest,
+    Aggregator,
+    Enforcer,
+    BillingSync,
+}
+
+impl Component {
+    pub const ALL: [Component; 4] = [
+        Component::Ingest,
+        Component::Aggregator,
+        Component::Enforcer,
+        Component::BillingSync,
+    ];
+}
+
+/// A started set of components.
+pub struct App {
+    /// The public API of the started components.
+    pub router: Router,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: Router,
+    /// The enforcer's state, when the enforcer runs here.
+    pub enforcer: Option<Arc<State>>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+/// Loads the catalogue named in the configuration, or the built-in one.
+pub fn load_catalog(config: &Config) -> Result<Catalog> {
+    match &config.catalog_file {
+        None => Ok(Catalog::builtin()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::Config(format!("cannot read catalogue {}: {e}", path.display()))
+            })?;
+            Ok(Catalog::from_toml(&text)?)
+        }
+    }
+}
+
+fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventLog>> {
+    let mut c = EmbeddedLogConfig::new(Path::new(&config.data_dir).join("events.db"));
+    c.dedup_window = config.dedup_window;
+    c.retention = config.log_retention;
+    Ok(Arc::new(EmbeddedLog::open(c, clock)?))
+}
+
+fn open_store(config: &Config) -> Result<Arc<dyn UsageStore>> {
+    Ok(Arc::new(SqliteStore::open(
+        Path::new(&config.data_dir).join("usage.db"),
+    )?))
+}
+
+impl App {
+    /// Opens the adapters and starts the pipeline tasks of `components`.
+    pub async fn start(
+        config: &Config,
+        components: &[Component],
+        clock: Arc<dyn Clock>,
+    ) -> Result<App> {
+        let catalog = Arc::new(load_catalog(config)?);
+        let wants = |c: Component| components.contains(&c);
+        let needs_log =
+            wants(Component::Ingest) || wants(Component::Aggregator) || wants(Component::Enforcer);
+        let log = if needs_log {
+            Some(open_log(config, clock.clone())?)
+        } else {
+            None
+        };
+        let needs_store = !components.is_empty() && components != [Component::Ingest];
+        let store = if needs_store {
+            Some(open_store(config)?)
+        } else {
+            None
+        };
+
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let fatal = Arc::new(Mutex::new(None));
+        let mut router = Router::new();
+        let mut enforcer = None;
+
+        if let (true, Some(log)) = (wants(Component::Ingest), &log) {
+            router = router.merge(tally_ingest::router(IngestState {
+                log: log.clone(),
+                catalog: catalog.clone(),
+                clock: clock.clone(),
+                settings: Arc::new(IngestSettings {
+                    max_body_bytes: config.max_body_bytes,
+                    max_batch_events: config.max_batch_events,
+                    time_policy: TimePolicy {
+                        late_window_ms: config.late_window.as_millis() as i64,
+                        future_tolerance_ms: config.future_tolerance.as_millis() as i64,
+                    },
+                }),
+            }));
+        }
+        if let (true, Some(log), Some(store)) = (wants(Component::Aggregator), &log, &store) {
+            router = router.merge(query::router(query::QueryState {
+                store: store.clone(),
+                catalog: catalog.clone(),
+                clock: clock.clone(),
+            }));
+            let settings = AggregatorSettings {
+                max_batch_events: config.aggregator_batch_events,
+                flush_interval: config.flush_interval,
+            };
+            let run = tally_aggregator::run(
+                settings,
+                catalog.clone(),
+                log.clone(),
+                store.clone(),
+                stop.clone(),
+            );
+            spawn(&tasks, "aggregator", run, stop.clone(), fatal.clone());
+        }
+        if let (true, Some(log), Some(store)) = (wants(Component::Enforcer), &log, &store) {
+            let state = Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open));
+            router = router.merge(tally_enforcer::http::router(EnforcerHttp {
+                state: state.clone(),
+                store: store.clone(),
+            }));
+            let settings = EnforcerSettings {
+                fail_open: config.fail_open,
+                customer_refresh: config.customer_refresh,
+                ..EnforcerSettings::default()
+            };
+            let run = tally_enforcer::run(
+                settings,
+                state.clone(),
+                log.clone(),
+                store.clone(),
+                stop.clone(),
+            );
+            spawn(&tasks, "enforcer", run, stop.clone(), fatal.clone());
+            enforcer = Some(state);
+        }
+        if let (true, Some(store)) = (wants(Component::BillingSync), &store) {
+            let settings = tally_billing_sync::BillingSettings::default();
+            let run = tally_billing_sync::run(
+                settings,
+                catalog.clone(),
+                store.clone(),
+                clock.clone(),
+                stop.clone(),
+            );
+            spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());
+        }
+        tasks.close();
+
+        let router = router
+            .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+            .layer(middleware::from_fn(track))
+            .layer(TraceLayer::new_for_http())
+            .layer(CatchPanicLayer::custom(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+                .into_response()
+            }));
+        let admin = admin_router(enforcer.clone(), fatal.clone());
+        Ok(App {
+            router,
+            admin,
+            enforcer,
+            tasks,
+            stop,
+            fatal,
+        })
+    }
+
+    /// A token cancelled when a pipeline task failed: the process should stop.
+    pub fn failed(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops the pipeline tasks (each finishes the batch in hand) and waits for them.
+    pub async fn stop(self, timeout: std::time::Duration) -> Result<()> {
+        self.stop.cancel();
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("pipeline tasks did not stop within the shutdown timeout");
+        }
+        match self.fatal.lock().ok().and_then(|f| f.clone()) {
+            Some(reason) => Err(Error::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn spawn<E: std::fmt::Display + Send + 'static>(
+    tasks: &TaskTracker,
+    name: &'static str,
+    fut: impl std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
+    stop: CancellationToken,
+    fatal: Arc<Mutex<Option<String>>>,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::error!(component = name, error = %e, "pipeline task failed; stopping");
+            if let Ok(mut f) = fatal.lock() {
+                f.get_or_insert_with(|| format!("{name}: {e}"));
+            }
+            stop.cancel();
+        }
+    });
+}
+
+async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics::HTTP_REQUESTS
+        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .inc();
+    metrics::HTTP_SECONDS
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn admin_router(enforcer: Option<Arc<State>>, fatal: Arc<Mutex<Option<String>>>) -> Router {
+    let ready = move || {
+        let enforcer = enforcer.clone();
+        async move {
+            match enforcer {
+                Some(s) if !s.is_ready() => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(serde_json::json!({"status": "loading"})),
+                ),
+                _ => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))),
+            }
+        }
+    };
+    let health = move || {
+        let failed = fatal.lock().ok().and_then(|f| f.clone());
+        async move {
+            match failed {
+                Some(reason) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(serde_json::json!({"status": "failed", "reason": reason})),
+                ),
+                None => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))),
+            }
+        }
+    };
+    Router::new()
+        .route("/metrics", get(metrics::render))
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+}
+
+/// Runs `components` on the given listeners until `shutdown` is cancelled or a pipeline task
+/// fails; then drains HTTP requests and stops the pipeline within the shutdown timeout.
+pub async fn run(
+    config: Config,
+    components: &[Component],
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let app = App::start(&config, components, clock).await?;
+    let failed = app.failed();
+    let http_stop = CancellationToken::new();
+    {
+        let (http_stop, shutdown, failed) = (http_stop.clone(), shutdown.clone(), failed.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = failed.cancelled() => {}
+            }
+            http_stop.cancel();
+        });
+    }
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        components = ?components,
+        "tally is serving"
+    );
+    let public = axum::serve(listener, app.router.clone())
+        .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let admin = axum::serve(admin_listener, app.admin.clone())
+        .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let (a, b) = tokio::join!(public, admin);
+    a?;
+    b?;
+    app.stop(config.shutdown_timeout).await
+}

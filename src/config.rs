@@ -1,0 +1,170 @@
+//! Tally's configuration: built-in defaults, then an optional TOML file (`--config` or
+//! `TALLY_CONFIG`), then `TALLY_*` environment variables. Every setting has one name: the key
+//! `data_dir` in the file is `TALLY_DATA_DIR` in the environment. Unknown keys in the file are
+//! errors; unknown `TALLY_*` variables are reported in the log. Durations are written like `200ms`,
+//! `30s`, `5m`, `35d`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public API listener (events, checks, usage, customers). `TALLY_LISTEN`.
+    pub listen: SocketAddr,
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz`. `TALLY_ADMIN_LISTEN`.
+    pub admin_listen: SocketAddr,
+    /// Directory of the embedded log and store. `TALLY_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// A meter and plan catalogue replacing the built-in one. `TALLY_CATALOG_FILE`.
+    pub catalog_file: Option<PathBuf>,
+    /// Log filter, in `tracing` directive syntax (`info`, `tally=debug`). `TALLY_LOG`.
+    pub log: String,
+    /// `text` or `json` log lines. `TALLY_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// Largest request body accepted by `POST /v1/events`, in bytes. `TALLY_MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// Most events in one ingest request. `TALLY_MAX_BATCH_EVENTS`.
+    pub max_batch_events: usize,
+    /// Oldest event time accepted; older events are refused with `event_too_old`.
+    /// `TALLY_LATE_WINDOW`.
+    #[serde(with = "humantime_serde")]
+    pub late_window: Duration,
+    /// Furthest event time ahead of the clock accepted (clock skew). `TALLY_FUTURE_TOLERANCE`.
+    #[serde(with = "humantime_serde")]
+    pub future_tolerance: Duration,
+    /// How long an event's (`source`, `id`) is remembered to drop duplicates; at least the late
+    /// window plus the future tolerance. `TALLY_DEDUP_WINDOW`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// How long the embedded log keeps records every consumer has passed. `TALLY_LOG_RETENTION`.
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
+    /// Most records the aggregator writes in one store transaction.
+    /// `TALLY_AGGREGATOR_BATCH_EVENTS`.
+    pub aggregator_batch_events: usize,
+    /// Longest an event waits in the aggregator before it is written. `TALLY_FLUSH_INTERVAL`.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Whether the enforcer answers before its state is loaded (fail open) or answers 503
+    /// (fail closed). `TALLY_FAIL_OPEN`.
+    pub fail_open: bool,
+    /// How often the enforcer reads customer changes made by other processes.
+    /// `TALLY_CUSTOMER_REFRESH`.
+    #[serde(with = "humantime_serde")]
+    pub customer_refresh: Duration,
+    /// How long a shutdown may take to drain requests and flush. `TALLY_SHUTDOWN_TIMEOUT`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            data_dir: PathBuf::from("./data"),
+            catalog_file: None,
+            log: "info".into(),
+            log_format: LogFormat::Text,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_batch_events: 50_000,
+            late_window: Duration::from_secs(35 * 86_400),
+            future_tolerance: Duration::from_secs(5 * 60),
+            dedup_window: Duration::from_secs(35 * 86_400 + 10 * 60),
+            log_retention: Duration::from_secs(7 * 86_400),
+            aggregator_batch_events: 50_000,
+            flush_interval: Duration::from_millis(200),
+            fail_open: true,
+            customer_refresh: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Environment variables that name Tally's configuration file rather than a setting.
+const NOT_SETTINGS: &[&str] = &["CONFIG"];
+
+impl Config {
+    /// The setting names, as written in the file.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Loads defaults, then `file`, then the `TALLY_*` variables of `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<(Config, Vec<String>)> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        let keys = Config::keys();
+        let mut unknown = Vec::new();
+        let mut known_env = Vec::new();
+        for (k, v) in env {
+            let Some(name) = k.strip_prefix("TALLY_") else {
+                continue;
+            };
+            if NOT_SETTINGS.contains(&name) {
+                continue;
+            }
+            let key = name.to_ascii_lowercase();
+            if keys.contains(&key) {
+                known_env.push((key, v.clone()));
+            } else {
+                unknown.push(k.clone());
+            }
+        }
+        for (key, value) in known_env {
+            // Values are typed the way figment's `Env` types them: numbers, booleans, strings.
+            let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+            fig = fig.merge(Serialized::default(&key, value));
+        }
+        let config: Config = fig.extract().map_err(|e| Error::Config(e.to_string()))?;
+        config.check()?;
+        Ok((config, unknown))
+    }
+
+    /// Cross-field rules, checked at load time.
+    pub fn check(&self) -> Result<()> {
+        if self.dedup_window < self.late_window + self.future_tolerance {
+            return Err(Error::Config(format!(
+                "dedup_window ({}) must be at least late_window + future_tolerance ({}): \
+                 otherwise a late duplicate could be counted twice",
+                humantime::format_duration(self.dedup_window),
+                humantime::format_duration(self.late_window + self.future_tolerance)
+            )));
+        }
+        if self.max_batch_events == 0 || self.aggregator_batch_events == 0 {
+            return Err(Error::Config("batch sizes must be at least 1".into()));
+        }
+        if self.flush_interval.is_zero() {
+            return Err(Error::Config(
+                "flush_interval must be greater than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
