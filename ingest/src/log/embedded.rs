@@ -260,6 +260,8 @@ impl EventLog for EmbeddedLog {
             next: 0,
             high: self.high.clone(),
             cross_process: false,
+            pending: Vec::new(),
+            pending_since: None,
         }))
     }
 
@@ -335,9 +337,27 @@ struct EmbeddedReader {
     /// Set once records were found that this process did not write: from then on the stored
     /// high watermark is read on every poll.
     cross_process: bool,
+    /// Records read but not yet returned (kept across a cancelled poll).
+    pending: Vec<Record>,
+    /// When the first pending record was read; the batch lingers from here.
+    pending_since: Option<tokio::time::Instant>,
 }
 
 impl EmbeddedReader {
+    fn take(&mut self, max: usize) -> Vec<Record> {
+        let rest = if self.pending.len() > max {
+            self.pending.split_off(max)
+        } else {
+            Vec::new()
+        };
+        self.pending_since = if rest.is_empty() {
+            None
+        } else {
+            Some(tokio::time::Instant::now())
+        };
+        std::mem::replace(&mut self.pending, rest)
+    }
+
     async fn stored_high(&self) -> Result<u64> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
@@ -378,54 +398,54 @@ impl LogReader for EmbeddedReader {
     fn seek(&mut self, partition: u32, next_offset: u64) {
         if partition == 0 {
             self.next = next_offset;
+            self.pending.clear();
+            self.pending_since = None;
         }
     }
 
     async fn poll(&mut self, max: usize, linger: Duration) -> Result<Vec<Record>> {
-        let mut out: Vec<Record> = Vec::new();
-        let mut deadline = tokio::time::Instant::now() + linger;
+        // Records read so far live in `self.pending`, and `self.next` moves only together with
+        // them, so dropping this future at any await point loses nothing.
+        let started = tokio::time::Instant::now();
         loop {
+            if self.pending.len() >= max {
+                return Ok(self.take(max));
+            }
+            let deadline = self.pending_since.unwrap_or(started) + linger;
             let mut high = *self.high.borrow_and_update();
             if self.cross_process {
                 high = high.max(self.stored_high().await?);
             }
             if high > self.next {
-                let had = out.len();
-                let batch = self.read(max - out.len()).await?;
-                if let Some(last) = batch.last() {
-                    self.next = last.offset + 1;
-                }
-                out.extend(batch);
-                if had == 0 && !out.is_empty() {
-                    deadline = tokio::time::Instant::now() + linger;
-                }
-                if out.len() >= max {
-                    return Ok(out);
-                }
-                if self.next < high {
-                    // Rows between `next` and `high` were removed by retention, or are still
-                    // being read: read again rather than wait.
-                    if out.len() == had {
-                        self.next = high;
+                let batch = self.read(max - self.pending.len()).await?;
+                match batch.last() {
+                    Some(last) => {
+                        self.next = last.offset + 1;
+                        if self.pending.is_empty() {
+                            self.pending_since = Some(tokio::time::Instant::now());
+                        }
+                        self.pending.extend(batch);
                     }
-                    continue;
+                    // Nothing at or above `next`: the rows below `high` were removed by
+                    // retention. Skip the gap rather than read it again.
+                    None => self.next = high,
                 }
+                continue;
             }
             tokio::select! {
                 changed = self.high.changed() => {
                     if changed.is_err() {
-                        return if out.is_empty() { Err(Error::Closed) } else { Ok(out) };
+                        return if self.pending.is_empty() { Err(Error::Closed) } else { Ok(self.take(max)) };
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     // Another process may share the file: look at the database itself before
                     // reporting that nothing arrived.
-                    if out.is_empty() && self.stored_high().await? > self.next {
+                    if self.pending.is_empty() && self.stored_high().await? > self.next {
                         self.cross_process = true;
-                        deadline = tokio::time::Instant::now() + linger;
                         continue;
                     }
-                    return Ok(out);
+                    return Ok(self.take(max));
                 }
             }
         }
@@ -539,6 +559,29 @@ mod tests {
         assert_eq!(log.end_offsets().await.unwrap(), vec![(0, 2)]);
         assert_eq!(log.notifications_since(0).await.unwrap().len(), 1);
         assert!(log.notifications_since(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_poll_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(
+            EmbeddedLogConfig::new(dir.path().join("e.db")),
+            Arc::new(ManualClock::new(1_000)),
+        )
+        .unwrap();
+        log.append(vec![event("a", "c", 1), event("b", "c", 1)])
+            .await
+            .unwrap();
+        let mut r = log.reader().unwrap();
+        // The poll reads both records, then lingers for more and is cancelled while it waits.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            r.poll(10, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        let got = r.poll(10, Duration::from_millis(1)).await.unwrap();
+        assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[tokio::test]

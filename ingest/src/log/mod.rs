@@ -70,5 +70,8 @@ pub trait LogReader: Send {
 
     /// Returns up to `max` records in offset order, waiting up to `linger` for the batch to
     /// fill once the first record is there, and up to `linger` for a first record.
+    ///
+    /// Cancel-safe: a poll dropped before it returns loses no record; the next poll returns
+    /// them.
     async fn poll(&mut self, max: usize, linger: Duration) -> Result<Vec<Record>>;
 }
