@@ -1,1 +1,136 @@
-fn main() {}
+//! Hot paths, no I/O: parse + validate + encode of events, roll-up, quota decisions.
+//! Run: `cargo bench --bench hot_paths` (see benches/README.md).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use tally_aggregator::rollup::Rollup;
+use tally_enforcer::state::{Question, State};
+use tally_ingest::log::Record;
+use tally_schemas::event::{decode_batch, decode_event};
+use tally_schemas::{Catalog, ManualClock, TimePolicy, UsageEvent, wire};
+
+const NOW: i64 = 1_795_255_200_000; // 2026-11-21T10:00:00Z
+
+fn event_json(i: usize) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"evt-{i:010}","source":"edge-fra-1","type":"api_requests","subject":"cust_{:06}","time":"2026-11-21T09:59:{:02}Z","data":{{"value":{}}}}}"#,
+        i % 100_000,
+        i % 60,
+        1 + i % 7
+    )
+}
+
+fn parse(c: &mut Criterion) {
+    let catalog = Catalog::builtin();
+    let policy = TimePolicy::default();
+    let one = event_json(42);
+    let mut g = c.benchmark_group("parse_validate_encode");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("single_event", |b| {
+        let mut buf = Vec::with_capacity(256);
+        b.iter(|| {
+            let e = decode_event(black_box(&one), &catalog, &policy, NOW).expect("valid");
+            buf.clear();
+            wire::encode_into(&e, &mut buf);
+            black_box(&buf);
+        })
+    });
+    let batch = format!(
+        "[{}]",
+        (0..1_000).map(event_json).collect::<Vec<_>>().join(",")
+    );
+    g.throughput(Throughput::Elements(1_000));
+    g.bench_function("batch_of_1000", |b| {
+        let mut buf = Vec::with_capacity(256 * 1_000);
+        b.iter(|| {
+            buf.clear();
+            for e in decode_batch(black_box(&batch), &catalog, &policy, NOW).expect("array") {
+                wire::encode_into(&e.expect("valid"), &mut buf);
+            }
+            black_box(&buf);
+        })
+    });
+    g.finish();
+}
+
+fn records(n: usize, customers: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            partition: 0,
+            offset: i as u64,
+            event: UsageEvent {
+                id: format!("evt-{i}"),
+                source: "edge".into(),
+                customer: format!("cust_{:06}", i % customers),
+                meter: if i % 4 == 0 {
+                    "bandwidth_bytes"
+                } else {
+                    "api_requests"
+                }
+                .into(),
+                value: 1 + (i % 7) as u64,
+                time_ms: NOW - (i as i64 % 600) * 1_000,
+                received_ms: NOW,
+            },
+        })
+        .collect()
+}
+
+fn rollup(c: &mut Criterion) {
+    let catalog = Catalog::builtin();
+    let recs = records(10_000, 1_000);
+    let mut g = c.benchmark_group("rollup");
+    g.throughput(Throughput::Elements(recs.len() as u64));
+    g.bench_function("10k_events_1k_customers", |b| {
+        b.iter(|| black_box(Rollup::from_records(black_box(&recs), &catalog)))
+    });
+    g.finish();
+}
+
+fn decide(c: &mut Criterion) {
+    let catalog = Arc::new(Catalog::builtin());
+    let state = State::new(catalog, Arc::new(ManualClock::new(NOW)), true);
+    state.set_ready();
+    let recs = records(200_000, 100_000);
+    let mut notes = Vec::new();
+    for r in &recs {
+        state.apply(&r.event, &mut notes);
+    }
+    let names: Vec<String> = (0..100_000).map(|i| format!("cust_{i:06}")).collect();
+    let mut g = c.benchmark_group("decide");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("check_100k_customers", |b| {
+        b.iter(|| {
+            i = (i + 7_919) % names.len();
+            black_box(state.check(Question {
+                customer: &names[i],
+                meter: "api_requests",
+                quantity: 1,
+            }))
+        })
+    });
+    let events: Vec<UsageEvent> = records(1_000, 100_000)
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("apply_1000_events", |b| {
+        b.iter_batched(
+            || events.clone(),
+            |evs| {
+                for e in &evs {
+                    state.apply(e, &mut notes);
+                }
+                notes.clear();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, rollup, decide);
+criterion_main!(benches);

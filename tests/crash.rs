@@ -40,10 +40,10 @@ fn start(data: &std::path::Path, api_port: u16, admin_port: u16, flush: &str) ->
     let client = reqwest::blocking::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{}/readyz", p.admin)).send() {
-            if r.status().is_success() {
-                return p;
-            }
+        if let Ok(r) = client.get(format!("{}/readyz", p.admin)).send()
+            && r.status().is_success()
+        {
+            return p;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -63,7 +63,10 @@ fn batch(k: usize) -> String {
 
 fn usage(client: &reqwest::blocking::Client, p: &Proc, customer: &str, path: &str) -> u64 {
     let url = match path {
-        "check" => format!("{}/v1/check?customer={customer}&meter=api_requests&quantity=0", p.api),
+        "check" => format!(
+            "{}/v1/check?customer={customer}&meter=api_requests&quantity=0",
+            p.api
+        ),
         _ => format!("{}/v1/usage?customer={customer}&meter=api_requests", p.api),
     };
     let v: Value = client.get(url).send().expect("reply").json().expect("json");
@@ -104,15 +107,20 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
     // Every acknowledged event counts, once, in the enforcer and in the store.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got: Vec<u64> = (0..5).map(|c| usage(&client, &p, &format!("crash-{c}"), "usage")).collect();
+        let got: Vec<u64> = (0..5)
+            .map(|c| usage(&client, &p, &format!("crash-{c}"), "usage"))
+            .collect();
         if got == expected {
             break;
         }
-        assert!(Instant::now() < deadline, "stored usage {got:?} never reached {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "stored usage {got:?} never reached {expected:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    for c in 0..5 {
-        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "check"), expected[c]);
+    for (c, want) in expected.iter().enumerate() {
+        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "check"), *want);
     }
     // Edge nodes that retry after the crash are told their events are duplicates.
     for body in &acked[35..] {
@@ -124,17 +132,26 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
             .unwrap()
             .json()
             .unwrap();
-        assert_eq!((r["accepted"].clone(), r["duplicates"].clone()), (json!(0), json!(50)));
+        assert_eq!(
+            (r["accepted"].clone(), r["duplicates"].clone()),
+            (json!(0), json!(50))
+        );
     }
     // A graceful stop (SIGTERM) and a restart keep the same totals.
     let pid = p.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = p.child.wait().unwrap();
     assert!(status.success(), "graceful stop exits 0, got {status}");
     let mut p = start(dir.path(), api_port, admin_port, "50ms");
-    for c in 0..5 {
-        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "check"), expected[c]);
-        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "usage"), expected[c]);
+    for (c, want) in expected.iter().enumerate() {
+        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "check"), *want);
+        assert_eq!(usage(&client, &p, &format!("crash-{c}"), "usage"), *want);
     }
     p.child.kill().unwrap();
     p.child.wait().unwrap();

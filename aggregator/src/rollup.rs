@@ -36,12 +36,9 @@ impl Cell {
                     time_ms: t2,
                     value: v2,
                 },
-            ) => {
-                if (t2, v2) > (*time_ms, *value) {
-                    (*time_ms, *value) = (t2, v2);
-                }
-            }
-            // A meter cannot change kind within one catalogue; keep the first kind.
+            ) if (t2, v2) > (*time_ms, *value) => (*time_ms, *value) = (t2, v2),
+            // An older gauge value, or a meter that changed kind (impossible within one
+            // catalogue): keep what is there.
             _ => {}
         }
     }

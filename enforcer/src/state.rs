@@ -193,10 +193,9 @@ impl State {
         };
         let mut e = self.entry(&n.customer);
         let c = &mut e.counters[i];
-        if !agg.is_additive() || c.period_start_ms == n.period_start_ms {
-            if c.soft_crossed_ms == NONE || n.crossed_ms < c.soft_crossed_ms {
-                c.soft_crossed_ms = n.crossed_ms;
-            }
+        let same_period = !agg.is_additive() || c.period_start_ms == n.period_start_ms;
+        if same_period && (c.soft_crossed_ms == NONE || n.crossed_ms < c.soft_crossed_ms) {
+            c.soft_crossed_ms = n.crossed_ms;
         }
     }
 
@@ -317,9 +316,8 @@ impl State {
             None => (self.default_customer.clone(), Counter::default()),
         };
         let period = record.period_at(now);
-        let (usage, crossed) = if !agg.is_additive() {
-            (counter.usage, counter.soft_crossed_ms)
-        } else if counter.period_start_ms == period.start_ms {
+        // Gauges carry over; additive usage counts only in the period it belongs to.
+        let (usage, crossed) = if !agg.is_additive() || counter.period_start_ms == period.start_ms {
             (counter.usage, counter.soft_crossed_ms)
         } else {
             (0, NONE)

@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
-use tally_schemas::event::{decode_event, split_batch, split_ndjson};
+use tally_schemas::event::{decode_batch, decode_event, split_ndjson};
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 
 use crate::log::EventLog;
@@ -180,18 +180,14 @@ fn decode_body(
             }
         }
         BodyKind::Batch | BodyKind::Json if kind == BodyKind::Batch || is_array => {
-            let items =
-                split_batch(text).map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
-            if items.len() > settings.max_batch_events {
-                return Err(too_many(items.len()));
+            let results = decode_batch(text, catalog, policy, now_ms)
+                .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+            if results.len() > settings.max_batch_events {
+                return Err(too_many(results.len()));
             }
-            out.valid.reserve(items.len());
-            for (i, raw) in items.into_iter().enumerate() {
-                take(
-                    i,
-                    decode_event(raw.get(), catalog, policy, now_ms),
-                    &mut out,
-                );
+            out.valid.reserve(results.len());
+            for (i, r) in results.into_iter().enumerate() {
+                take(i, r, &mut out);
             }
         }
         BodyKind::Json | BodyKind::Batch => {

@@ -51,10 +51,10 @@ impl Customer {
 
     /// The billing period holding `t_ms`.
     pub fn period_at(&self, t_ms: i64) -> Period {
-        if let Some(p) = self.current_period {
-            if p.contains(t_ms) {
-                return p;
-            }
+        if let Some(p) = self.current_period
+            && p.contains(t_ms)
+        {
+            return p;
         }
         match self
             .period_anchor_ms
@@ -94,10 +94,10 @@ impl Customer {
     /// The limit on `meter` at `now_ms`: the override if one is set and the plan is still
     /// paid for, otherwise the plan's.
     pub fn limit_at(&self, catalog: &Catalog, meter: &str, now_ms: i64) -> Limit {
-        if !self.fell_back(catalog, now_ms) {
-            if let Some(l) = self.limit_overrides.get(meter) {
-                return *l;
-            }
+        if !self.fell_back(catalog, now_ms)
+            && let Some(l) = self.limit_overrides.get(meter)
+        {
+            return *l;
         }
         self.plan_at(catalog, now_ms).1.limit(meter)
     }

@@ -174,6 +174,33 @@ pub fn split_ndjson(body: &str) -> impl Iterator<Item = &str> {
         .filter(|l| !l.trim().is_empty())
 }
 
+/// Decodes and validates every event of a JSON array body, one result per element. The common
+/// case (every element a well-formed event object) is decoded in one pass; otherwise each
+/// element is decoded on its own so that one bad element never hides the others. Fails only when
+/// the body as a whole is not a JSON array.
+pub fn decode_batch(
+    body: &str,
+    catalog: &Catalog,
+    policy: &TimePolicy,
+    now_ms: i64,
+) -> Result<Vec<Result<UsageEvent, EventError>>, EventError> {
+    if let Ok(raws) = serde_json::from_str::<Vec<CloudEventIn<'_>>>(body) {
+        return Ok(raws
+            .into_iter()
+            .map(|raw| validate(raw, catalog, policy, now_ms))
+            .collect());
+    }
+    Ok(split_batch(body)?
+        .into_iter()
+        .map(|raw| decode_event(raw.get(), catalog, policy, now_ms))
+        .collect())
+}
+
+/// Number of elements of a JSON array body, without decoding them.
+pub fn batch_len(body: &str) -> Result<usize, EventError> {
+    split_batch(body).map(|v| v.len())
+}
+
 /// Decodes and validates one event from its JSON text.
 pub fn decode_event(
     json: &str,
@@ -389,6 +416,26 @@ mod tests {
     fn late_events_inside_the_window_are_kept_in_their_own_time() {
         let e = decode(r#"{"specversion":"1.0","id":"a","source":"s","type":"api_requests","subject":"c","time":"2026-10-20T00:00:00+02:00"}"#).unwrap();
         assert_eq!(e.time_ms, 1_792_447_200_000);
+    }
+
+    #[test]
+    fn batch_decoding_gives_one_result_per_element_either_way() {
+        let good =
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"api_requests","subject":"c"}"#;
+        let cat = Catalog::builtin();
+        let p = TimePolicy::default();
+        let all_good = decode_batch(&format!("[{good},{good}]"), &cat, &p, NOW).unwrap();
+        assert!(all_good.iter().all(|r| r.is_ok()) && all_good.len() == 2);
+        let mixed =
+            decode_batch(&format!("[{good},7,{{\"id\":1}},{good}]"), &cat, &p, NOW).unwrap();
+        let codes: Vec<_> = mixed
+            .iter()
+            .map(|r| r.as_ref().err().map(|e| e.code()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![None, Some("not_an_object"), Some("invalid_type"), None]
+        );
     }
 
     #[test]
