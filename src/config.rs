@@ -42,33 +42,33 @@ pub struct Config {
     pub max_batch_events: usize,
     /// Oldest event time accepted; older events are refused with `event_too_old`.
     /// `TALLY_LATE_WINDOW`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub late_window: Duration,
     /// Furthest event time ahead of the clock accepted (clock skew). `TALLY_FUTURE_TOLERANCE`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub future_tolerance: Duration,
     /// How long an event's (`source`, `id`) is remembered to drop duplicates; at least the late
     /// window plus the future tolerance. `TALLY_DEDUP_WINDOW`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub dedup_window: Duration,
     /// How long the embedded log keeps records every consumer has passed. `TALLY_LOG_RETENTION`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub log_retention: Duration,
     /// Most records the aggregator writes in one store transaction.
     /// `TALLY_AGGREGATOR_BATCH_EVENTS`.
     pub aggregator_batch_events: usize,
     /// Longest an event waits in the aggregator before it is written. `TALLY_FLUSH_INTERVAL`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub flush_interval: Duration,
     /// Whether the enforcer answers before its state is loaded (fail open) or answers 503
     /// (fail closed). `TALLY_FAIL_OPEN`.
     pub fail_open: bool,
     /// How often the enforcer reads customer changes made by other processes.
     /// `TALLY_CUSTOMER_REFRESH`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub customer_refresh: Duration,
     /// How long a shutdown may take to drain requests and flush. `TALLY_SHUTDOWN_TIMEOUT`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
 }
 
@@ -85,7 +85,7 @@ impl Default for Config {
             max_batch_events: 50_000,
             late_window: Duration::from_secs(35 * 86_400),
             future_tolerance: Duration::from_secs(5 * 60),
-            dedup_window: Duration::from_secs(35 * 86_400 + 10 * 60),
+            dedup_window: Duration::from_secs(36 * 86_400),
             log_retention: Duration::from_secs(7 * 86_400),
             aggregator_batch_events: 50_000,
             flush_interval: Duration::from_millis(200),
@@ -93,6 +93,33 @@ impl Default for Config {
             customer_refresh: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Durations as people write them: `200ms`, `30s`, `5m`, `48h`, `35d`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let ms = d.as_millis();
+        let text = match ms {
+            0 => "0s".to_string(),
+            ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+            ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+            ms => format!("{ms}ms"),
+        };
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("`{text}` is not a duration such as 30s or 5m: {e}"))
+        })
     }
 }
 
@@ -154,7 +181,7 @@ impl Config {
                 "dedup_window ({}) must be at least late_window + future_tolerance ({}): \
                  otherwise a late duplicate could be counted twice",
                 humantime::format_duration(self.dedup_window),
-                humantime::format_duration(self.late_window + self.future_tolerance)
+                humantime::format_duration(self.late_window + self.future_tolerance),
             )));
         }
         if self.max_batch_events == 0 || self.aggregator_batch_events == 0 {
@@ -166,5 +193,77 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7000\"\nflush_interval = \"1s\"\nfail_open = false\n",
+        )
+        .unwrap();
+        let (c, unknown) = Config::load(
+            Some(&file),
+            &env(&[
+                ("TALLY_FLUSH_INTERVAL", "50ms"),
+                ("TALLY_CONFIG", "x"),
+                ("TALLY_NOPE", "1"),
+                ("HOME", "/"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.flush_interval, Duration::from_millis(50));
+        assert!(!c.fail_open);
+        assert_eq!(c.admin_listen, Config::default().admin_listen);
+        assert_eq!(unknown, vec!["TALLY_NOPE".to_string()]);
+        let (c, _) = Config::load(
+            None,
+            &env(&[
+                ("TALLY_MAX_BATCH_EVENTS", "10000"),
+                ("TALLY_FAIL_OPEN", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.max_batch_events, c.fail_open), (10_000, false));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:7000\"\n").unwrap();
+        let err = Config::load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let err = Config::load(None, &env(&[("TALLY_FLUSH_INTERVAL", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soon"), "{err}");
+        let err = Config::load(None, &env(&[("TALLY_DEDUP_WINDOW", "1d")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dedup_window"), "{err}");
+        assert!(Config::load(Some(Path::new("/nonexistent/tally.toml")), &[]).is_err());
+    }
+
+    #[test]
+    fn the_shipped_example_file_matches_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tally.toml");
+        let (c, _) = Config::load(Some(&example), &[]).unwrap();
+        assert_eq!(c, Config::default());
     }
 }

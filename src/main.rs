@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Enforcer => &[Component::Enforcer],
         Command::BillingSync => &[Component::BillingSync],
         Command::Config => {
-            print!("{}", toml::to_string(&config_view(&config)?)?);
+            print!("{}", toml::to_string(&config)?);
             return Ok(());
         }
     };
@@ -62,10 +62,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(serve(config, components))
-}
-
-fn config_view(config: &Config) -> anyhow::Result<toml::Value> {
-    Ok(toml::Value::try_from(serde_json::to_value(config)?)?)
 }
 
 async fn serve(config: Config, components: &[Component]) -> anyhow::Result<()> {
