@@ -1,0 +1,137 @@
+//! The OpenAPI document (`schemas/openapi.json`) and the server agree: every documented
+//! operation is served and answers a probe with a status the document lists for it, and every
+//! event error code the decoder can produce is documented.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::Request;
+use common::Tally;
+use serde_json::Value;
+use tower::ServiceExt;
+
+fn document() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/openapi.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("openapi.json")).expect("valid JSON")
+}
+
+fn probe(path: &str, method: &str) -> Request<Body> {
+    let uri = path.replace("{id}", "probe-customer");
+    let uri = match uri.as_str() {
+        "/v1/check" if method == "get" => "/v1/check?customer=probe&meter=api_requests".to_string(),
+        "/v1/usage" => "/v1/usage?customer=probe&meter=api_requests".to_string(),
+        u => u.to_string(),
+    };
+    let body = match (path, method) {
+        ("/v1/events", _) => {
+            r#"{"specversion":"1.0","id":"p","source":"s","type":"api_requests","subject":"probe"}"#
+        }
+        ("/v1/check", "post") => r#"{"customer":"probe","meter":"api_requests"}"#,
+        ("/v1/customers/{id}", "put") => r#"{"plan":"starter"}"#,
+        _ => "",
+    };
+    Request::builder()
+        .method(method.to_ascii_uppercase().as_str())
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn every_documented_operation_is_served_with_a_documented_status() {
+    let t = Tally::start().await;
+    let doc = document();
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut probed = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("path item") {
+            if !["get", "post", "put", "delete"].contains(&method.as_str()) {
+                continue;
+            }
+            let admin = ["/metrics", "/healthz", "/readyz"].contains(&path.as_str());
+            let router = if admin {
+                t.app.admin.clone()
+            } else {
+                t.app.router.clone()
+            };
+            let resp = router
+                .oneshot(probe(path, method))
+                .await
+                .expect("infallible");
+            let status = resp.status().as_u16().to_string();
+            let documented = op["responses"].as_object().expect("responses");
+            assert!(
+                documented.contains_key(&status),
+                "{method} {path} answered {status}, not among {:?}",
+                documented.keys().collect::<Vec<_>>()
+            );
+            probed += 1;
+        }
+    }
+    assert_eq!(probed, 9, "operations probed");
+    // And an undocumented path is not served.
+    let resp = t
+        .app
+        .router
+        .clone()
+        .oneshot(probe("/v1/nothing", "get"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+}
+
+#[test]
+fn every_event_error_code_is_documented() {
+    use tally_schemas::EventError as E;
+    let doc = document();
+    let documented: Vec<&str> =
+        doc["components"]["schemas"]["EventError"]["properties"]["code"]["enum"]
+            .as_array()
+            .expect("enum")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+    let all = [
+        E::MalformedJson(String::new()),
+        E::NotAnObject,
+        E::MissingField("id"),
+        E::InvalidType(String::new()),
+        E::UnsupportedSpecVersion,
+        E::EmptyField("id"),
+        E::FieldTooLong {
+            field: "id",
+            max: 1,
+        },
+        E::InvalidCustomer,
+        E::UnknownMeter(String::new()),
+        E::InvalidTime,
+        E::TooOld { window_hours: 1 },
+        E::InFuture { tolerance_secs: 1 },
+        E::NotInteger,
+        E::NegativeValue,
+        E::ValueOutOfRange,
+    ];
+    // A new variant must be added to `all` (and to the document): this match stops compiling.
+    fn _every_variant_listed(e: &E) {
+        match e {
+            E::MalformedJson(_)
+            | E::NotAnObject
+            | E::MissingField(_)
+            | E::InvalidType(_)
+            | E::UnsupportedSpecVersion
+            | E::EmptyField(_)
+            | E::FieldTooLong { .. }
+            | E::InvalidCustomer
+            | E::UnknownMeter(_)
+            | E::InvalidTime
+            | E::TooOld { .. }
+            | E::InFuture { .. }
+            | E::NotInteger
+            | E::NegativeValue
+            | E::ValueOutOfRange => {}
+        }
+    }
+    let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();
+    assert_eq!(codes, documented);
+}
