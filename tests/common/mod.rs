@@ -2,6 +2,8 @@
 //! driven through its router without sockets.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 

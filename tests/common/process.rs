@@ -1,0 +1,57 @@
+//! The real `tally` binary as a child process on free ports.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub api: String,
+    pub admin: String,
+}
+
+pub fn start(data: &std::path::Path, api_port: u16, admin_port: u16, flush: &str) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("run")
+        .env("TALLY_DATA_DIR", data)
+        .env("TALLY_LISTEN", format!("127.0.0.1:{api_port}"))
+        .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("TALLY_FLUSH_INTERVAL", flush)
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("tally starts");
+    let p = Proc {
+        child,
+        api: format!("http://127.0.0.1:{api_port}"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    };
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{}/readyz", p.admin)).send()
+            && r.status().is_success()
+        {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("tally did not become ready");
+}
+
+impl Drop for Proc {
+    /// A failing test must not leave the server running (it would also hold the test's output
+    /// pipe open).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
