@@ -28,6 +28,13 @@ fn parse(c: &mut Criterion) {
     let one = event_json(42);
     let mut g = c.benchmark_group("parse_validate_encode");
     g.throughput(Throughput::Elements(1));
+    // Baseline measured in the same run: a generic JSON parse of the same text, so that the
+    // figures below can be read as a ratio whatever the machine's speed today.
+    g.bench_function("baseline_serde_json_value", |b| {
+        b.iter(|| {
+            black_box(serde_json::from_str::<serde_json::Value>(black_box(&one)).expect("json"))
+        })
+    });
     g.bench_function("single_event", |b| {
         let mut buf = Vec::with_capacity(256);
         b.iter(|| {

@@ -184,16 +184,53 @@ pub fn decode_batch(
     policy: &TimePolicy,
     now_ms: i64,
 ) -> Result<Vec<Result<UsageEvent, EventError>>, EventError> {
-    if let Ok(raws) = serde_json::from_str::<Vec<CloudEventIn<'_>>>(body) {
-        return Ok(raws
-            .into_iter()
-            .map(|raw| validate(raw, catalog, policy, now_ms))
-            .collect());
+    let fast = BatchSeed {
+        catalog,
+        policy,
+        now_ms,
+    };
+    let mut de = serde_json::Deserializer::from_str(body);
+    if let Ok(results) = serde::de::DeserializeSeed::deserialize(fast, &mut de)
+        && de.end().is_ok()
+    {
+        return Ok(results);
     }
     Ok(split_batch(body)?
         .into_iter()
         .map(|raw| decode_event(raw.get(), catalog, policy, now_ms))
         .collect())
+}
+
+/// Decodes and validates the elements of an array as they are parsed, with no intermediate
+/// collection of raw events.
+struct BatchSeed<'c> {
+    catalog: &'c Catalog,
+    policy: &'c TimePolicy,
+    now_ms: i64,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = Vec<Result<UsageEvent, EventError>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
+    type Value = Vec<Result<UsageEvent, EventError>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of CloudEvents")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(raw) = seq.next_element::<CloudEventIn<'de>>()? {
+            out.push(validate(raw, self.catalog, self.policy, self.now_ms));
+        }
+        Ok(out)
+    }
 }
 
 /// Number of elements of a JSON array body, without decoding them.
