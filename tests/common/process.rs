@@ -18,8 +18,19 @@ pub struct Proc {
 }
 
 pub fn start(data: &std::path::Path, api_port: u16, admin_port: u16, flush: &str) -> Proc {
+    start_component("run", data, api_port, admin_port, flush)
+}
+
+/// Starts `tally <command>` (`run`, `ingest`, `aggregator`, `enforcer`, `billing-sync`).
+pub fn start_component(
+    command: &str,
+    data: &std::path::Path,
+    api_port: u16,
+    admin_port: u16,
+    flush: &str,
+) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("run")
+        .arg(command)
         .env("TALLY_DATA_DIR", data)
         .env("TALLY_LISTEN", format!("127.0.0.1:{api_port}"))
         .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
