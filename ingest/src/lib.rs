@@ -8,6 +8,7 @@
 //! - [`log`]: the event-log contract ([`log::EventLog`]) and its adapters.
 //! - [`problem`]: the JSON error reply shared by every Tally endpoint.
 //! - [`metrics`]: Prometheus metrics of this stage.
+//! - [`sqlite`]: how the embedded SQLite databases are opened.
 //!
 //! # Contract
 //! A 202 is sent only once every accepted event of the request is durable on the log. A
@@ -20,6 +21,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod problem;
+pub mod sqlite;
 
 use std::future::Future;
 

@@ -45,7 +45,10 @@ impl Tally {
     }
 
     pub async fn start_with(dir: tempfile::TempDir, config: Config) -> Tally {
-        let clock = Arc::new(ManualClock::new(ms(NOW)));
+        Tally::launch(dir, config, Arc::new(ManualClock::new(ms(NOW)))).await
+    }
+
+    async fn launch(dir: tempfile::TempDir, config: Config, clock: Arc<ManualClock>) -> Tally {
         let app = App::start(&config, &Component::ALL, clock.clone())
             .await
             .expect("tally starts");
@@ -68,17 +71,7 @@ impl Tally {
             config,
         } = self;
         app.stop(Duration::from_secs(10)).await.expect("clean stop");
-        let app = App::start(&config, &Component::ALL, clock.clone())
-            .await
-            .expect("tally restarts");
-        let t = Tally {
-            app,
-            clock,
-            dir,
-            config,
-        };
-        t.wait_ready().await;
-        t
+        Tally::launch(dir, config, clock).await
     }
 
     async fn wait_ready(&self) {

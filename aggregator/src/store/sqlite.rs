@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -54,13 +53,10 @@ pub struct SqliteStore {
 }
 
 fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|source| Error::Open {
+    tally_ingest::sqlite::open(path).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
-    })?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
-    Ok(conn)
+    })
 }
 
 impl SqliteStore {

@@ -93,13 +93,10 @@ CREATE TABLE IF NOT EXISTS notifications (
 ";
 
 fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(|source| Error::Open {
+    crate::sqlite::open(path).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
-    })?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
-    Ok(conn)
+    })
 }
 
 fn next_offset(conn: &Connection) -> Result<u64> {
