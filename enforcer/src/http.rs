@@ -207,7 +207,7 @@ fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
     if let Some(obj) = body.as_object_mut() {
         obj.insert(
             "type".into(),
-            "https://tally.dev/problems/quota-exceeded".into(),
+            "urn:tally:problem:quota-exceeded".into(),
         );
         obj.insert("title".into(), "Quota exceeded".into());
         obj.insert("status".into(), 429.into());
