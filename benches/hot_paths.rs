@@ -119,6 +119,17 @@ fn decide(c: &mut Criterion) {
             }))
         })
     });
+    let mut j = 0usize;
+    g.bench_function("check_hot_1k_customers", |b| {
+        b.iter(|| {
+            j = (j + 7_919) % 1_000;
+            black_box(state.check(Question {
+                customer: &names[j],
+                meter: "api_requests",
+                quantity: 1,
+            }))
+        })
+    });
     let events: Vec<UsageEvent> = records(1_000, 100_000)
         .into_iter()
         .map(|r| r.event)

@@ -156,7 +156,7 @@ pub fn answer(
         state: a.verdict.state,
         customer,
         meter,
-        plan: a.plan.clone(),
+        plan: a.plan.to_string(),
         quantity,
         usage: a.usage,
         limit: a.limit.finite(),
@@ -205,10 +205,7 @@ fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
     }
     let mut body = serde_json::to_value(&reply).unwrap_or_default();
     if let Some(obj) = body.as_object_mut() {
-        obj.insert(
-            "type".into(),
-            "urn:tally:problem:quota-exceeded".into(),
-        );
+        obj.insert("type".into(), "urn:tally:problem:quota-exceeded".into());
         obj.insert("title".into(), "Quota exceeded".into());
         obj.insert("status".into(), 429.into());
         obj.insert(

@@ -1,53 +1,89 @@
-//! The enforcer's in-memory state: per customer, its record and one counter per meter.
+//! The enforcer's in-memory state: per customer, its resolved plan, billing period and one
+//! counter per meter.
 //!
 //! Counters are updated from the log in log order and only from event data (event times, the
 //! customer records), so replicas that applied the same records hold the same counters and give
 //! the same answers. Additive counters hold the usage of the latest billing period they saw;
 //! gauges hold the latest value by event time. An event of the next period (clock skew allows
 //! events up to a few minutes ahead) moves its counter to that period: until the clock reaches
-//! it, checks see the new period's usage as zero, which errs on the side of allowing.
+//! that period, checks see no usage on that meter, which errs on the side of allowing.
+//!
+//! # The check path
+//! A check is one map lookup and arithmetic: each customer entry keeps its plan resolved to an
+//! index, its limit overrides by meter index and the billing period of the last check, which is
+//! recomputed only when the clock leaves it (once a month). Plans are resolved once, at start,
+//! into limits by meter index.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
-use tally_schemas::period::Period;
+use foldhash::fast::RandomState;
+use tally_schemas::period::{Period, calendar_month};
 use tally_schemas::quota::{self, Verdict};
-use tally_schemas::{Aggregation, Catalog, Clock, Customer, Limit, Notification, UsageEvent};
+use tally_schemas::{
+    Aggregation, Catalog, Clock, Customer, Limit, Notification, OnLimit, UsageEvent,
+};
 
-const NONE: i64 = i64::MIN;
-
-/// One (customer, meter) counter: 32 bytes.
+/// One (customer, meter) counter: 24 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter {
-    /// Start of the billing period `usage` belongs to (additive meters).
-    pub period_start_ms: i64,
-    /// Usage in that period, or the gauge's latest value.
+    /// Usage in the period, or the gauge's latest value.
     pub usage: u64,
-    /// When usage first reached the soft limit in that period; `NONE` if it did not.
-    pub soft_crossed_ms: i64,
-    /// Event time of a gauge's latest value.
-    pub gauge_time_ms: i64,
+    /// Additive meters: start of the billing period `usage` belongs to. Gauges: event time of
+    /// the latest value. `i64::MIN` before the first event.
+    pub time_ms: i64,
+    /// When usage first reached the soft limit in that period, in seconds since the epoch;
+    /// 0 if it did not.
+    pub soft_crossed_s: u32,
 }
 
 impl Default for Counter {
     fn default() -> Self {
         Counter {
-            period_start_ms: NONE,
             usage: 0,
-            soft_crossed_ms: NONE,
-            gauge_time_ms: NONE,
+            time_ms: i64::MIN,
+            soft_crossed_s: 0,
         }
     }
 }
 
-/// A customer's record (absent for customers on the default plan) and counters, indexed like
-/// the catalogue's meters.
-#[derive(Debug, Clone)]
+impl Counter {
+    fn soft_crossed_ms(&self) -> Option<i64> {
+        (self.soft_crossed_s != 0).then(|| i64::from(self.soft_crossed_s) * 1000)
+    }
+
+    fn set_soft_crossed(&mut self, ms: i64) {
+        // Seconds, rounded up so the grace never starts before the crossing; 0 means "none".
+        let secs = ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0);
+        self.soft_crossed_s = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
+    }
+}
+
+/// A plan, resolved for the check path.
+#[derive(Debug)]
+struct ResolvedPlan {
+    id: Arc<str>,
+    /// Limit by meter index.
+    limits: Box<[Limit]>,
+    on_limit: OnLimit,
+}
+
+/// A customer: its record resolved against the catalogue, its period and counters.
+#[derive(Debug)]
 pub struct CustomerState {
-    pub record: Option<Arc<Customer>>,
-    pub counters: Box<[Counter]>,
+    /// The stored record; `None` for customers on the default plan.
+    record: Option<Arc<Customer>>,
+    /// Index of the record's plan.
+    plan: usize,
+    /// Limit overrides by meter index, if any.
+    overrides: Option<Box<[Option<Limit>]>>,
+    /// From here on the fallback plan applies (a failed payment's grace ran out).
+    fallback_from_ms: i64,
+    /// The billing period of the last check; refreshed when the clock leaves it.
+    period: Period,
+    counters: Box<[Counter]>,
 }
 
 /// What a check is about.
@@ -65,7 +101,7 @@ pub struct Answer {
     pub usage: u64,
     pub limit: Limit,
     pub period: Period,
-    pub plan: String,
+    pub plan: Arc<str>,
     /// The state was not loaded yet and the enforcer fails open.
     pub degraded: bool,
 }
@@ -77,31 +113,74 @@ pub enum CheckError {
     NotReady,
 }
 
+const NO_PERIOD: Period = Period {
+    start_ms: 0,
+    end_ms: 0,
+};
+
 /// The in-memory quota state.
 pub struct State {
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
-    meters: HashMap<String, (usize, Aggregation)>,
-    customers: DashMap<Box<str>, CustomerState>,
+    meters: HashMap<String, (usize, Aggregation), RandomState>,
+    plans: Vec<ResolvedPlan>,
+    plan_index: HashMap<String, usize, RandomState>,
+    default_plan: usize,
+    fallback_plan: usize,
+    customers: DashMap<Box<str>, CustomerState, RandomState>,
     default_customer: Arc<Customer>,
+    /// Stands for every customer never seen: default plan, no usage.
+    unseen: CustomerState,
+    /// The calendar month of the last check of a customer never seen.
+    month: RwLock<Period>,
     ready: AtomicBool,
     fail_open: bool,
 }
 
 impl State {
     pub fn new(catalog: Arc<Catalog>, clock: Arc<dyn Clock>, fail_open: bool) -> State {
-        let meters = catalog
+        let meters: HashMap<String, (usize, Aggregation), RandomState> = catalog
             .meters
             .iter()
             .enumerate()
             .map(|(i, (name, m))| (name.clone(), (i, m.aggregation)))
             .collect();
+        let plans: Vec<ResolvedPlan> = catalog
+            .plans
+            .iter()
+            .map(|(id, plan)| ResolvedPlan {
+                id: Arc::from(id.as_str()),
+                limits: catalog.meters.keys().map(|m| plan.limit(m)).collect(),
+                on_limit: plan.on_limit,
+            })
+            .collect();
+        let plan_index: HashMap<String, usize, RandomState> = catalog
+            .plans
+            .keys()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i))
+            .collect();
+        let default_plan = plan_index[&catalog.policy.default_plan];
+        let unseen = CustomerState {
+            record: None,
+            plan: default_plan,
+            overrides: None,
+            fallback_from_ms: i64::MAX,
+            period: NO_PERIOD,
+            counters: vec![Counter::default(); meters.len()].into_boxed_slice(),
+        };
         State {
+            unseen,
+            default_plan,
+            fallback_plan: plan_index[&catalog.policy.fallback_plan],
             default_customer: Arc::new(Customer::new_default(&catalog)),
+            month: RwLock::new(NO_PERIOD),
             catalog,
             clock,
             meters,
-            customers: DashMap::new(),
+            plans,
+            plan_index,
+            customers: DashMap::with_hasher(RandomState::default()),
             ready: AtomicBool::new(false),
             fail_open,
         }
@@ -127,8 +206,15 @@ impl State {
         self.customers.len()
     }
 
-    fn empty_counters(&self) -> Box<[Counter]> {
-        vec![Counter::default(); self.meters.len()].into_boxed_slice()
+    fn new_customer(&self) -> CustomerState {
+        CustomerState {
+            record: None,
+            plan: self.default_plan,
+            overrides: None,
+            fallback_from_ms: i64::MAX,
+            period: NO_PERIOD,
+            counters: self.unseen.counters.clone(),
+        }
     }
 
     fn entry(&self, customer: &str) -> dashmap::mapref::one::RefMut<'_, Box<str>, CustomerState> {
@@ -137,10 +223,7 @@ impl State {
         }
         self.customers
             .entry(customer.into())
-            .or_insert_with(|| CustomerState {
-                record: None,
-                counters: self.empty_counters(),
-            })
+            .or_insert_with(|| self.new_customer())
     }
 
     /// The customer's record, or the default one.
@@ -151,9 +234,34 @@ impl State {
             .unwrap_or_else(|| self.default_customer.clone())
     }
 
+    fn record_of(&self, c: &CustomerState) -> Arc<Customer> {
+        c.record
+            .clone()
+            .unwrap_or_else(|| self.default_customer.clone())
+    }
+
     /// Replaces a customer's record. Returns the record it replaced.
     pub fn set_customer(&self, id: &str, record: Customer) -> Option<Arc<Customer>> {
+        let plan = self
+            .plan_index
+            .get(&record.plan)
+            .copied()
+            .unwrap_or(self.default_plan);
+        let overrides = (!record.limit_overrides.is_empty()).then(|| {
+            self.catalog
+                .meters
+                .keys()
+                .map(|m| record.limit_overrides.get(m).copied())
+                .collect()
+        });
+        let fallback_from_ms = record
+            .payment_grace_until(&self.catalog)
+            .unwrap_or(i64::MAX);
         let mut e = self.entry(id);
+        e.plan = plan;
+        e.overrides = overrides;
+        e.fallback_from_ms = fallback_from_ms;
+        e.period = NO_PERIOD;
         e.record.replace(Arc::new(record))
     }
 
@@ -163,12 +271,10 @@ impl State {
             return;
         };
         let mut e = self.entry(customer);
-        let c = &mut e.counters[i];
-        *c = Counter {
-            period_start_ms,
+        e.counters[i] = Counter {
             usage,
-            soft_crossed_ms: NONE,
-            gauge_time_ms: NONE,
+            time_ms: period_start_ms,
+            soft_crossed_s: 0,
         };
     }
 
@@ -180,7 +286,7 @@ impl State {
         let mut e = self.entry(customer);
         let c = &mut e.counters[i];
         c.usage = value;
-        c.gauge_time_ms = time_ms;
+        c.time_ms = time_ms;
     }
 
     /// Restores when the soft limit was crossed, from a published notification.
@@ -193,9 +299,9 @@ impl State {
         };
         let mut e = self.entry(&n.customer);
         let c = &mut e.counters[i];
-        let same_period = !agg.is_additive() || c.period_start_ms == n.period_start_ms;
-        if same_period && (c.soft_crossed_ms == NONE || n.crossed_ms < c.soft_crossed_ms) {
-            c.soft_crossed_ms = n.crossed_ms;
+        let same_period = !agg.is_additive() || c.time_ms == n.period_start_ms;
+        if same_period && c.soft_crossed_ms().is_none_or(|t| n.crossed_ms < t) {
+            c.set_soft_crossed(n.crossed_ms);
         }
     }
 
@@ -205,17 +311,14 @@ impl State {
         let now = self.clock.now_ms();
         let mut out = Vec::new();
         for e in self.customers.iter() {
-            let record = e
-                .record
-                .clone()
-                .unwrap_or_else(|| self.default_customer.clone());
+            let record = self.record_of(&e);
             for (name, &(i, agg)) in &self.meters {
                 let c = e.counters[i];
                 let period = if agg.is_additive() {
-                    if c.period_start_ms == NONE {
+                    if c.time_ms == i64::MIN {
                         continue;
                     }
-                    record.period_at(c.period_start_ms)
+                    record.period_at(c.time_ms)
                 } else {
                     record.period_at(now)
                 };
@@ -243,38 +346,39 @@ impl State {
             return;
         };
         let mut e = self.entry(&event.customer);
-        let record = e
-            .record
-            .clone()
-            .unwrap_or_else(|| self.default_customer.clone());
-        let period = record.period_at(event.time_ms);
-        let limit = record.limit_at(&self.catalog, &event.meter, event.time_ms);
+        let record = self.record_of(&e);
+        let period = if e.period.contains(event.time_ms) {
+            e.period
+        } else {
+            record.period_at(event.time_ms)
+        };
+        let limit = self.limit_of(&e, i, event.time_ms);
+        let policy = &self.catalog.policy;
         let c = &mut e.counters[i];
         let before;
         if agg.is_additive() {
-            if period.start_ms < c.period_start_ms {
+            if period.start_ms < c.time_ms {
                 return; // a late event of a period already closed in memory
             }
-            if period.start_ms > c.period_start_ms {
+            if period.start_ms > c.time_ms {
                 *c = Counter {
-                    period_start_ms: period.start_ms,
+                    time_ms: period.start_ms,
                     ..Counter::default()
                 };
             }
             before = c.usage;
             c.usage = c.usage.saturating_add(event.value);
         } else {
-            if (event.time_ms, event.value) <= (c.gauge_time_ms, c.usage) {
+            if (event.time_ms, event.value) <= (c.time_ms, c.usage) {
                 return;
             }
-            before = if c.gauge_time_ms == NONE { 0 } else { c.usage };
+            before = if c.time_ms == i64::MIN { 0 } else { c.usage };
             c.usage = event.value;
-            c.gauge_time_ms = event.time_ms;
+            c.time_ms = event.time_ms;
         }
-        let policy = &self.catalog.policy;
         for t in quota::thresholds_crossed(policy, limit, before, c.usage) {
-            if t == policy.soft_percent && c.soft_crossed_ms == NONE {
-                c.soft_crossed_ms = event.time_ms;
+            if t == policy.soft_percent && c.soft_crossed_s == 0 {
+                c.set_soft_crossed(event.time_ms);
             }
             out.push(Notification {
                 customer: event.customer.clone(),
@@ -288,13 +392,84 @@ impl State {
             });
         }
         if !agg.is_additive() && c.usage < before {
-            // A gauge that went down below the soft limit ends its grace.
+            // A gauge that went back below the soft limit ends its grace.
             let back_under = limit.finite().is_some_and(|l| {
                 u128::from(c.usage) * 100 < u128::from(l) * u128::from(policy.soft_percent)
             });
             if back_under {
-                c.soft_crossed_ms = NONE;
+                c.soft_crossed_s = 0;
             }
+        }
+    }
+
+    /// The plan in force for a customer at `now_ms`.
+    fn plan_of(&self, c: &CustomerState, now_ms: i64) -> &ResolvedPlan {
+        if now_ms >= c.fallback_from_ms {
+            &self.plans[self.fallback_plan]
+        } else {
+            &self.plans[c.plan]
+        }
+    }
+
+    /// The limit on meter `i` for a customer at `now_ms`.
+    fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
+        if now_ms < c.fallback_from_ms
+            && let Some(l) = c.overrides.as_ref().and_then(|o| o[i])
+        {
+            return l;
+        }
+        self.plan_of(c, now_ms).limits[i]
+    }
+
+    fn calendar_month(&self, now_ms: i64) -> Period {
+        if let Ok(m) = self.month.read()
+            && m.contains(now_ms)
+        {
+            return *m;
+        }
+        let m = calendar_month(now_ms);
+        if let Ok(mut w) = self.month.write() {
+            *w = m;
+        }
+        m
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        c: &CustomerState,
+        period: Period,
+        i: usize,
+        agg: Aggregation,
+        q: &Question<'_>,
+        now: i64,
+        ready: bool,
+    ) -> Answer {
+        let counter = c.counters[i];
+        // Gauges carry over; additive usage counts only in the period it belongs to.
+        let (usage, crossed) = if !agg.is_additive() || counter.time_ms == period.start_ms {
+            (counter.usage, counter.soft_crossed_ms())
+        } else {
+            (0, None)
+        };
+        let limit = self.limit_of(c, i, now);
+        let plan = self.plan_of(c, now);
+        let verdict = quota::decide(
+            &self.catalog.policy,
+            limit,
+            plan.on_limit,
+            usage,
+            q.quantity,
+            crossed,
+            now,
+        );
+        Answer {
+            verdict,
+            usage,
+            limit,
+            period,
+            plan: plan.id.clone(),
+            degraded: !ready,
         }
     }
 
@@ -306,41 +481,20 @@ impl State {
             return Err(CheckError::NotReady);
         }
         let now = self.clock.now_ms();
-        let (record, counter) = match self.customers.get(q.customer) {
-            Some(e) => (
-                e.record
-                    .clone()
-                    .unwrap_or_else(|| self.default_customer.clone()),
-                e.counters[i],
-            ),
-            None => (self.default_customer.clone(), Counter::default()),
-        };
-        let period = record.period_at(now);
-        // Gauges carry over; additive usage counts only in the period it belongs to.
-        let (usage, crossed) = if !agg.is_additive() || counter.period_start_ms == period.start_ms {
-            (counter.usage, counter.soft_crossed_ms)
-        } else {
-            (0, NONE)
-        };
-        let limit = record.limit_at(&self.catalog, q.meter, now);
-        let (plan_id, plan) = record.plan_at(&self.catalog, now);
-        let verdict = quota::decide(
-            &self.catalog.policy,
-            limit,
-            plan.on_limit,
-            usage,
-            q.quantity,
-            (crossed != NONE).then_some(crossed),
-            now,
-        );
-        Ok(Answer {
-            verdict,
-            usage,
-            limit,
-            period,
-            plan: plan_id.to_owned(),
-            degraded: !ready,
-        })
+        if let Some(c) = self.customers.get(q.customer) {
+            if c.period.contains(now) {
+                return Ok(self.answer(&c, c.period, i, agg, &q, now, ready));
+            }
+            drop(c);
+            // The clock left the cached period (once a month): recompute it.
+            if let Some(mut c) = self.customers.get_mut(q.customer) {
+                c.period = self.record_of(&c).period_at(now);
+                return Ok(self.answer(&c, c.period, i, agg, &q, now, ready));
+            }
+        }
+        // A customer never seen: default plan, no usage.
+        let period = self.calendar_month(now);
+        Ok(self.answer(&self.unseen, period, i, agg, &q, now, ready))
     }
 }
 
@@ -521,7 +675,7 @@ mod tests {
         );
         let a = s.check(ask("big", "build_minutes", 1)).unwrap();
         assert_eq!(
-            (a.verdict.decision, a.limit, a.plan.as_str()),
+            (a.verdict.decision, a.limit, &*a.plan),
             (Decision::Allow, Limit::Unlimited, "enterprise")
         );
         rec.limit_overrides
