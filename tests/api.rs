@@ -436,7 +436,7 @@ async fn check_by_query_string_and_its_errors() {
     // Unlimited meters never block and carry no RateLimit policy.
     let (s, h, b) = t.check("q1", "storage_bytes", u64::MAX / 2).await;
     assert_eq!((s.as_u16(), b["limit"].clone()), (200, json!(null)));
-    assert!(!h.contains_key("ratelimit-policy"));
+    assert!(!h["ratelimit-policy"].to_str().unwrap().contains("quota"));
 }
 
 #[tokio::test]
@@ -585,4 +585,142 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     }
     // Never labelled by customer.
     assert!(!text.contains("met\""));
+}
+
+#[tokio::test]
+async fn every_gateway_protocol_answers_the_same_decision() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let t = Tally::start().await;
+    let usage = [("fa-ok", 100), ("fa-warn", 8_500), ("fa-block", 12_000)];
+    for (c, v) in usage {
+        t.post(
+            "/v1/events",
+            "application/json",
+            event(c, c, "api_requests", v, NOW),
+        )
+        .await;
+        t.wait_usage(c, "api_requests", v).await;
+    }
+    // customer, decision, JSON status, nginx status, Traefik and Envoy status
+    let cases = [
+        ("fa-ok", "allow", 200, 200, 200),
+        ("fa-warn", "warn", 200, 200, 200),
+        ("fa-block", "block", 429, 403, 429),
+    ];
+    for (customer, decision, json_status, nginx_status, other_status) in cases {
+        let (s, _, b) = t.check(customer, "api_requests", 1).await;
+        assert_eq!(
+            (s.as_u16(), b["decision"].clone()),
+            (json_status, json!(decision))
+        );
+        let requests = [
+            ("/v1/forward-auth/nginx".to_string(), true, nginx_status),
+            (
+                format!("/v1/forward-auth/nginx/{customer}/api_requests"),
+                false,
+                nginx_status,
+            ),
+            ("/v1/forward-auth/traefik".to_string(), true, other_status),
+            (
+                format!("/v1/forward-auth/traefik/{customer}"),
+                false,
+                other_status,
+            ),
+            (
+                "/v1/forward-auth/envoy/app/orders?id=7".to_string(),
+                true,
+                other_status,
+            ),
+        ];
+        for (uri, by_header, status) in requests {
+            let mut req = Request::get(uri.as_str());
+            if by_header {
+                req = req
+                    .header("x-tally-customer", customer)
+                    .header("x-tally-meter", "api_requests");
+            }
+            let (s, h, _) = t.send(req.body(Body::empty()).unwrap()).await;
+            assert_eq!(s.as_u16(), status, "{uri} for {customer}");
+            assert_eq!(h["tally-decision"], decision, "{uri}");
+            assert!(
+                h["ratelimit-policy"]
+                    .to_str()
+                    .unwrap()
+                    .contains("\"quota\";q=10000")
+            );
+            assert_eq!(h.contains_key("retry-after"), decision == "block", "{uri}");
+        }
+    }
+    let (s, _, b) = t
+        .send(
+            Request::get("/v1/forward-auth/envoy/x")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), b["code"].clone()),
+        (401, json!("missing_customer"))
+    );
+    let (s, _, b) = t
+        .send(
+            Request::get("/v1/forward-auth/kong")
+                .header("x-tally-customer", "c")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), b["code"].clone()),
+        (404, json!("unknown_gateway"))
+    );
+}
+
+#[tokio::test]
+async fn plan_rate_limits_allow_bursts_then_answer_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = tally_schemas::catalog::DEFAULT_CATALOG_TOML.replace(
+        "rate_limit = { per_second = 20, burst = 40 }",
+        "rate_limit = { per_second = 1, burst = 3 }",
+    );
+    let path = dir.path().join("catalog.toml");
+    std::fs::write(&path, catalog).unwrap();
+    let mut config = common::config(dir.path());
+    config.catalog_file = Some(path);
+    let t = Tally::start_with(dir, config).await;
+    for n in 0..3 {
+        let (s, h, _) = t.check("rl", "api_requests", 1).await;
+        assert_eq!(s.as_u16(), 200, "check {n}");
+        assert_eq!(
+            h["ratelimit"].to_str().unwrap(),
+            format!("\"quota\";r=9999;t=828000, \"rate\";r={};t=0", 2 - n)
+        );
+    }
+    let (s, h, b) = t.check("rl", "api_requests", 1).await;
+    assert_eq!(
+        (s.as_u16(), b["reason"].clone(), b["type"].clone()),
+        (
+            429,
+            json!("rate_limit"),
+            json!("urn:tally:problem:rate-limited")
+        )
+    );
+    assert_eq!(h["retry-after"], "1");
+    assert!(
+        h["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .ends_with("\"rate\";q=1;w=1")
+    );
+    // Quota blocks say so.
+    t.post(
+        "/v1/events",
+        "application/json",
+        event("q", "rl-quota", "api_requests", 11_000, NOW),
+    )
+    .await;
+    t.wait_usage("rl-quota", "api_requests", 11_000).await;
+    let (_, _, b) = t.check("rl-quota", "api_requests", 1).await;
+    assert_eq!(b["reason"], "quota");
 }

@@ -18,7 +18,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use tally_aggregator::store::UsageStore;
@@ -39,6 +39,14 @@ pub struct EnforcerHttp {
 pub fn router(s: EnforcerHttp) -> Router {
     Router::new()
         .route("/v1/check", post(post_check).get(get_check))
+        .route(
+            "/v1/forward-auth/{gateway}",
+            any(crate::forward_auth::handle),
+        )
+        .route(
+            "/v1/forward-auth/{gateway}/{*rest}",
+            any(crate::forward_auth::handle),
+        )
         .route("/v1/customers/{id}", get(get_customer).put(put_customer))
         .with_state(s)
 }
@@ -88,6 +96,9 @@ pub struct CheckReply {
     pub period_start: String,
     pub period_end: String,
     pub grace_until: Option<String>,
+    /// Why a check was blocked: `quota` or `rate_limit`; absent when allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub degraded: bool,
 }
@@ -166,61 +177,97 @@ pub fn answer(
         period_start: rfc3339(a.period.start_ms),
         period_end: rfc3339(a.period.end_ms),
         grace_until: a.verdict.grace_until_ms.map(rfc3339),
+        reason: match a.verdict.decision {
+            Decision::Block if a.rate_limited() => Some("rate_limit"),
+            Decision::Block => Some("quota"),
+            _ => None,
+        },
         degraded: a.degraded,
     };
     Ok((reply, a))
 }
 
-/// The RateLimit, state and Retry-After headers of an answer.
+static DECISION_HEADER: HeaderName = HeaderName::from_static("tally-decision");
+
+/// The RateLimit, state, decision and Retry-After headers of an answer. Policies: `quota` (the
+/// plan's limit over the billing period) and, when the plan has one, `rate` (requests per
+/// second).
 pub fn quota_headers(a: &Answer, now_ms: i64) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
         STATE_HEADER.clone(),
         HeaderValue::from_static(state_name(a.verdict.state)),
     );
+    h.insert(
+        DECISION_HEADER.clone(),
+        HeaderValue::from_static(decision_name(a.verdict.decision)),
+    );
     let reset_secs = ((a.period.end_ms - now_ms).max(0) + 999) / 1000;
+    let mut policies = Vec::new();
+    let mut limits = Vec::new();
     if let Limit::Finite(limit) = a.limit {
         let window = (a.period.end_ms - a.period.start_ms) / 1000;
-        if let Ok(v) = HeaderValue::from_str(&format!("\"quota\";q={limit};w={window}")) {
+        policies.push(format!("\"quota\";q={limit};w={window}"));
+        let r = a.verdict.remaining.unwrap_or(0);
+        limits.push(format!("\"quota\";r={r};t={reset_secs}"));
+    }
+    if let Some(rate) = a.rate {
+        policies.push(format!("\"rate\";q={};w=1", rate.per_second));
+        let t = rate
+            .retry_after
+            .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        limits.push(format!("\"rate\";r={};t={t}", rate.remaining));
+    }
+    if !policies.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&policies.join(", ")) {
             h.insert(POLICY_HEADER.clone(), v);
         }
-        let r = a.verdict.remaining.unwrap_or(0);
-        if let Ok(v) = HeaderValue::from_str(&format!("\"quota\";r={r};t={reset_secs}")) {
+        if let Ok(v) = HeaderValue::from_str(&limits.join(", ")) {
             h.insert(RATELIMIT_HEADER.clone(), v);
         }
     }
     if a.verdict.decision == Decision::Block {
-        h.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(reset_secs.max(1) as u64),
-        );
+        let secs = match a.rate.and_then(|r| r.retry_after) {
+            Some(d) => d.as_secs() + u64::from(d.subsec_nanos() > 0),
+            None => reset_secs as u64,
+        };
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     h
 }
 
-fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
-    let headers = quota_headers(a, state.clock().now_ms());
-    if a.verdict.decision != Decision::Block {
-        return (StatusCode::OK, headers, Json(reply)).into_response();
-    }
-    let mut body = serde_json::to_value(&reply).unwrap_or_default();
+/// The `application/problem+json` reply to a blocked check, with the decision's members.
+pub fn blocked(reply: &CheckReply, headers: HeaderMap) -> Response {
+    let mut body = serde_json::to_value(reply).unwrap_or_default();
     if let Some(obj) = body.as_object_mut() {
-        obj.insert("type".into(), "urn:tally:problem:quota-exceeded".into());
-        obj.insert("title".into(), "Quota exceeded".into());
-        obj.insert("status".into(), 429.into());
-        obj.insert(
-            "detail".into(),
-            format!(
-                "customer `{}` has used {} of {} on `{}` this period",
-                reply.customer,
-                reply.usage,
-                reply
-                    .limit
-                    .map_or("unlimited".to_string(), |l| l.to_string()),
-                reply.meter
+        let (kind, title, detail) = if reply.reason == Some("rate_limit") {
+            (
+                "urn:tally:problem:rate-limited",
+                "Rate limit exceeded",
+                format!(
+                    "customer `{}` sends more requests than its plan allows",
+                    reply.customer
+                ),
             )
-            .into(),
-        );
+        } else {
+            (
+                "urn:tally:problem:quota-exceeded",
+                "Quota exceeded",
+                format!(
+                    "customer `{}` has used {} of {} on `{}` this period",
+                    reply.customer,
+                    reply.usage,
+                    reply
+                        .limit
+                        .map_or("unlimited".to_string(), |l| l.to_string()),
+                    reply.meter
+                ),
+            )
+        };
+        obj.insert("type".into(), kind.into());
+        obj.insert("title".into(), title.into());
+        obj.insert("status".into(), 429.into());
+        obj.insert("detail".into(), detail.into());
     }
     let mut resp = (StatusCode::TOO_MANY_REQUESTS, headers, Json(body)).into_response();
     resp.headers_mut().insert(
@@ -228,6 +275,14 @@ fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
         HeaderValue::from_static("application/problem+json"),
     );
     resp
+}
+
+fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
+    let headers = quota_headers(a, state.clock().now_ms());
+    if a.verdict.decision != Decision::Block {
+        return (StatusCode::OK, headers, Json(reply)).into_response();
+    }
+    blocked(&reply, headers)
 }
 
 async fn post_check(

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`state`]: customers and counters in memory; applying events; answering checks.
 //! - [`http`]: `/v1/check` (POST and GET) and `/v1/customers/{id}`.
+//! - [`forward_auth`]: `/v1/forward-auth/{nginx,traefik,envoy}` for gateways.
 //! - [`metrics`]: Prometheus metrics of this stage.
 //!
 //! # Contract
@@ -25,6 +26,7 @@
 //!   are then missing until the next restart: at most `flush_interval` of usage).
 
 pub mod error;
+pub mod forward_auth;
 pub mod http;
 pub mod metrics;
 pub mod state;
@@ -228,6 +230,7 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
                 }
                 metrics::CUSTOMERS.set(state.customers_len() as i64);
+                state.sweep_rate_limits();
             }
             batch = reader.poll(10_000, settings.follow_linger) => {
                 let batch = batch?;

@@ -18,8 +18,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use std::hash::BuildHasher;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
 use tally_schemas::period::{Period, calendar_month};
 use tally_schemas::quota::{self, Verdict};
 use tally_schemas::{
@@ -61,13 +69,29 @@ impl Counter {
     }
 }
 
+/// Token buckets of one plan, keyed by a hash of the customer id.
+type PlanLimiter =
+    RateLimiter<u64, DashMapStateStore<u64>, DefaultClock, StateInformationMiddleware>;
+
 /// A plan, resolved for the check path.
-#[derive(Debug)]
 struct ResolvedPlan {
     id: Arc<str>,
     /// Limit by meter index.
     limits: Box<[Limit]>,
     on_limit: OnLimit,
+    /// The plan's request-rate limit, if it has one: (per second, burst, buckets).
+    rate: Option<(u32, u32, PlanLimiter)>,
+}
+
+/// The outcome of a plan's request-rate limit for one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateOutcome {
+    pub per_second: u32,
+    pub burst: u32,
+    /// Checks left in the burst after this one.
+    pub remaining: u32,
+    /// Set when the check was refused: how long until one is allowed again.
+    pub retry_after: Option<Duration>,
 }
 
 /// A customer: its record resolved against the catalogue, its period and counters.
@@ -102,8 +126,17 @@ pub struct Answer {
     pub limit: Limit,
     pub period: Period,
     pub plan: Arc<str>,
+    /// The plan's request-rate limit, when it has one and the check was rate limited.
+    pub rate: Option<RateOutcome>,
     /// The state was not loaded yet and the enforcer fails open.
     pub degraded: bool,
+}
+
+impl Answer {
+    /// Blocked by the request-rate limit rather than by the quota.
+    pub fn rate_limited(&self) -> bool {
+        self.rate.is_some_and(|r| r.retry_after.is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +160,8 @@ pub struct State {
     plan_index: HashMap<String, usize, RandomState>,
     default_plan: usize,
     fallback_plan: usize,
+    /// Hashes customer ids for the rate limiters (no allocation per check).
+    rate_keys: RandomState,
     customers: DashMap<Box<str>, CustomerState, RandomState>,
     default_customer: Arc<Customer>,
     /// Stands for every customer never seen: default plan, no usage.
@@ -152,6 +187,14 @@ impl State {
                 id: Arc::from(id.as_str()),
                 limits: catalog.meters.keys().map(|m| plan.limit(m)).collect(),
                 on_limit: plan.on_limit,
+                rate: plan.rate_limit.and_then(|r| {
+                    let per_second = NonZeroU32::new(r.per_second)?;
+                    let burst = NonZeroU32::new(r.burst.max(1))?;
+                    let quota = Quota::per_second(per_second).allow_burst(burst);
+                    let limiter = RateLimiter::dashmap_with_clock(quota, DefaultClock::default())
+                        .with_middleware::<StateInformationMiddleware>();
+                    Some((r.per_second, burst.get(), limiter))
+                }),
             })
             .collect();
         let plan_index: HashMap<String, usize, RandomState> = catalog
@@ -170,6 +213,7 @@ impl State {
             counters: vec![Counter::default(); meters.len()].into_boxed_slice(),
         };
         State {
+            rate_keys: RandomState::default(),
             unseen,
             default_plan,
             fallback_plan: plan_index[&catalog.policy.fallback_plan],
@@ -454,7 +498,7 @@ impl State {
         };
         let limit = self.limit_of(c, i, now);
         let plan = self.plan_of(c, now);
-        let verdict = quota::decide(
+        let mut verdict = quota::decide(
             &self.catalog.policy,
             limit,
             plan.on_limit,
@@ -463,13 +507,54 @@ impl State {
             crossed,
             now,
         );
+        // Every check that asks for something counts against the plan's request rate, unless
+        // the quota already refused it; quantity 0 is a status query and does not count.
+        let rate = match &plan.rate {
+            Some((per_second, burst, limiter))
+                if q.quantity > 0 && verdict.decision != quota::Decision::Block =>
+            {
+                let key = self.rate_keys.hash_one(q.customer);
+                Some(match limiter.check_key(&key) {
+                    Ok(snapshot) => RateOutcome {
+                        per_second: *per_second,
+                        burst: *burst,
+                        remaining: snapshot.remaining_burst_capacity(),
+                        retry_after: None,
+                    },
+                    Err(not_until) => {
+                        verdict.decision = quota::Decision::Block;
+                        verdict.state = quota::UsageState::Blocked;
+                        RateOutcome {
+                            per_second: *per_second,
+                            burst: *burst,
+                            remaining: 0,
+                            retry_after: Some(
+                                not_until.wait_time_from(DefaultClock::default().now()),
+                            ),
+                        }
+                    }
+                })
+            }
+            _ => None,
+        };
         Answer {
             verdict,
             usage,
             limit,
             period,
             plan: plan.id.clone(),
+            rate,
             degraded: !ready,
+        }
+    }
+
+    /// Forgets rate-limit buckets that are full again (idle customers), bounding their memory.
+    pub fn sweep_rate_limits(&self) {
+        for plan in &self.plans {
+            if let Some((_, _, limiter)) = &plan.rate {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
         }
     }
 
@@ -707,6 +792,56 @@ mod tests {
             true,
         );
         assert!(open.check(ask("c", "api_requests", 1)).unwrap().degraded);
+    }
+
+    #[test]
+    fn rate_limits_allow_the_burst_then_block() {
+        let mut cat = Catalog::builtin();
+        cat.plans.get_mut("free").unwrap().rate_limit = Some(tally_schemas::catalog::RateLimit {
+            per_second: 1,
+            burst: 3,
+        });
+        let s = State::new(
+            Arc::new(cat),
+            Arc::new(ManualClock::new(ms("2026-11-21T10:00:00Z"))),
+            false,
+        );
+        s.set_ready();
+        for n in 0..3 {
+            let a = s.check(ask("burst", "api_requests", 1)).unwrap();
+            assert_eq!(a.verdict.decision, Decision::Allow, "check {n}");
+            assert_eq!(a.rate.unwrap().remaining, 2 - n);
+        }
+        let a = s.check(ask("burst", "api_requests", 1)).unwrap();
+        assert_eq!(a.verdict.decision, Decision::Block);
+        assert!(a.rate_limited());
+        assert!(a.rate.unwrap().retry_after.unwrap() <= Duration::from_secs(1));
+        // Status queries (quantity 0) and other customers are not held back.
+        assert_eq!(
+            s.check(ask("burst", "api_requests", 0))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Allow
+        );
+        assert_eq!(
+            s.check(ask("other", "api_requests", 1))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Allow
+        );
+        // Plans without a rate limit (enterprise) are never rate limited.
+        let mut rec = Customer::new_default(s.catalog());
+        rec.plan = "enterprise".into();
+        s.set_customer("big", rec);
+        for _ in 0..100 {
+            assert!(
+                !s.check(ask("big", "api_requests", 1))
+                    .unwrap()
+                    .rate_limited()
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! Forward-auth for gateways that ask an external URL about every request:
+//! `/v1/forward-auth/{gateway}` with `gateway` one of `nginx`, `traefik`, `envoy`, any method.
+//!
+//! The customer comes from the `X-Tally-Customer` header, the meter from `X-Tally-Meter`
+//! (default `api_requests`) and the quantity from `X-Tally-Quantity` (default 1). For nginx and
+//! Traefik they may instead be given in the path: `/v1/forward-auth/nginx/{customer}/{meter}`.
+//! Envoy's HTTP ext_authz appends the original request path to the URL, so with Envoy they come
+//! from headers only.
+//!
+//! | decision | nginx `auth_request` | Traefik ForwardAuth, Envoy ext_authz |
+//! |---|---|---|
+//! | allow, warn | 200 | 200 |
+//! | block | 403 with `Tally-Decision: block` (nginx only understands 2xx, 401 and 403; the snippet in `deploy/nginx/` turns it into 429) | 429, `application/problem+json` |
+//! | no customer | 401 | 401 |
+//!
+//! Every answer carries `RateLimit-Policy`, `RateLimit`, `Tally-Quota-State`, `Tally-Decision`
+//! and, when blocked, `Retry-After`, for the gateway to pass on.
+
+use axum::extract::{Path, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tally_ingest::problem::ApiError;
+use tally_schemas::Decision;
+
+use crate::http::{CheckRequest, EnforcerHttp, answer, blocked, quota_headers};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gateway {
+    Nginx,
+    Traefik,
+    Envoy,
+}
+
+impl Gateway {
+    fn parse(s: &str) -> Option<Gateway> {
+        match s {
+            "nginx" => Some(Gateway::Nginx),
+            "traefik" => Some(Gateway::Traefik),
+            "envoy" => Some(Gateway::Envoy),
+            _ => None,
+        }
+    }
+
+    fn protocol(self) -> &'static str {
+        match self {
+            Gateway::Nginx => "nginx",
+            Gateway::Traefik => "traefik",
+            Gateway::Envoy => "envoy_http",
+        }
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+pub async fn handle(
+    AxState(s): AxState<EnforcerHttp>,
+    Path(params): Path<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let gateway_name = params.first().map(|(_, v)| v.as_str()).unwrap_or("");
+    let gateway = Gateway::parse(gateway_name).ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_gateway",
+            "use /v1/forward-auth/nginx, traefik or envoy",
+        )
+    })?;
+    let rest = params.get(1).map(|(_, v)| v.as_str()).unwrap_or("");
+    let mut segments = rest.split('/').filter(|p| !p.is_empty());
+    let (path_customer, path_meter) = if gateway == Gateway::Envoy {
+        (None, None)
+    } else {
+        (
+            segments.next().map(str::to_owned),
+            segments.next().map(str::to_owned),
+        )
+    };
+    let customer = header(&headers, "x-tally-customer").or(path_customer);
+    let Some(customer) = customer else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_customer",
+            "no customer: send X-Tally-Customer",
+        ));
+    };
+    let meter = header(&headers, "x-tally-meter")
+        .or(path_meter)
+        .unwrap_or_else(|| "api_requests".to_owned());
+    let quantity = match header(&headers, "x-tally-quantity") {
+        None => None,
+        Some(q) => Some(q.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("invalid_request", "X-Tally-Quantity must be a whole number")
+        })?),
+    };
+    let req = CheckRequest {
+        customer: Some(customer),
+        meter: Some(meter),
+        quantity,
+    };
+    let (reply, a) = answer(&s.state, req, gateway.protocol())?;
+    let headers = quota_headers(&a, s.state.clock().now_ms());
+    Ok(match (a.verdict.decision, gateway) {
+        (Decision::Block, Gateway::Nginx) => (StatusCode::FORBIDDEN, headers).into_response(),
+        (Decision::Block, _) => blocked(&reply, headers),
+        _ => (StatusCode::OK, headers).into_response(),
+    })
+}
