@@ -160,6 +160,13 @@ impl App {
             let settings = EnforcerSettings {
                 fail_open: config.fail_open,
                 customer_refresh: config.customer_refresh,
+                webhooks: tally_enforcer::webhooks::WebhookSettings {
+                    urls: config.webhook_urls.clone(),
+                    secret: config.webhook_secret.clone(),
+                    max_attempts: config.webhook_max_attempts,
+                    retry_base: config.webhook_retry_base,
+                    ..Default::default()
+                },
                 ..EnforcerSettings::default()
             };
             let run = tally_enforcer::run(

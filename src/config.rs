@@ -67,6 +67,20 @@ pub struct Config {
     /// `TALLY_CUSTOMER_REFRESH`.
     #[serde(with = "duration")]
     pub customer_refresh: Duration,
+    /// URLs that receive every threshold notification as a signed POST. In the environment, a
+    /// comma-separated list. `TALLY_WEBHOOK_URLS`.
+    #[serde(deserialize_with = "list")]
+    pub webhook_urls: Vec<String>,
+    /// Key of the `Tally-Signature` HMAC-SHA256 on webhooks; unsigned when unset.
+    /// `TALLY_WEBHOOK_SECRET`.
+    #[serde(serialize_with = "redacted")]
+    pub webhook_secret: Option<String>,
+    /// Delivery attempts per webhook URL before giving up. `TALLY_WEBHOOK_MAX_ATTEMPTS`.
+    pub webhook_max_attempts: u32,
+    /// Wait before the first webhook retry; doubles with every attempt.
+    /// `TALLY_WEBHOOK_RETRY_BASE`.
+    #[serde(with = "duration")]
+    pub webhook_retry_base: Duration,
     /// How long a shutdown may take to drain requests and flush. `TALLY_SHUTDOWN_TIMEOUT`.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -91,6 +105,10 @@ impl Default for Config {
             flush_interval: Duration::from_millis(200),
             fail_open: true,
             customer_refresh: Duration::from_secs(1),
+            webhook_urls: Vec::new(),
+            webhook_secret: None,
+            webhook_max_attempts: 8,
+            webhook_retry_base: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -120,6 +138,36 @@ mod duration {
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!("`{text}` is not a duration such as 30s or 5m: {e}"))
         })
+    }
+}
+
+/// A list written as a sequence (file) or as a comma-separated string (environment).
+fn list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match List::deserialize(d)? {
+        List::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        List::Many(v) => v,
+    })
+}
+
+/// Secrets are never printed.
+fn redacted<S: serde::Serializer>(
+    v: &Option<String>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
     }
 }
 
@@ -186,6 +234,13 @@ impl Config {
         }
         if self.max_batch_events == 0 || self.aggregator_batch_events == 0 {
             return Err(Error::Config("batch sizes must be at least 1".into()));
+        }
+        for url in &self.webhook_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "webhook URL `{url}` must start with http:// or https://"
+                )));
+            }
         }
         if self.flush_interval.is_zero() {
             return Err(Error::Config(

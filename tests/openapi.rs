@@ -16,7 +16,9 @@ fn document() -> Value {
 }
 
 fn probe(path: &str, method: &str) -> Request<Body> {
-    let uri = path.replace("{id}", "probe-customer").replace("{gateway}", "nginx");
+    let uri = path
+        .replace("{id}", "probe-customer")
+        .replace("{gateway}", "nginx");
     let uri = match uri.as_str() {
         "/v1/check" if method == "get" => "/v1/check?customer=probe&meter=api_requests".to_string(),
         "/v1/usage" => "/v1/usage?customer=probe&meter=api_requests".to_string(),

@@ -6,6 +6,7 @@
 //! - [`state`]: customers and counters in memory; applying events; answering checks.
 //! - [`http`]: `/v1/check` (POST and GET) and `/v1/customers/{id}`.
 //! - [`forward_auth`]: `/v1/forward-auth/{nginx,traefik,envoy}` for gateways.
+//! - [`webhooks`]: signed, retried notification webhooks.
 //! - [`metrics`]: Prometheus metrics of this stage.
 //!
 //! # Contract
@@ -19,7 +20,8 @@
 //!   from the event that crossed it, 110 % block; unlimited meters and overage plans never block;
 //!   7 days after a failed payment the fallback plan's limits apply.
 //! - Threshold notifications (80, 100, 110 %) are published to the log, which keeps one per
-//!   customer, meter, period and threshold however many replicas publish it.
+//!   customer, meter, period and threshold however many replicas publish it; the replica whose
+//!   publication came first sends the webhooks ([`webhooks`]).
 //! - Customer changes made through this process apply at once; changes made elsewhere are picked
 //!   up from the store within `customer_refresh`. When a change moves a customer's current
 //!   period, its counters are re-read from the store (events not yet flushed by the aggregator
@@ -30,6 +32,7 @@ pub mod forward_auth;
 pub mod http;
 pub mod metrics;
 pub mod state;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +55,8 @@ pub struct EnforcerSettings {
     pub customer_refresh: Duration,
     /// Longest the follower waits to batch log records (freshness vs. overhead).
     pub follow_linger: Duration,
+    /// Notification webhooks.
+    pub webhooks: webhooks::WebhookSettings,
 }
 
 impl Default for EnforcerSettings {
@@ -60,6 +65,7 @@ impl Default for EnforcerSettings {
             fail_open: true,
             customer_refresh: Duration::from_secs(1),
             follow_linger: Duration::from_millis(2),
+            webhooks: webhooks::WebhookSettings::default(),
         }
     }
 }
@@ -144,7 +150,11 @@ async fn load(
     Ok((snapshot.offsets, last_update))
 }
 
-async fn publish(log: Arc<dyn EventLog>, mut rx: mpsc::UnboundedReceiver<Notification>) {
+async fn publish(
+    log: Arc<dyn EventLog>,
+    hooks: webhooks::Webhooks,
+    mut rx: mpsc::UnboundedReceiver<Notification>,
+) {
     while let Some(n) = rx.recv().await {
         let mut backoff = Duration::from_millis(50);
         let mut tries = 0;
@@ -162,6 +172,9 @@ async fn publish(log: Arc<dyn EventLog>, mut rx: mpsc::UnboundedReceiver<Notific
                         limit = n.limit,
                         "quota threshold crossed"
                     );
+                    if hooks.is_enabled() {
+                        hooks.send(&n);
+                    }
                     break;
                 }
                 Ok(false) => {
@@ -196,7 +209,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (notes_tx, notes_rx) = mpsc::unbounded_channel();
-    let publisher = tokio::spawn(publish(log.clone(), notes_rx));
+    let hooks = webhooks::Webhooks::new(settings.webhooks.clone());
+    let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
     let (offsets, mut last_update) = load(&state, log.as_ref(), store.as_ref(), &notes_tx).await?;
     let mut reader = log.reader()?;
     let mut position = offsets.clone();

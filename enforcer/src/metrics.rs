@@ -37,6 +37,17 @@ pub static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static WEBHOOKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "tally_enforcer_webhooks_total",
+            "Webhook delivery attempts, by result: delivered, retried, abandoned"
+        ),
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 pub static CUSTOMERS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("tally_enforcer_customers", "Customers held in memory")
         .expect("metric registers once")

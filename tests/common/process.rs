@@ -29,8 +29,21 @@ pub fn start_component(
     admin_port: u16,
     flush: &str,
 ) -> Proc {
+    start_with_env(command, data, api_port, admin_port, flush, &[])
+}
+
+/// [`start_component`] with more `TALLY_*` settings.
+pub fn start_with_env(
+    command: &str,
+    data: &std::path::Path,
+    api_port: u16,
+    admin_port: u16,
+    flush: &str,
+    env: &[(&str, &str)],
+) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .arg(command)
+        .envs(env.iter().copied())
         .env("TALLY_DATA_DIR", data)
         .env("TALLY_LISTEN", format!("127.0.0.1:{api_port}"))
         .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))

@@ -1,0 +1,139 @@
+//! Two enforcer replicas follow the same log; each threshold notification reaches the webhook
+//! receiver once, signed, and is retried when the receiver fails.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::process::{free_port, start_component, start_with_env};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Receiver {
+    /// Attempts per webhook id.
+    attempts: HashMap<String, u32>,
+    /// Accepted deliveries: (id, signature header, body).
+    delivered: Vec<(String, String, Vec<u8>)>,
+}
+
+async fn hook(
+    State(r): State<Arc<Mutex<Receiver>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let id = headers["tally-webhook-id"].to_str().unwrap().to_owned();
+    let sig = headers
+        .get("tally-signature")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let mut r = r.lock().unwrap();
+    let n = r.attempts.entry(id.clone()).or_default();
+    *n += 1;
+    if *n == 1 {
+        return StatusCode::INTERNAL_SERVER_ERROR; // the first attempt of each fails
+    }
+    r.delivered.push((id, sig, body.to_vec()));
+    StatusCode::NO_CONTENT
+}
+
+#[test]
+fn each_notification_is_delivered_once_by_one_of_two_replicas() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Arc::new(Mutex::new(Receiver::default()));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(receiver.clone());
+    rt.spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_WEBHOOK_URLS", url.as_str()),
+        ("TALLY_WEBHOOK_SECRET", "whsec_test"),
+        ("TALLY_WEBHOOK_RETRY_BASE", "100ms"),
+    ];
+    let ingest = start_component("ingest", dir.path(), free_port(), free_port(), "50ms");
+    let _a = start_with_env(
+        "enforcer",
+        dir.path(),
+        free_port(),
+        free_port(),
+        "50ms",
+        &env,
+    );
+    let _b = start_with_env(
+        "enforcer",
+        dir.path(),
+        free_port(),
+        free_port(),
+        "50ms",
+        &env,
+    );
+
+    let client = reqwest::blocking::Client::new();
+    let events = json!([
+        {"specversion": "1.0", "id": "w1", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 8000}},
+        {"specversion": "1.0", "id": "w2", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 3000}}
+    ]);
+    let r = client
+        .post(format!("{}/v1/events", ingest.api))
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(events.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.lock().unwrap().delivered.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "deliveries: {:?}",
+            receiver.lock().unwrap().attempts
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Give a second sender time to show up if there were one.
+    std::thread::sleep(Duration::from_secs(1));
+    let r = receiver.lock().unwrap();
+    let mut thresholds: Vec<u64> = Vec::new();
+    for (id, sig, body) in &r.delivered {
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(
+            (
+                v["customer"].clone(),
+                v["meter"].clone(),
+                v["limit"].clone()
+            ),
+            (json!("hooked"), json!("api_requests"), json!(10000))
+        );
+        let t: i64 = sig
+            .strip_prefix("t=")
+            .and_then(|s| s.split(',').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            sig,
+            &tally_enforcer::webhooks::signature("whsec_test", t, body)
+        );
+        thresholds.push(v["threshold"].as_u64().unwrap());
+        assert_eq!(
+            r.attempts[id], 2,
+            "one failed attempt, one retry, no second sender: {id}"
+        );
+    }
+    thresholds.sort();
+    assert_eq!(thresholds, vec![80, 100, 110]);
+    assert_eq!(r.delivered.len(), 3);
+}
