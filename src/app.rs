@@ -153,10 +153,12 @@ impl App {
         }
         if let (true, Some(log), Some(store)) = (wants(Component::Enforcer), &log, &store) {
             let state = Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open));
-            router = router.merge(tally_enforcer::http::router(EnforcerHttp {
-                state: state.clone(),
-                store: store.clone(),
-            }));
+            router = router
+                .merge(tally_enforcer::http::router(EnforcerHttp {
+                    state: state.clone(),
+                    store: store.clone(),
+                }))
+                .merge(tally_enforcer::grpc::router(state.clone()));
             let settings = EnforcerSettings {
                 fail_open: config.fail_open,
                 customer_refresh: config.customer_refresh,

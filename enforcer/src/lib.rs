@@ -6,6 +6,7 @@
 //! - [`state`]: customers and counters in memory; applying events; answering checks.
 //! - [`http`]: `/v1/check` (POST and GET) and `/v1/customers/{id}`.
 //! - [`forward_auth`]: `/v1/forward-auth/{nginx,traefik,envoy}` for gateways.
+//! - [`grpc`]: Envoy's rate limit service and ext_authz over gRPC.
 //! - [`webhooks`]: signed, retried notification webhooks.
 //! - [`metrics`]: Prometheus metrics of this stage.
 //!
@@ -29,6 +30,7 @@
 
 pub mod error;
 pub mod forward_auth;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod state;
