@@ -724,3 +724,48 @@ async fn plan_rate_limits_allow_bursts_then_answer_429() {
     let (_, _, b) = t.check("rl-quota", "api_requests", 1).await;
     assert_eq!(b["reason"], "quota");
 }
+
+#[tokio::test]
+async fn the_period_rolls_over_at_the_subscription_anchor() {
+    let t = Tally::start().await;
+    let (s, _) = t
+        .put(
+            "/v1/customers/roll",
+            json!({"period_anchor": "2026-03-15T06:00:00Z"}),
+        )
+        .await;
+    assert_eq!(s.as_u16(), 200);
+    t.post(
+        "/v1/events",
+        "application/json",
+        event("r1", "roll", "api_requests", 9_000, NOW),
+    )
+    .await;
+    t.wait_usage("roll", "api_requests", 9_000).await;
+    let (_, _, b) = t.check("roll", "api_requests", 0).await;
+    assert_eq!(
+        (b["period_start"].clone(), b["period_end"].clone()),
+        (json!("2026-11-15T06:00:00Z"), json!("2026-12-15T06:00:00Z"))
+    );
+    t.clock.set(ms("2026-12-15T05:59:59Z"));
+    let (_, _, b) = t.check("roll", "api_requests", 0).await;
+    assert_eq!(
+        (b["usage"].clone(), b["threshold"].clone()),
+        (json!(9_000), json!(80))
+    );
+    t.clock.set(ms("2026-12-15T06:00:00Z"));
+    let (_, _, b) = t.check("roll", "api_requests", 0).await;
+    assert_eq!(
+        (b["usage"].clone(), b["decision"].clone()),
+        (json!(0), json!("allow"))
+    );
+    assert_eq!(b["period_start"], "2026-12-15T06:00:00Z");
+    // Usage in the new period counts there.
+    t.post(
+        "/v1/events",
+        "application/json",
+        event("r2", "roll", "api_requests", 50, "2026-12-15T06:00:00Z"),
+    )
+    .await;
+    t.wait_usage("roll", "api_requests", 50).await;
+}

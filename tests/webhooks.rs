@@ -63,7 +63,7 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
         ("TALLY_WEBHOOK_RETRY_BASE", "100ms"),
     ];
     let ingest = start_component("ingest", dir.path(), free_port(), free_port(), "50ms");
-    let _a = start_with_env(
+    let a = start_with_env(
         "enforcer",
         dir.path(),
         free_port(),
@@ -71,7 +71,7 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
         "50ms",
         &env,
     );
-    let _b = start_with_env(
+    let b = start_with_env(
         "enforcer",
         dir.path(),
         free_port(),
@@ -136,4 +136,26 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
     thresholds.sort();
     assert_eq!(thresholds, vec![80, 100, 110]);
     assert_eq!(r.delivered.len(), 3);
+    // Both replicas give the same answer after the same events.
+    let answers: Vec<Value> = [&a, &b]
+        .iter()
+        .map(|p| {
+            let mut v: Value = client
+                .get(format!(
+                    "{}/v1/check?customer=hooked&meter=api_requests&quantity=1",
+                    p.api
+                ))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            v.as_object_mut().unwrap().remove("detail");
+            v
+        })
+        .collect();
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(
+        (answers[0]["decision"].clone(), answers[0]["usage"].clone()),
+        (json!("block"), json!(11000))
+    );
 }
