@@ -528,9 +528,7 @@ impl State {
                             per_second: *per_second,
                             burst: *burst,
                             remaining: 0,
-                            retry_after: Some(
-                                not_until.wait_time_from(DefaultClock::default().now()),
-                            ),
+                            retry_after: Some(not_until.wait_time_from(limiter.clock().now())),
                         }
                     }
                 })
