@@ -13,12 +13,14 @@
 //! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
 //! - [`quota`]: the 80 / 100 / 110 % decision rules, threshold crossings and notifications.
 //! - [`clock`]: wall-clock time behind a trait, so tests control it.
+//! - [`clickhouse`]: the ClickHouse schema as migrations (for the production path).
 //!
 //! # Units
 //! Quantities are whole numbers in the meter's unit (requests, bytes, minutes, items). Times are
 //! milliseconds since the Unix epoch, UTC.
 
 pub mod catalog;
+pub mod clickhouse;
 pub mod clock;
 pub mod customer;
 pub mod event;

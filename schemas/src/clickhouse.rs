@@ -1,0 +1,119 @@
+//! The ClickHouse schema, as data: ordered migrations whose statements `tally migrate` applies
+//! (database name substituted for `{db}`), recording each applied version in
+//! `{db}.schema_migrations`. Every statement is `IF NOT EXISTS`, so applying twice is harmless.
+//!
+//! The statements stay within what both ClickHouse 18.16 (Debian's package) and current releases
+//! accept. Avoided on purpose: `DateTime64` (times are `Int64` milliseconds or `DateTime`
+//! minutes), table `TTL` (expired de-duplication ids are dropped by day partition instead),
+//! `SimpleAggregateFunction` (`AggregatingMergeTree` with `-State`/`-Merge` instead),
+//! `LowCardinality` (needs a setting on 18.16), and insert de-duplication, which 18.16 lacks for
+//! non-replicated tables (batch keys in `ReplacingMergeTree` instead).
+//!
+//! # Tables
+//! - `usage_cells`: per (customer, meter, UTC minute) usage of one aggregator batch. A batch is
+//!   one INSERT of fewer rows than `max_insert_block_size` into an unpartitioned table: one part,
+//!   all or nothing. Rows carry the batch's Kafka partition, first offset and next offset; a
+//!   batch inserted again after an ambiguous failure has the same keys and collapses
+//!   (`ReplacingMergeTree`, read with `FINAL`).
+//! - `batch_offsets`: the highest next offset per partition, fed by a materialized view of
+//!   `usage_cells` (`maxState`), read back when a partition is assigned.
+//! - `event_ids`: (source, id) seen per partition and day, for the de-duplication window; days
+//!   older than the window are dropped with `ALTER TABLE ... DROP PARTITION`.
+//! - `customers`: JSON customer records, latest `updated_ms` wins.
+//! - `notifications`: threshold crossings, one per (customer, meter, period, threshold).
+
+/// One schema version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub statements: &'static [&'static str],
+}
+
+/// Every migration, oldest first.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial schema",
+    statements: &[
+        "CREATE DATABASE IF NOT EXISTS {db}",
+        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+            version UInt32,
+            name String,
+            applied_at DateTime
+        ) ENGINE = ReplacingMergeTree ORDER BY version",
+        "CREATE TABLE IF NOT EXISTS {db}.usage_cells (
+            customer String,
+            meter String,
+            minute DateTime,
+            value UInt64,
+            last_ms Int64,
+            partition UInt32,
+            batch_first_offset UInt64,
+            batch_next_offset UInt64
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (customer, meter, minute, partition, batch_first_offset)",
+        "CREATE TABLE IF NOT EXISTS {db}.batch_offsets (
+            partition UInt32,
+            next_offset AggregateFunction(max, UInt64)
+        ) ENGINE = AggregatingMergeTree ORDER BY partition",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.batch_offsets_mv TO {db}.batch_offsets AS
+            SELECT partition, maxState(batch_next_offset) AS next_offset
+            FROM {db}.usage_cells GROUP BY partition",
+        "CREATE TABLE IF NOT EXISTS {db}.event_ids (
+            day Date,
+            partition UInt32,
+            source String,
+            id String
+        ) ENGINE = ReplacingMergeTree
+        PARTITION BY day
+        ORDER BY (partition, source, id)",
+        "CREATE TABLE IF NOT EXISTS {db}.customers (
+            id String,
+            record String,
+            updated_ms Int64
+        ) ENGINE = ReplacingMergeTree(updated_ms) ORDER BY id",
+        "CREATE TABLE IF NOT EXISTS {db}.notifications (
+            customer String,
+            meter String,
+            period_start_ms Int64,
+            threshold UInt32,
+            period_end_ms Int64,
+            usage UInt64,
+            limit_value UInt64,
+            crossed_ms Int64
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (customer, meter, period_start_ms, threshold)",
+    ],
+}];
+
+/// The statements of `migration` for database `db`.
+pub fn statements(migration: &Migration, db: &str) -> Vec<String> {
+    migration
+        .statements
+        .iter()
+        .map(|s| s.replace("{db}", db))
+        .collect()
+}
+
+/// Whether `name` is safe to splice into DDL as a database name.
+pub fn valid_database_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphabetic()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_increase_and_names_are_checked() {
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version < w[1].version));
+        let all = statements(&MIGRATIONS[0], "tally_test");
+        assert!(all.iter().all(|s| !s.contains("{db}")));
+        assert!(valid_database_name("tally"));
+        assert!(!valid_database_name("tally; DROP"));
+        assert!(!valid_database_name("1tally"));
+    }
+}
