@@ -101,11 +101,8 @@ fn open(path: &Path) -> Result<Connection> {
 
 fn next_offset(conn: &Connection) -> Result<u64> {
     let seq: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'events'")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     Ok(seq.map_or(1, |s| s as u64 + 1))
 }
@@ -257,6 +254,7 @@ impl EventLog for EmbeddedLog {
             next: 0,
             high: self.high.clone(),
             cross_process: false,
+            last_stored_check: None,
             pending: Vec::new(),
             pending_since: None,
         }))
@@ -327,6 +325,9 @@ impl EventLog for EmbeddedLog {
     }
 }
 
+/// How often an idle reader looks for records written by another process.
+const STORED_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 struct EmbeddedReader {
     conn: Arc<Mutex<Connection>>,
     next: u64,
@@ -334,6 +335,8 @@ struct EmbeddedReader {
     /// Set once records were found that this process did not write: from then on the stored
     /// high watermark is read on every poll.
     cross_process: bool,
+    /// When the database was last asked for its high watermark.
+    last_stored_check: Option<tokio::time::Instant>,
     /// Records read but not yet returned (kept across a cancelled poll).
     pending: Vec<Record>,
     /// When the first pending record was read; the batch lingers from here.
@@ -437,10 +440,17 @@ impl LogReader for EmbeddedReader {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     // Another process may share the file: look at the database itself before
-                    // reporting that nothing arrived.
-                    if self.pending.is_empty() && self.stored_high().await? > self.next {
-                        self.cross_process = true;
-                        continue;
+                    // reporting that nothing arrived (at most every 100 ms while this process
+                    // has seen no record it did not write itself).
+                    let due = self
+                        .last_stored_check
+                        .is_none_or(|t| t.elapsed() >= STORED_CHECK_INTERVAL);
+                    if self.pending.is_empty() && due {
+                        self.last_stored_check = Some(tokio::time::Instant::now());
+                        if self.stored_high().await? > self.next {
+                            self.cross_process = true;
+                            continue;
+                        }
                     }
                     return Ok(self.take(max));
                 }
