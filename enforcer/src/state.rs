@@ -9,10 +9,11 @@
 //! that period, checks see no usage on that meter, which errs on the side of allowing.
 //!
 //! # The check path
-//! A check is one map lookup and arithmetic: each customer entry keeps its plan resolved to an
-//! index, its limit overrides by meter index and the billing period of the last check, which is
-//! recomputed only when the clock leaves it (once a month). Plans are resolved once, at start,
-//! into limits by meter index.
+//! A check is one map lookup and arithmetic. Plans are resolved once, at start, into limits by
+//! meter index. A customer with a stored record keeps it resolved (plan index, overrides by
+//! meter index) with the billing period of its last check, recomputed only when the clock leaves
+//! it; customers without a record share one cached calendar month. Counters are sparse: a
+//! customer holds one only for each meter it used, the first inline.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,19 +23,22 @@ use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
 use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
+use smallvec::SmallVec;
 use tally_schemas::period::{Period, calendar_month};
 use tally_schemas::quota::{self, Verdict};
 use tally_schemas::{
     Aggregation, Catalog, Clock, Customer, Limit, Notification, OnLimit, UsageEvent,
 };
 
-/// One (customer, meter) counter: 24 bytes.
+/// One (customer, meter) counter: 24 bytes. A customer holds counters only for the meters it
+/// used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter {
     /// Usage in the period, or the gauge's latest value.
@@ -45,6 +49,8 @@ pub struct Counter {
     /// When usage first reached the soft limit in that period, in seconds since the epoch;
     /// 0 if it did not.
     pub soft_crossed_s: u32,
+    /// Index of the counter's meter in the catalogue (fits in the struct's padding).
+    pub meter: u8,
 }
 
 impl Default for Counter {
@@ -53,6 +59,7 @@ impl Default for Counter {
             usage: 0,
             time_ms: i64::MIN,
             soft_crossed_s: 0,
+            meter: 0,
         }
     }
 }
@@ -94,11 +101,19 @@ pub struct RateOutcome {
     pub retry_after: Option<Duration>,
 }
 
-/// A customer: its record resolved against the catalogue, its period and counters.
-#[derive(Debug)]
+/// A customer: counters for the meters it used and, for customers with a stored record, that
+/// record resolved against the catalogue. Customers without a record (most of them, on the
+/// default plan and calendar months) cost a key and their counters.
+#[derive(Debug, Default)]
 pub struct CustomerState {
-    /// The stored record; `None` for customers on the default plan.
-    record: Option<Arc<Customer>>,
+    extra: Option<Box<CustomerExtra>>,
+    counters: SmallVec<[Counter; 1]>,
+}
+
+/// What a stored customer record adds.
+#[derive(Debug)]
+struct CustomerExtra {
+    record: Arc<Customer>,
     /// Index of the record's plan.
     plan: usize,
     /// Limit overrides by meter index, if any.
@@ -107,7 +122,31 @@ pub struct CustomerState {
     fallback_from_ms: i64,
     /// The billing period of the last check; refreshed when the clock leaves it.
     period: Period,
-    counters: Box<[Counter]>,
+}
+
+impl CustomerState {
+    /// The counter of meter `i` (a zero counter if the customer never used it).
+    fn counter(&self, i: usize) -> Counter {
+        self.counters
+            .iter()
+            .find(|c| usize::from(c.meter) == i)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn counter_mut(&mut self, i: usize) -> &mut Counter {
+        let at = match self.counters.iter().position(|c| usize::from(c.meter) == i) {
+            Some(at) => at,
+            None => {
+                self.counters.push(Counter {
+                    meter: i as u8,
+                    ..Counter::default()
+                });
+                self.counters.len() - 1
+            }
+        };
+        &mut self.counters[at]
+    }
 }
 
 /// What a check is about.
@@ -162,7 +201,7 @@ pub struct State {
     fallback_plan: usize,
     /// Hashes customer ids for the rate limiters (no allocation per check).
     rate_keys: RandomState,
-    customers: DashMap<Box<str>, CustomerState, RandomState>,
+    customers: DashMap<CompactString, CustomerState, RandomState>,
     default_customer: Arc<Customer>,
     /// Stands for every customer never seen: default plan, no usage.
     unseen: CustomerState,
@@ -203,15 +242,12 @@ impl State {
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
+        assert!(
+            meters.len() <= usize::from(u8::MAX) + 1,
+            "the catalogue is checked to hold at most 256 meters"
+        );
         let default_plan = plan_index[&catalog.policy.default_plan];
-        let unseen = CustomerState {
-            record: None,
-            plan: default_plan,
-            overrides: None,
-            fallback_from_ms: i64::MAX,
-            period: NO_PERIOD,
-            counters: vec![Counter::default(); meters.len()].into_boxed_slice(),
-        };
+        let unseen = CustomerState::default();
         State {
             rate_keys: RandomState::default(),
             unseen,
@@ -250,37 +286,30 @@ impl State {
         self.customers.len()
     }
 
-    fn new_customer(&self) -> CustomerState {
-        CustomerState {
-            record: None,
-            plan: self.default_plan,
-            overrides: None,
-            fallback_from_ms: i64::MAX,
-            period: NO_PERIOD,
-            counters: self.unseen.counters.clone(),
-        }
-    }
-
-    fn entry(&self, customer: &str) -> dashmap::mapref::one::RefMut<'_, Box<str>, CustomerState> {
+    fn entry(
+        &self,
+        customer: &str,
+    ) -> dashmap::mapref::one::RefMut<'_, CompactString, CustomerState> {
         if let Some(e) = self.customers.get_mut(customer) {
             return e;
         }
         self.customers
-            .entry(customer.into())
-            .or_insert_with(|| self.new_customer())
+            .entry(CompactString::from(customer))
+            .or_default()
     }
 
     /// The customer's record, or the default one.
     pub fn customer(&self, id: &str) -> Arc<Customer> {
         self.customers
             .get(id)
-            .and_then(|c| c.record.clone())
+            .and_then(|c| c.extra.as_ref().map(|x| x.record.clone()))
             .unwrap_or_else(|| self.default_customer.clone())
     }
 
     fn record_of(&self, c: &CustomerState) -> Arc<Customer> {
-        c.record
-            .clone()
+        c.extra
+            .as_ref()
+            .map(|x| x.record.clone())
             .unwrap_or_else(|| self.default_customer.clone())
     }
 
@@ -302,11 +331,15 @@ impl State {
             .payment_grace_until(&self.catalog)
             .unwrap_or(i64::MAX);
         let mut e = self.entry(id);
-        e.plan = plan;
-        e.overrides = overrides;
-        e.fallback_from_ms = fallback_from_ms;
-        e.period = NO_PERIOD;
-        e.record.replace(Arc::new(record))
+        let old = e.extra.take().map(|x| x.record);
+        e.extra = Some(Box::new(CustomerExtra {
+            record: Arc::new(record),
+            plan,
+            overrides,
+            fallback_from_ms,
+            period: NO_PERIOD,
+        }));
+        old
     }
 
     /// Sets a counter from the store at start-up or after a period change.
@@ -315,10 +348,11 @@ impl State {
             return;
         };
         let mut e = self.entry(customer);
-        e.counters[i] = Counter {
+        *e.counter_mut(i) = Counter {
             usage,
             time_ms: period_start_ms,
             soft_crossed_s: 0,
+            meter: i as u8,
         };
     }
 
@@ -328,7 +362,7 @@ impl State {
             return;
         };
         let mut e = self.entry(customer);
-        let c = &mut e.counters[i];
+        let c = e.counter_mut(i);
         c.usage = value;
         c.time_ms = time_ms;
     }
@@ -342,7 +376,7 @@ impl State {
             return;
         };
         let mut e = self.entry(&n.customer);
-        let c = &mut e.counters[i];
+        let c = e.counter_mut(i);
         let same_period = !agg.is_additive() || c.time_ms == n.period_start_ms;
         if same_period && c.soft_crossed_ms().is_none_or(|t| n.crossed_ms < t) {
             c.set_soft_crossed(n.crossed_ms);
@@ -357,7 +391,10 @@ impl State {
         for e in self.customers.iter() {
             let record = self.record_of(&e);
             for (name, &(i, agg)) in &self.meters {
-                let c = e.counters[i];
+                let c = e.counter(i);
+                if c.time_ms == i64::MIN {
+                    continue;
+                }
                 let period = if agg.is_additive() {
                     if c.time_ms == i64::MIN {
                         continue;
@@ -390,15 +427,14 @@ impl State {
             return;
         };
         let mut e = self.entry(&event.customer);
-        let record = self.record_of(&e);
-        let period = if e.period.contains(event.time_ms) {
-            e.period
-        } else {
-            record.period_at(event.time_ms)
+        let period = match &e.extra {
+            None => self.calendar_month(event.time_ms),
+            Some(x) if x.period.contains(event.time_ms) => x.period,
+            Some(x) => x.record.period_at(event.time_ms),
         };
         let limit = self.limit_of(&e, i, event.time_ms);
         let policy = &self.catalog.policy;
-        let c = &mut e.counters[i];
+        let c = e.counter_mut(i);
         let before;
         if agg.is_additive() {
             if period.start_ms < c.time_ms {
@@ -407,6 +443,7 @@ impl State {
             if period.start_ms > c.time_ms {
                 *c = Counter {
                     time_ms: period.start_ms,
+                    meter: i as u8,
                     ..Counter::default()
                 };
             }
@@ -448,17 +485,18 @@ impl State {
 
     /// The plan in force for a customer at `now_ms`.
     fn plan_of(&self, c: &CustomerState, now_ms: i64) -> &ResolvedPlan {
-        if now_ms >= c.fallback_from_ms {
-            &self.plans[self.fallback_plan]
-        } else {
-            &self.plans[c.plan]
+        match &c.extra {
+            None => &self.plans[self.default_plan],
+            Some(x) if now_ms >= x.fallback_from_ms => &self.plans[self.fallback_plan],
+            Some(x) => &self.plans[x.plan],
         }
     }
 
     /// The limit on meter `i` for a customer at `now_ms`.
     fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
-        if now_ms < c.fallback_from_ms
-            && let Some(l) = c.overrides.as_ref().and_then(|o| o[i])
+        if let Some(x) = &c.extra
+            && now_ms < x.fallback_from_ms
+            && let Some(l) = x.overrides.as_ref().and_then(|o| o[i])
         {
             return l;
         }
@@ -489,7 +527,7 @@ impl State {
         now: i64,
         ready: bool,
     ) -> Answer {
-        let counter = c.counters[i];
+        let counter = c.counter(i);
         // Gauges carry over; additive usage counts only in the period it belongs to.
         let (usage, crossed) = if !agg.is_additive() || counter.time_ms == period.start_ms {
             (counter.usage, counter.soft_crossed_ms())
@@ -565,14 +603,24 @@ impl State {
         }
         let now = self.clock.now_ms();
         if let Some(c) = self.customers.get(q.customer) {
-            if c.period.contains(now) {
-                return Ok(self.answer(&c, c.period, i, agg, &q, now, ready));
+            match &c.extra {
+                None => {
+                    let period = self.calendar_month(now);
+                    return Ok(self.answer(&c, period, i, agg, &q, now, ready));
+                }
+                Some(x) if x.period.contains(now) => {
+                    return Ok(self.answer(&c, x.period, i, agg, &q, now, ready));
+                }
+                Some(_) => {}
             }
             drop(c);
             // The clock left the cached period (once a month): recompute it.
-            if let Some(mut c) = self.customers.get_mut(q.customer) {
-                c.period = self.record_of(&c).period_at(now);
-                return Ok(self.answer(&c, c.period, i, agg, &q, now, ready));
+            if let Some(mut c) = self.customers.get_mut(q.customer)
+                && let Some(x) = c.extra.as_mut()
+            {
+                x.period = x.record.period_at(now);
+                let period = x.period;
+                return Ok(self.answer(&c, period, i, agg, &q, now, ready));
             }
         }
         // A customer never seen: default plan, no usage.

@@ -230,8 +230,10 @@ impl Catalog {
     }
 
     fn check(&self) -> Result<()> {
-        if self.meters.is_empty() {
-            return Err(Error::Catalog("the catalogue defines no meter".into()));
+        if self.meters.is_empty() || self.meters.len() > 256 {
+            return Err(Error::Catalog(
+                "the catalogue must define between 1 and 256 meters".into(),
+            ));
         }
         for name in self.meters.keys() {
             crate::event::check_meter_name(name)
