@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # HTTP quota checks per second and latency at fixed offered loads, Tally beside an axum handler
-# that does nothing (benches/baseline_axum.rs), interleaved, on this machine.
+# that does nothing (benches/baseline_axum.rs) and beside a Redis-backed quota check (INCRBY in a
+# Lua script per request, benches/baseline_redis.rs, with Debian's redis-server), interleaved,
+# on this machine.
 #
 # Usage: benches/enforcer_http.sh [seconds per run] [runs]
 # Needs oha (cargo install oha --locked); set OHA=/path/to/oha if it is not on PATH.
@@ -13,7 +15,8 @@ RUNS="${2:-3}"
 OHA="${OHA:-oha}"
 command -v "$OHA" >/dev/null || { echo "oha not found: cargo install oha --locked" >&2; exit 1; }
 
-cargo build --release --quiet --bin tally --example baseline_axum
+command -v redis-server >/dev/null || { echo "redis-server not found: apt-get install redis-server" >&2; exit 1; }
+cargo build --release --quiet --bin tally --example baseline_axum --example baseline_redis
 TARGET="${CARGO_TARGET_DIR:-target}/release"
 WORK="$(mktemp -d)"
 PIDS=()
@@ -21,7 +24,7 @@ cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-TALLY_PORT=$(free_port); ADMIN_PORT=$(free_port); BASE_PORT=$(free_port)
+TALLY_PORT=$(free_port); ADMIN_PORT=$(free_port); BASE_PORT=$(free_port); REDIS_PORT=$(free_port); RBASE_PORT=$(free_port)
 
 # The bench catalogue lifts the plans' request-rate limits so that every check runs the whole
 # decision, token bucket included, without being refused.
@@ -31,6 +34,11 @@ TALLY_DATA_DIR="$WORK/data" TALLY_LISTEN="127.0.0.1:$TALLY_PORT" TALLY_ADMIN_LIS
     TALLY_CATALOG_FILE="$WORK/catalog.toml" TALLY_LOG=warn "$TARGET/tally" run &
 PIDS+=($!)
 "$TARGET/examples/baseline_axum" "127.0.0.1:$BASE_PORT" &
+PIDS+=($!)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" >/dev/null &
+PIDS+=($!)
+for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+"$TARGET/examples/baseline_redis" "127.0.0.1:$RBASE_PORT" "redis://127.0.0.1:$REDIS_PORT" &
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && break; sleep 0.1; done
 
@@ -61,8 +69,8 @@ print(d["summary"]["requestsPerSec"], p["p50"] * 1e6, p["p99"] * 1e6, p["p99.9"]
 declare -A RESULTS
 for rate in 10000 50000 max; do
     for r in $(seq "$RUNS"); do
-        for target in baseline tally; do
-            port=$BASE_PORT; [ "$target" = tally ] && port=$TALLY_PORT
+        for target in baseline tally redis; do
+            case $target in baseline) port=$BASE_PORT ;; tally) port=$TALLY_PORT ;; redis) port=$RBASE_PORT ;; esac
             RESULTS[$target,$rate]+="$(run "$port" "$rate")"$'\n'
         done
     done
@@ -71,7 +79,7 @@ done
 echo "| target | offered load | achieved checks/s | p50 | p99 | p99.9 |"
 echo "|---|---|---|---|---|---|"
 for rate in 10000 50000 max; do
-    for target in baseline tally; do
+    for target in baseline tally redis; do
         printf '%s' "${RESULTS[$target,$rate]}" | python3 -c '
 import statistics, sys
 rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
@@ -81,4 +89,4 @@ print(f"| {target} | {rate}/s | {med(0):,.0f} | {med(1):.0f} us | {med(2):.0f} u
     done
 done
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); oha and both servers share these cores; ${RUNS} runs of ${SECS}s each, interleaved"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); oha and the servers share these cores; ${RUNS} runs of ${SECS}s each, interleaved"
