@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State as AxState};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, RawQuery, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -294,11 +294,39 @@ async fn post_check(
     Ok(respond(&s.state, reply, &a))
 }
 
+/// Reads `customer`, `meter` and `quantity` from a query string. Gateways call this on every
+/// request, so the three keys are read directly rather than through serde.
+pub fn parse_check_query(query: &str) -> Result<CheckRequest, ApiError> {
+    let mut req = CheckRequest {
+        customer: None,
+        meter: None,
+        quantity: None,
+    };
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "customer" => req.customer = Some(v.into_owned()),
+            "meter" => req.meter = Some(v.into_owned()),
+            "quantity" => {
+                req.quantity = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request("invalid_request", "quantity must be a whole number >= 0")
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("unknown query parameter `{other}`"),
+                ));
+            }
+        }
+    }
+    Ok(req)
+}
+
 async fn get_check(
     AxState(s): AxState<EnforcerHttp>,
-    q: Result<Query<CheckRequest>, QueryRejection>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let Query(req) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let req = parse_check_query(query.as_deref().unwrap_or(""))?;
     let (reply, a) = answer(&s.state, req, "http")?;
     Ok(respond(&s.state, reply, &a))
 }
