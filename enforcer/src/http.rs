@@ -277,10 +277,20 @@ pub fn blocked(reply: &CheckReply, headers: HeaderMap) -> Response {
     resp
 }
 
+/// A JSON body serialized into one pre-sized buffer (the check reply is about 350 bytes): on the
+/// hot path this is cheaper than writing through a growing `BytesMut`.
+fn json_body(reply: &CheckReply) -> Response {
+    let mut buf = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut buf, reply) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], buf).into_response(),
+        Err(e) => ApiError::unavailable(&e).into_response(),
+    }
+}
+
 fn respond(state: &State, reply: CheckReply, a: &Answer) -> Response {
     let headers = quota_headers(a, state.clock().now_ms());
     if a.verdict.decision != Decision::Block {
-        return (StatusCode::OK, headers, Json(reply)).into_response();
+        return (StatusCode::OK, headers, json_body(&reply)).into_response();
     }
     blocked(&reply, headers)
 }
