@@ -202,27 +202,30 @@ pub fn quota_headers(a: &Answer, now_ms: i64) -> HeaderMap {
         DECISION_HEADER.clone(),
         HeaderValue::from_static(decision_name(a.verdict.decision)),
     );
+    use std::fmt::Write as _;
     let reset_secs = ((a.period.end_ms - now_ms).max(0) + 999) / 1000;
-    let mut policies = Vec::new();
-    let mut limits = Vec::new();
+    // Written straight into two buffers: this runs on every check.
+    let mut policy = String::with_capacity(64);
+    let mut limits = String::with_capacity(64);
     if let Limit::Finite(limit) = a.limit {
         let window = (a.period.end_ms - a.period.start_ms) / 1000;
-        policies.push(format!("\"quota\";q={limit};w={window}"));
         let r = a.verdict.remaining.unwrap_or(0);
-        limits.push(format!("\"quota\";r={r};t={reset_secs}"));
+        let _ = write!(policy, "\"quota\";q={limit};w={window}");
+        let _ = write!(limits, "\"quota\";r={r};t={reset_secs}");
     }
     if let Some(rate) = a.rate {
-        policies.push(format!("\"rate\";q={};w=1", rate.per_second));
+        let sep = if policy.is_empty() { "" } else { ", " };
         let t = rate
             .retry_after
             .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
-        limits.push(format!("\"rate\";r={};t={t}", rate.remaining));
+        let _ = write!(policy, "{sep}\"rate\";q={};w=1", rate.per_second);
+        let _ = write!(limits, "{sep}\"rate\";r={};t={t}", rate.remaining);
     }
-    if !policies.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&policies.join(", ")) {
+    if !policy.is_empty() {
+        if let Ok(v) = HeaderValue::try_from(policy) {
             h.insert(POLICY_HEADER.clone(), v);
         }
-        if let Ok(v) = HeaderValue::from_str(&limits.join(", ")) {
+        if let Ok(v) = HeaderValue::try_from(limits) {
             h.insert(RATELIMIT_HEADER.clone(), v);
         }
     }
