@@ -101,8 +101,7 @@ async fn get_usage(
     let customer = q
         .customer
         .ok_or_else(|| ApiError::bad_request("missing_parameter", "`customer` is required"))?;
-    tally_schemas::event::check_customer_id(&customer)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    tally_schemas::event::check_customer_id(&customer)?;
     let meter_name = q
         .meter
         .ok_or_else(|| ApiError::bad_request("missing_parameter", "`meter` is required"))?;

@@ -133,8 +133,7 @@ pub fn answer(
     let customer = req
         .customer
         .ok_or_else(|| ApiError::bad_request("missing_parameter", "`customer` is required"))?;
-    tally_schemas::event::check_customer_id(&customer)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    tally_schemas::event::check_customer_id(&customer)?;
     let meter = req
         .meter
         .ok_or_else(|| ApiError::bad_request("missing_parameter", "`meter` is required"))?;
@@ -417,8 +416,7 @@ async fn get_customer(
     AxState(s): AxState<EnforcerHttp>,
     Path(id): Path<String>,
 ) -> Result<Json<CustomerView>, ApiError> {
-    tally_schemas::event::check_customer_id(&id)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    tally_schemas::event::check_customer_id(&id)?;
     let stored = s
         .store
         .customer(&id)
@@ -434,8 +432,7 @@ async fn put_customer(
     Path(id): Path<String>,
     body: Result<Json<CustomerUpdate>, JsonRejection>,
 ) -> Result<Json<CustomerView>, ApiError> {
-    tally_schemas::event::check_customer_id(&id)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    tally_schemas::event::check_customer_id(&id)?;
     let Json(u) = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let catalog = s.state.catalog().clone();
     let mut c = s

@@ -474,9 +474,9 @@ impl State {
         }
         if !agg.is_additive() && c.usage < before {
             // A gauge that went back below the soft limit ends its grace.
-            let back_under = limit.finite().is_some_and(|l| {
-                u128::from(c.usage) * 100 < u128::from(l) * u128::from(policy.soft_percent)
-            });
+            let back_under = limit
+                .finite()
+                .is_some_and(|l| !quota::reaches(c.usage, l, policy.soft_percent));
             if back_under {
                 c.soft_crossed_s = 0;
             }

@@ -180,8 +180,7 @@ fn decode_body(
             }
         }
         BodyKind::Batch | BodyKind::Json if kind == BodyKind::Batch || is_array => {
-            let results = decode_batch(text, catalog, policy, now_ms)
-                .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+            let results = decode_batch(text, catalog, policy, now_ms)?;
             if results.len() > settings.max_batch_events {
                 return Err(too_many(results.len()));
             }
@@ -205,12 +204,6 @@ async fn post_events(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let kind = body_kind(&headers)?;
-    if std::str::from_utf8(&body).is_err() {
-        return Err(ApiError::bad_request(
-            "malformed_json",
-            "the body is not UTF-8",
-        ));
-    }
     let now_ms = state.clock.now_ms();
     let decoded = if body.len() <= INLINE_DECODE_BYTES {
         decode_utf8(kind, &body, &state, now_ms)?
@@ -267,7 +260,6 @@ fn decode_utf8(
     state: &IngestState,
     now_ms: i64,
 ) -> Result<Decoded, ApiError> {
-    // Checked by the caller.
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed_json", "the body is not UTF-8"))?;
     decode_body(kind, text, &state.catalog, &state.settings, now_ms)

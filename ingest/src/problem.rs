@@ -70,6 +70,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An invalid event attribute or identifier: 400 with the error's own code.
+impl From<tally_schemas::EventError> for ApiError {
+    fn from(e: tally_schemas::EventError) -> ApiError {
+        ApiError::bad_request(e.code(), e.to_string())
+    }
+}
+
 /// Maps axum's body and query rejections to [`ApiError`]s with codes.
 pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     match status {

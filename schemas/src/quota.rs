@@ -54,16 +54,20 @@ pub struct Verdict {
     pub remaining: Option<u64>,
 }
 
+/// Whether `amount` is at least `pct` percent of `limit` (exact, no floating point).
+pub fn reaches(amount: u64, limit: u64, pct: u32) -> bool {
+    u128::from(amount) * 100 >= u128::from(limit) * u128::from(pct)
+}
+
 /// The highest policy threshold that `amount` reaches against `limit`.
 pub fn threshold_reached(policy: &QuotaPolicy, limit: u64, amount: u64) -> Option<u32> {
-    let reached = |pct: u32| u128::from(amount) * 100 >= u128::from(limit) * u128::from(pct);
     [
         policy.block_percent,
         policy.soft_percent,
         policy.warn_percent,
     ]
     .into_iter()
-    .find(|&p| reached(p))
+    .find(|&p| reaches(amount, limit, p))
 }
 
 /// Thresholds crossed when usage grows from `before` to `after`, lowest first.
@@ -73,18 +77,14 @@ pub fn thresholds_crossed(
     before: u64,
     after: u64,
 ) -> impl Iterator<Item = u32> {
-    let hit = |pct: u32, amount: u64, limit: u64| {
-        u128::from(amount) * 100 >= u128::from(limit) * u128::from(pct)
-    };
-    let limit = limit.finite();
     let mut out = [None; 3];
-    if let Some(limit) = limit {
+    if let Some(limit) = limit.finite() {
         for (slot, pct) in out.iter_mut().zip([
             policy.warn_percent,
             policy.soft_percent,
             policy.block_percent,
         ]) {
-            if hit(pct, after, limit) && !hit(pct, before, limit) {
+            if reaches(after, limit, pct) && !reaches(before, limit, pct) {
                 *slot = Some(pct);
             }
         }
