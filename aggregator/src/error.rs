@@ -26,4 +26,10 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl From<tally_ingest::sqlite::Unavailable> for Error {
+    fn from(_: tally_ingest::sqlite::Unavailable) -> Error {
+        Error::Closed
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

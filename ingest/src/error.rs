@@ -20,6 +20,12 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl From<crate::sqlite::Unavailable> for Error {
+    fn from(_: crate::sqlite::Unavailable) -> Error {
+        Error::Closed
+    }
+}
+
 impl Error {
     /// Whether the caller may retry later (the log is down or busy) rather than fix its input.
     pub fn is_retryable(&self) -> bool {

@@ -4,9 +4,34 @@
 //! processes sharing a data directory.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
+
+/// A shared connection could not be used: its thread panicked holding it, or the runtime is
+/// shutting down. Each crate's error type turns it into its own "closed" error.
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable;
+
+/// Runs `f` on a blocking thread with the connection locked: SQLite calls never run on the async
+/// workers.
+pub async fn with_connection<T, E>(
+    conn: &Arc<Mutex<Connection>>,
+    f: impl FnOnce(&mut Connection) -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<Unavailable> + Send + 'static,
+{
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = conn.lock().map_err(|_| Unavailable)?;
+        f(&mut c)
+    })
+    .await
+    .map_err(|_| Unavailable)?
+}
 
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;

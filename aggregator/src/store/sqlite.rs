@@ -78,13 +78,7 @@ impl SqliteStore {
         conn: &Arc<Mutex<Connection>>,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().map_err(|_| Error::Closed)?;
-            f(&mut c)
-        })
-        .await
-        .map_err(|_| Error::Closed)?
+        tally_ingest::sqlite::with_connection(conn, f).await
     }
 }
 

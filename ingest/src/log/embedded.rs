@@ -134,13 +134,7 @@ impl EmbeddedLog {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let side = self.side.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = side.lock().map_err(|_| Error::Closed)?;
-            f(&conn)
-        })
-        .await
-        .map_err(|_| Error::Closed)?
+        crate::sqlite::with_connection(&self.side, move |c| f(c)).await
     }
 }
 
@@ -359,19 +353,12 @@ impl EmbeddedReader {
     }
 
     async fn stored_high(&self) -> Result<u64> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().map_err(|_| Error::Closed)?;
-            next_offset(&conn)
-        })
-        .await
-        .map_err(|_| Error::Closed)?
+        crate::sqlite::with_connection(&self.conn, |c| next_offset(c)).await
     }
 
     async fn read(&self, max: usize) -> Result<Vec<Record>> {
-        let (conn, from) = (self.conn.clone(), self.next);
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().map_err(|_| Error::Closed)?;
+        let from = self.next;
+        crate::sqlite::with_connection(&self.conn, move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT offset, record FROM events WHERE offset >= ?1 ORDER BY offset LIMIT ?2",
             )?;
@@ -389,7 +376,6 @@ impl EmbeddedReader {
             Ok(out)
         })
         .await
-        .map_err(|_| Error::Closed)?
     }
 }
 
