@@ -27,12 +27,7 @@ fn separate_processes_share_the_embedded_log() {
     let events: Vec<Value> = (0..30)
         .map(|i| json!({"specversion": "1.0", "id": format!("p-{i}"), "source": "edge", "type": "api_requests", "subject": "split", "data": {"value": 10}}))
         .collect();
-    let r = client
-        .post(format!("{}/v1/events", ingest.api))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(Value::Array(events).to_string())
-        .send()
-        .unwrap();
+    let r = ingest.post_batch(Value::Array(events).to_string());
     assert_eq!(r.status().as_u16(), 202);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -44,12 +44,7 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
     let mut acked = Vec::new();
     for k in 0..40 {
         let body = batch(k);
-        let r = client
-            .post(format!("{}/v1/events", p.api))
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(body.clone())
-            .send()
-            .expect("reply");
+        let r = p.post_batch(body.clone());
         assert_eq!(r.status().as_u16(), 202);
         let reply: Value = r.json().unwrap();
         assert_eq!(reply["accepted"], 50);
@@ -83,14 +78,7 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
     }
     // Edge nodes that retry after the crash are told their events are duplicates.
     for body in &acked[35..] {
-        let r: Value = client
-            .post(format!("{}/v1/events", p.api))
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(body.clone())
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let r: Value = p.post_batch(body.clone()).json().unwrap();
         assert_eq!(
             (r["accepted"].clone(), r["duplicates"].clone()),
             (json!(0), json!(50))

@@ -103,12 +103,7 @@ http {{
         {"specversion": "1.0", "id": "n1", "source": "edge", "type": "api_requests", "subject": "ngx-ok", "data": {"value": 100}},
         {"specversion": "1.0", "id": "n2", "source": "edge", "type": "api_requests", "subject": "ngx-over", "data": {"value": 12000}}
     ]);
-    let r = client
-        .post(format!("{}/v1/events", tally.api))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(events.to_string())
-        .send()
-        .unwrap();
+    let r = tally.post_batch(events.to_string());
     assert_eq!(r.status().as_u16(), 202);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -85,12 +85,7 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
         {"specversion": "1.0", "id": "w1", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 8000}},
         {"specversion": "1.0", "id": "w2", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 3000}}
     ]);
-    let r = client
-        .post(format!("{}/v1/events", ingest.api))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(events.to_string())
-        .send()
-        .unwrap();
+    let r = ingest.post_batch(events.to_string());
     assert_eq!(r.status().as_u16(), 202);
 
     let deadline = Instant::now() + Duration::from_secs(20);

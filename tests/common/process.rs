@@ -71,6 +71,18 @@ pub fn start_with_env(
     panic!("tally did not become ready");
 }
 
+impl Proc {
+    /// POSTs a CloudEvents batch to this process's `/v1/events`.
+    pub fn post_batch(&self, body: impl Into<String>) -> reqwest::blocking::Response {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/v1/events", self.api))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body.into())
+            .send()
+            .expect("ingest replies")
+    }
+}
+
 impl Drop for Proc {
     /// A failing test must not leave the server running (it would also hold the test's output
     /// pipe open).
