@@ -61,22 +61,31 @@ pub struct CheckRequest {
     pub quantity: Option<u64>,
 }
 
+/// `quantity` in a JSON check: a whole number, or the same written as a string; `null` means
+/// the default. Read by a visitor, without buffering, since it is on the check path.
 fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    // Accept numbers (JSON) and numeric strings (query strings).
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Q {
-        N(u64),
-        S(String),
+    struct Quantity;
+    impl<'de> serde::de::Visitor<'de> for Quantity {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("quantity must be a whole number >= 0")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            v.parse()
+                .map(Some)
+                .map_err(|_| E::custom("quantity must be a whole number >= 0"))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
-    match Option::<Q>::deserialize(d)? {
-        None => Ok(None),
-        Some(Q::N(n)) => Ok(Some(n)),
-        Some(Q::S(s)) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| serde::de::Error::custom("quantity must be a whole number >= 0")),
-    }
+    d.deserialize_any(Quantity)
 }
 
 /// The decision body of `/v1/check`.
