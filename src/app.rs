@@ -13,12 +13,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tally_aggregator::store::UsageStore;
+use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use tally_aggregator::store::sqlite::SqliteStore;
 use tally_aggregator::{AggregatorSettings, query};
 use tally_enforcer::http::EnforcerHttp;
 use tally_enforcer::{EnforcerSettings, State};
 use tally_ingest::log::EventLog;
 use tally_ingest::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use tally_ingest::log::kafka::{KafkaLog, KafkaLogConfig};
 use tally_ingest::problem::ApiError;
 use tally_ingest::{IngestSettings, IngestState};
 use tally_schemas::{Catalog, Clock, TimePolicy};
@@ -75,7 +77,59 @@ pub fn load_catalog(config: &Config) -> Result<Catalog> {
     }
 }
 
+/// The Kafka settings, when Kafka is configured.
+pub fn kafka_config(config: &Config) -> Option<KafkaLogConfig> {
+    let brokers = config.kafka_brokers.as_ref()?;
+    let mut c = KafkaLogConfig::new(brokers.clone(), config.kafka_topic.clone());
+    c.partitions = config.kafka_partitions;
+    c.replication = config.kafka_replication;
+    c.delivery_timeout = config.kafka_delivery_timeout;
+    c.session_timeout = config.kafka_session_timeout;
+    Some(c)
+}
+
+/// The ClickHouse settings, when ClickHouse is configured.
+pub fn clickhouse_config(config: &Config) -> Option<ClickHouseConfig> {
+    let url = config.clickhouse_url.as_ref()?;
+    let mut c = ClickHouseConfig::new(url.clone(), config.clickhouse_database.clone());
+    c.user = config.clickhouse_user.clone();
+    c.password = config.clickhouse_password.clone();
+    c.dedup_window = config.dedup_window;
+    Some(c)
+}
+
+/// `tally migrate`: creates or upgrades the Kafka topics and the ClickHouse schema that the
+/// configuration names; idempotent. Returns what it did, one line each.
+pub async fn migrate(config: &Config) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    if let Some(k) = kafka_config(config) {
+        KafkaLog::create_topics(&k).await?;
+        done.push(format!(
+            "kafka: topics {} and {}.notifications exist",
+            k.topic, k.topic
+        ));
+    }
+    if let Some(c) = clickhouse_config(config) {
+        let applied = ClickHouseStore::migrate(&c).await?;
+        done.push(format!(
+            "clickhouse: database {} at schema version {} (applied now: {:?})",
+            c.database,
+            tally_schemas::clickhouse::MIGRATIONS
+                .last()
+                .map_or(0, |m| m.version),
+            applied
+        ));
+    }
+    if done.is_empty() {
+        done.push("nothing to migrate: neither kafka_brokers nor clickhouse_url is set".into());
+    }
+    Ok(done)
+}
+
 fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventLog>> {
+    if let Some(k) = kafka_config(config) {
+        return Ok(Arc::new(KafkaLog::connect(k)?));
+    }
     let mut c = EmbeddedLogConfig::new(Path::new(&config.data_dir).join("events.db"));
     c.dedup_window = config.dedup_window;
     c.retention = config.log_retention;
@@ -83,6 +137,9 @@ fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventLog>>
 }
 
 fn open_store(config: &Config) -> Result<Arc<dyn UsageStore>> {
+    if let Some(c) = clickhouse_config(config) {
+        return Ok(Arc::new(ClickHouseStore::new(&c)));
+    }
     Ok(Arc::new(SqliteStore::open(
         Path::new(&config.data_dir).join("usage.db"),
     )?))

@@ -84,6 +84,34 @@ pub struct Config {
     /// How long a shutdown may take to drain requests and flush. `TALLY_SHUTDOWN_TIMEOUT`.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Kafka bootstrap servers (`host:port,...`); when set, Kafka replaces the embedded log.
+    /// `TALLY_KAFKA_BROKERS`.
+    pub kafka_brokers: Option<String>,
+    /// Topic of usage events (threshold notifications use `<topic>.notifications`).
+    /// `TALLY_KAFKA_TOPIC`.
+    pub kafka_topic: String,
+    /// Partitions of the topic when `tally migrate` creates it. `TALLY_KAFKA_PARTITIONS`.
+    pub kafka_partitions: u32,
+    /// Replication factor of the topics `tally migrate` creates. `TALLY_KAFKA_REPLICATION`.
+    pub kafka_replication: u32,
+    /// Longest ingest waits for the broker's acknowledgement before answering 503.
+    /// `TALLY_KAFKA_DELIVERY_TIMEOUT`.
+    #[serde(with = "duration")]
+    pub kafka_delivery_timeout: Duration,
+    /// Consumer-group session timeout: how soon a dead aggregator's partitions move.
+    /// `TALLY_KAFKA_SESSION_TIMEOUT`.
+    #[serde(with = "duration")]
+    pub kafka_session_timeout: Duration,
+    /// ClickHouse HTTP endpoint (`http://host:8123`); when set, ClickHouse replaces the
+    /// embedded store. `TALLY_CLICKHOUSE_URL`.
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database. `TALLY_CLICKHOUSE_DATABASE`.
+    pub clickhouse_database: String,
+    /// ClickHouse user. `TALLY_CLICKHOUSE_USER`.
+    pub clickhouse_user: Option<String>,
+    /// ClickHouse password. `TALLY_CLICKHOUSE_PASSWORD`.
+    #[serde(serialize_with = "redacted")]
+    pub clickhouse_password: Option<String>,
 }
 
 impl Default for Config {
@@ -110,6 +138,16 @@ impl Default for Config {
             webhook_max_attempts: 8,
             webhook_retry_base: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            kafka_brokers: None,
+            kafka_topic: "tally.usage-events".into(),
+            kafka_partitions: 8,
+            kafka_replication: 1,
+            kafka_delivery_timeout: Duration::from_secs(10),
+            kafka_session_timeout: Duration::from_secs(10),
+            clickhouse_url: None,
+            clickhouse_database: "tally".into(),
+            clickhouse_user: None,
+            clickhouse_password: None,
         }
     }
 }
@@ -241,6 +279,17 @@ impl Config {
                     "webhook URL `{url}` must start with http:// or https://"
                 )));
             }
+        }
+        if !tally_schemas::clickhouse::valid_database_name(&self.clickhouse_database) {
+            return Err(Error::Config(format!(
+                "clickhouse_database `{}` must be a letter followed by letters, digits or _",
+                self.clickhouse_database
+            )));
+        }
+        if self.kafka_partitions == 0 || self.kafka_replication == 0 {
+            return Err(Error::Config(
+                "kafka_partitions and kafka_replication must be at least 1".into(),
+            ));
         }
         if self.flush_interval.is_zero() {
             return Err(Error::Config(

@@ -37,6 +37,8 @@ enum Command {
     BillingSync,
     /// Print the effective configuration as TOML.
     Config,
+    /// Create or upgrade the Kafka topics and the ClickHouse schema (idempotent).
+    Migrate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +53,17 @@ fn main() -> anyhow::Result<()> {
         Command::BillingSync => &[Component::BillingSync],
         Command::Config => {
             print!("{}", toml::to_string(&config)?);
+            return Ok(());
+        }
+        Command::Migrate => {
+            tally::telemetry::init(&config);
+            let done = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(tally::app::migrate(&config))?;
+            for line in done {
+                println!("{line}");
+            }
             return Ok(());
         }
     };

@@ -44,7 +44,7 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
         .unwrap();
     assert_eq!(rec.trim(), "{\"plan\":\"starter\"}");
     // Old de-duplication days are dropped by partition.
-    ch.query("INSERT INTO tally_it.event_ids VALUES ('2026-10-01',0,'edge','e-1'), ('2026-11-21',0,'edge','e-2')").unwrap();
+    ch.query("INSERT INTO tally_it.event_ids VALUES ('2026-10-01',0,'edge','e-1',1), ('2026-11-21',0,'edge','e-2',2)").unwrap();
     ch.query("ALTER TABLE tally_it.event_ids DROP PARTITION '2026-10-01'")
         .unwrap();
     let ids = ch

@@ -16,6 +16,8 @@ pub enum Error {
         first: u64,
         stored: u64,
     },
+    #[error("clickhouse: {0}")]
+    ClickHouse(String),
     #[error("stored customer record is unreadable: {0}")]
     Record(#[from] serde_json::Error),
     #[error(transparent)]

@@ -35,6 +35,7 @@ pub mod query;
 pub mod rollup;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,22 +77,62 @@ pub async fn run(
     store: Arc<dyn UsageStore>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let mut reader = log.reader()?;
-    for (partition, next) in store.offsets().await? {
+    let mut reader = log.group_reader(CONSUMER_GROUP)?;
+    let mut floors = store.offsets().await?;
+    for (&partition, &next) in &floors {
         reader.seek(partition, next);
     }
+    let mut epoch = reader.assignment_epoch();
+    let mut maintained: Option<Instant> = None;
     tracing::info!("aggregator started");
     loop {
+        if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
+            maintained = Some(Instant::now());
+            if let Err(e) = store.maintain(now_ms()).await {
+                tracing::warn!(error = %e, "store maintenance failed");
+            }
+        }
         let batch = tokio::select! {
             _ = shutdown.cancelled() => break,
             b = reader.poll(settings.max_batch_events, settings.flush_interval) => b?,
         };
+        if reader.assignment_epoch() != epoch {
+            // Partitions moved: another aggregator may have advanced them meanwhile. Resume
+            // each from the store, which is the truth, not from the log's committed offsets.
+            epoch = reader.assignment_epoch();
+            floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+        }
+        let batch: Vec<_> = batch
+            .into_iter()
+            .filter(|r| floors.get(&r.partition).is_none_or(|f| r.offset >= *f))
+            .collect();
         if batch.is_empty() {
             continue;
         }
-        let rollup = Rollup::from_records(&batch, &catalog);
-        flush(&rollup, store.as_ref(), &shutdown).await?;
-        for (&partition, &(_, next)) in &rollup.ranges {
+        let Some(rollup) = roll_up(&batch, &catalog, store.as_ref(), &shutdown).await? else {
+            return Ok(());
+        };
+        match flush(&rollup, store.as_ref(), &shutdown).await {
+            Ok(true) => {}
+            // Stopped before the store took the batch: it is read again on restart.
+            Ok(false) => break,
+            Err(e @ Error::Fenced { .. }) => {
+                tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
+                floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let positions: BTreeMap<u32, u64> = rollup
+            .ranges
+            .iter()
+            .map(|(&p, &(_, next))| (p, next))
+            .collect();
+        floors.extend(positions.iter().map(|(&p, &n)| (p, n)));
+        if let Err(e) = reader.commit(&positions).await {
+            tracing::warn!(error = %e, "could not commit positions to the log");
+        }
+        for (&partition, &next) in &positions {
             if let Err(e) = log.commit(CONSUMER_GROUP, partition, next).await {
                 tracing::warn!(partition, error = %e, "could not report position to the log");
             }
@@ -101,40 +142,101 @@ pub async fn run(
     Ok(())
 }
 
-/// Writes one batch, retrying with backoff while the store fails.
+/// How often the store's housekeeping runs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Retries `op` with backoff while the store fails; `None` once `shutdown` is cancelled.
+async fn retrying<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(Some(v)),
+            Err(e @ Error::Fenced { .. }) => return Err(e),
+            Err(e) => {
+                metrics::FLUSHES.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{what} failed");
+                tokio::select! {
+                    // Stopping without writing is safe: the batch is read again on restart.
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Re-reads the store's positions and moves the reader there.
+async fn reread(
+    store: &dyn UsageStore,
+    reader: &mut dyn tally_ingest::log::LogReader,
+    shutdown: &CancellationToken,
+) -> Result<BTreeMap<u32, u64>> {
+    let floors = retrying("reading positions", shutdown, || store.offsets())
+        .await?
+        .unwrap_or_default();
+    for (&partition, &next) in &floors {
+        reader.seek(partition, next);
+    }
+    Ok(floors)
+}
+
+/// Drops duplicates (per the store) and folds the rest; `None` once `shutdown` is cancelled.
+async fn roll_up(
+    batch: &[tally_ingest::log::Record],
+    catalog: &Catalog,
+    store: &dyn UsageStore,
+    shutdown: &CancellationToken,
+) -> Result<Option<Rollup>> {
+    let Some(keep) = retrying("de-duplication", shutdown, || store.first_seen(batch)).await? else {
+        return Ok(None);
+    };
+    let mut rollup = Rollup::default();
+    let mut duplicates = 0u64;
+    for (rec, keep) in batch.iter().zip(keep) {
+        if keep {
+            rollup.push(rec, catalog);
+        } else {
+            rollup.cover(rec);
+            duplicates += 1;
+        }
+    }
+    if duplicates > 0 {
+        metrics::DUPLICATES.inc_by(duplicates);
+    }
+    Ok(Some(rollup))
+}
+
+/// Writes one batch, retrying with backoff while the store fails; `false` if `shutdown` came
+/// first.
 async fn flush(
     rollup: &Rollup,
     store: &dyn UsageStore,
     shutdown: &CancellationToken,
-) -> Result<()> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let started = Instant::now();
-        match store.apply(rollup).await {
-            Ok(applied) => {
-                metrics::FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
-                let result = match applied {
-                    Applied::Written => "written",
-                    Applied::Replay => "replay",
-                };
-                metrics::FLUSHES.with_label_values(&[result]).inc();
-                if applied == Applied::Written {
-                    metrics::EVENTS.inc_by(rollup.events as u64);
-                    metrics::CELLS.inc_by(rollup.cells.len() as u64);
-                }
-                return Ok(());
-            }
-            Err(e @ Error::Fenced { .. }) => return Err(e),
-            Err(e) => {
-                metrics::FLUSHES.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed");
-                tokio::select! {
-                    // Stopping without writing is safe: the batch is read again on restart.
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
+) -> Result<bool> {
+    let started = Instant::now();
+    let Some(applied) = retrying("flush", shutdown, || store.apply(rollup)).await? else {
+        return Ok(false);
+    };
+    metrics::FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
+    let result = match applied {
+        Applied::Written => "written",
+        Applied::Replay => "replay",
+    };
+    metrics::FLUSHES.with_label_values(&[result]).inc();
+    if applied == Applied::Written {
+        metrics::EVENTS.inc_by(rollup.events as u64);
+        metrics::CELLS.inc_by(rollup.cells.len() as u64);
     }
+    Ok(true)
 }

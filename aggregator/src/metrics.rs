@@ -15,6 +15,14 @@ pub static EVENTS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_duplicate_events_total",
+        "Events dropped by the aggregator because their (source, id) was already counted"
+    )
+    .expect("metric registers once")
+});
+
 pub static CELLS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tally_aggregator_cells_total",

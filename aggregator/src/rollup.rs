@@ -1,7 +1,8 @@
 //! Folding log records into per (customer, meter, minute) cells: the pure heart of the
 //! aggregator. Additive meters sum; gauges keep the latest value by event time (ties keep the
 //! larger value). Both merges are commutative and associative, so any batching, order or replay
-//! of the same records yields the same cells; duplicates are removed before the log.
+//! of the same records yields the same cells. Duplicates are dropped before the fold (by the log,
+//! or by the store's de-duplication table) and only [`Rollup::cover`]ed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,6 +12,8 @@ use tally_schemas::{Aggregation, Catalog};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CellKey {
+    /// Log partition of the records (one customer's records share one partition).
+    pub partition: u32,
     pub customer: String,
     pub meter: String,
     /// Start of the UTC minute, in ms.
@@ -78,6 +81,7 @@ impl Rollup {
             }
         };
         let key = CellKey {
+            partition: rec.partition,
             customer: e.customer.clone(),
             meter: e.meter.clone(),
             minute_ms: minute_of(e.time_ms),
@@ -86,13 +90,18 @@ impl Rollup {
             .entry(key)
             .and_modify(|c| c.merge(cell))
             .or_insert(cell);
+        self.cover(rec);
+        self.events += 1;
+    }
+
+    /// Extends the batch's positions over `rec` without counting it (a dropped duplicate).
+    pub fn cover(&mut self, rec: &Record) {
         let range = self
             .ranges
             .entry(rec.partition)
             .or_insert((rec.offset, rec.offset + 1));
         range.0 = range.0.min(rec.offset);
         range.1 = range.1.max(rec.offset + 1);
-        self.events += 1;
     }
 }
 
@@ -130,6 +139,7 @@ mod tests {
         ];
         let r = Rollup::from_records(&recs, &c);
         let key = |m: &str, minute| CellKey {
+            partition: 0,
             customer: "c".into(),
             meter: m.into(),
             minute_ms: minute,

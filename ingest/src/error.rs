@@ -10,6 +10,8 @@ pub enum Error {
     },
     #[error("embedded log: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("kafka: {0}")]
+    Kafka(String),
     #[error("append failed: {0}")]
     Append(String),
     #[error("the event log is shut down")]

@@ -4,7 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounterVec, Opts, register_histogram, register_int_counter_vec,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, register_histogram,
+    register_int_counter, register_int_counter_vec,
 };
 
 /// Events by outcome: `accepted`, `duplicate`, `rejected`.
@@ -55,6 +56,15 @@ pub static LOG_COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         .buckets(vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
         ])
+    )
+    .expect("metric registers once")
+});
+
+/// Records on the Kafka topic that are not Tally usage events (skipped by readers).
+pub static UNDECODABLE: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_log_undecodable_records_total",
+        "Records on the event topic that could not be decoded and were skipped"
     )
     .expect("metric registers once")
 });

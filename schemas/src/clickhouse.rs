@@ -17,8 +17,10 @@
 //!   (`ReplacingMergeTree`, read with `FINAL`).
 //! - `batch_offsets`: the highest next offset per partition, fed by a materialized view of
 //!   `usage_cells` (`maxState`), read back when a partition is assigned.
-//! - `event_ids`: (source, id) seen per partition and day, for the de-duplication window; days
-//!   older than the window are dropped with `ALTER TABLE ... DROP PARTITION`.
+//! - `event_ids`: (source, id) counted per Kafka partition and day of receipt, with the offset of
+//!   the record that was counted, for the de-duplication window: the same (source, id) at
+//!   another offset is a duplicate, at the same offset a replay. Days older than the window are
+//!   dropped with `ALTER TABLE ... DROP PARTITION`.
 //! - `customers`: JSON customer records, latest `updated_ms` wins.
 //! - `notifications`: threshold crossings, one per (customer, meter, period, threshold).
 
@@ -63,7 +65,8 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             day Date,
             partition UInt32,
             source String,
-            id String
+            id String,
+            offset UInt64
         ) ENGINE = ReplacingMergeTree
         PARTITION BY day
         ORDER BY (partition, source, id)",

@@ -2,6 +2,7 @@
 //! per backend behind [`UsageStore`]:
 //!
 //! - [`sqlite`]: the embedded default (`usage.db`, SQLite in WAL mode, `synchronous=FULL`).
+//! - [`clickhouse`]: ClickHouse, for the distributed deployment.
 //!
 //! # Contract
 //! [`UsageStore::apply`] writes a batch's cells and the log positions after it in one atomic
@@ -9,11 +10,13 @@
 //! crash can never add twice; a batch that overlaps the stored position only in part is refused
 //! ([`crate::Error::Fenced`]): another writer owns the partition.
 
+pub mod clickhouse;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
 use crate::Result;
@@ -51,6 +54,19 @@ pub struct Snapshot {
 
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
+    /// For each record, whether it is the first of its (`source`, `id`) within the
+    /// de-duplication window, remembering the ones that are. A record read again (same partition
+    /// and offset) is still the first. Stores fed by a log that drops duplicates itself keep
+    /// every record.
+    async fn first_seen(&self, records: &[Record]) -> Result<Vec<bool>> {
+        Ok(vec![true; records.len()])
+    }
+
+    /// Periodic housekeeping (expiring de-duplication ids).
+    async fn maintain(&self, _now_ms: i64) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes a batch and its log positions atomically (see the module contract).
     async fn apply(&self, rollup: &Rollup) -> Result<Applied>;
 
@@ -89,4 +105,28 @@ pub trait UsageStore: Send + Sync + 'static {
 
     /// Customers changed at or after `updated_ms`.
     async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>>;
+}
+
+/// Groups time-ordered `(bucket start or finer time, value)` rows into `window` buckets: sums
+/// for additive meters, the last (latest) value for gauges.
+pub(crate) fn bucket(
+    rows: impl IntoIterator<Item = (i64, u64)>,
+    window: Window,
+    aggregation: Aggregation,
+) -> Vec<(i64, u64)> {
+    let mut out: Vec<(i64, u64)> = Vec::new();
+    for (t, value) in rows {
+        let bucket = window.bucket_of(t);
+        match out.last_mut() {
+            Some((b, v)) if *b == bucket => {
+                if aggregation.is_additive() {
+                    *v = v.saturating_add(value);
+                } else {
+                    *v = value;
+                }
+            }
+            _ => out.push((bucket, value)),
+        }
+    }
+    out
 }

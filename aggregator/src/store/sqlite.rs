@@ -233,23 +233,9 @@ impl UsageStore for SqliteStore {
             let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
             })?;
-            let mut out: Vec<(i64, u64)> = Vec::new();
-            for row in rows {
-                let (minute, value) = row?;
-                let bucket = window.bucket_of(minute);
-                match out.last_mut() {
-                    Some((b, v)) if *b == bucket => {
-                        if aggregation.is_additive() {
-                            *v = v.saturating_add(value);
-                        } else {
-                            // Rows come in time order: the last one in a bucket is the latest.
-                            *v = value;
-                        }
-                    }
-                    _ => out.push((bucket, value)),
-                }
-            }
-            Ok(out)
+            // Rows come in time order: the last one in a bucket is the latest.
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::bucket(rows, window, aggregation))
         })
         .await
     }

@@ -2,6 +2,7 @@
 //! (aggregator, enforcer). One adapter per backend, all behind [`EventLog`]:
 //!
 //! - [`embedded`]: SQLite in WAL mode with `synchronous=FULL`, for the one-process default.
+//! - [`kafka`]: a Kafka topic keyed by customer, for the distributed deployment.
 //!
 //! # Contract
 //! - [`EventLog::append`] returns only once every event it reports as accepted is durable; an
@@ -14,7 +15,9 @@
 //!   the log can drop what every consumer has passed.
 
 pub mod embedded;
+pub mod kafka;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,6 +51,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// A reader over every partition, positioned at the start until [`LogReader::seek`].
     fn reader(&self) -> Result<Box<dyn LogReader>>;
 
+    /// A reader that shares the partitions with the other members of consumer group `group`
+    /// (see [`LogReader::assignment_epoch`]). Backends without groups give every partition.
+    fn group_reader(&self, _group: &str) -> Result<Box<dyn LogReader>> {
+        self.reader()
+    }
+
     /// Records that consumer `group` has durably processed everything below `next_offset`.
     async fn commit(&self, group: &str, partition: u32, next_offset: u64) -> Result<()>;
 
@@ -74,4 +83,15 @@ pub trait LogReader: Send {
     /// Cancel-safe: a poll dropped before it returns loses no record; the next poll returns
     /// them.
     async fn poll(&mut self, max: usize, linger: Duration) -> Result<Vec<Record>>;
+
+    /// Changes whenever the partitions this reader owns change (a consumer-group rebalance).
+    /// A caller that keeps positions per partition re-reads them when it does.
+    fn assignment_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Reports positions durably processed downstream (a consumer group's committed offsets).
+    async fn commit(&mut self, _positions: &BTreeMap<u32, u64>) -> Result<()> {
+        Ok(())
+    }
 }

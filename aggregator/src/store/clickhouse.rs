@@ -1,0 +1,586 @@
+//! The ClickHouse usage store, for the distributed deployment (schema in
+//! [`tally_schemas::clickhouse`], applied by `tally migrate`).
+//!
+//! # Exactly once
+//! A batch is one INSERT into `usage_cells`, an unpartitioned `ReplacingMergeTree`: one part,
+//! all or nothing. Every row carries the batch's Kafka partition, first offset and next offset,
+//! and a partition whose records produced no usage (all duplicates) gets a marker row
+//! (`customer = ''`), so the stored position always moves with the data:
+//! - the resume position of a partition is `max(batch_next_offset)` of its rows, read from
+//!   `usage_cells` itself (no second table to get out of step);
+//! - a batch written again after an ambiguous failure has the same keys and collapses (reads use
+//!   `FINAL`);
+//! - before writing, the stored position is read: a batch entirely below it is a replay and
+//!   skipped; one that starts below it is refused ([`crate::Error::Fenced`]).
+//!
+//! # De-duplication
+//! [`UsageStore::first_seen`] keeps, per Kafka partition, the (source, id) of every counted
+//! event with its offset in `event_ids` (day-partitioned by receipt; days past the window are
+//! dropped). The same id at another offset is a duplicate; at the same offset, a replay of the
+//! record that was counted. The ids are written before the cells, so a crash in between loses
+//! nothing: the replay finds its own offsets and counts them.
+//!
+//! # Compatibility
+//! Queries stay within what ClickHouse 18.16 and current releases both accept: no
+//! `RowBinaryWithNamesAndTypes` (the client's validation is off), no `DateTime64`, no
+//! parameterised queries (values are bound and escaped by the client).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clickhouse::{Client, Row};
+use serde::{Deserialize, Serialize};
+use tally_ingest::log::Record;
+use tally_schemas::{Aggregation, Customer, Window};
+
+use super::{Applied, Snapshot, SnapshotRequest, UsageStore};
+use crate::rollup::{Cell, Rollup};
+use crate::{Error, Result};
+
+/// Settings of the ClickHouse store.
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// How long a (source, id) stays in the de-duplication table.
+    pub dedup_window: Duration,
+}
+
+impl ClickHouseConfig {
+    pub fn new(url: impl Into<String>, database: impl Into<String>) -> Self {
+        ClickHouseConfig {
+            url: url.into(),
+            database: database.into(),
+            user: None,
+            password: None,
+            dedup_window: Duration::from_secs(35 * 86_400),
+        }
+    }
+}
+
+fn ch(e: clickhouse::error::Error) -> Error {
+    Error::ClickHouse(e.to_string())
+}
+
+/// Ids looked up per query (keeps each query well under `max_query_size`).
+const LOOKUP_CHUNK: usize = 2_000;
+
+#[derive(Row, Serialize, Deserialize)]
+struct CellRow {
+    customer: String,
+    meter: String,
+    /// Seconds since the epoch (`DateTime`).
+    minute: u32,
+    value: u64,
+    last_ms: i64,
+    partition: u32,
+    batch_first_offset: u64,
+    batch_next_offset: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct IdRow {
+    /// Days since the epoch (`Date`).
+    day: u16,
+    partition: u32,
+    source: String,
+    id: String,
+    offset: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct CustomerRow {
+    id: String,
+    record: String,
+    updated_ms: i64,
+}
+
+/// The ClickHouse store.
+pub struct ClickHouseStore {
+    client: Client,
+    database: String,
+    dedup_window: Duration,
+}
+
+/// The first whole second at or after `ms`, within `DateTime`'s range: `minute >= it` is
+/// `minute_ms >= ms`.
+fn seconds(ms: i64) -> i64 {
+    ms.saturating_add(999).div_euclid(1000).clamp(0, u32::MAX as i64)
+}
+
+impl ClickHouseStore {
+    pub fn new(config: &ClickHouseConfig) -> ClickHouseStore {
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_database(&config.database)
+            // 18.16 knows neither RowBinaryWithNamesAndTypes nor the settings validation uses.
+            .with_validation(false);
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            client = client.with_password(password);
+        }
+        ClickHouseStore {
+            client,
+            database: config.database.clone(),
+            dedup_window: config.dedup_window,
+        }
+    }
+
+    /// Applies every migration not yet applied (`tally migrate`); idempotent.
+    pub async fn migrate(config: &ClickHouseConfig) -> Result<Vec<u32>> {
+        use tally_schemas::clickhouse::{MIGRATIONS, statements, valid_database_name};
+        if !valid_database_name(&config.database) {
+            return Err(Error::ClickHouse(format!(
+                "invalid database name {:?}",
+                config.database
+            )));
+        }
+        // Statements name the database themselves: connect without one (it may not exist).
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_validation(false);
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            client = client.with_password(password);
+        }
+        let db = &config.database;
+        let exists: u64 = client
+            .query("SELECT count() FROM system.tables WHERE database = ? AND name = 'schema_migrations'")
+            .bind(db.as_str())
+            .fetch_one()
+            .await
+            .map_err(ch)?;
+        let applied: HashSet<u32> = if exists > 0 {
+            client
+                .query(&format!("SELECT version FROM {db}.schema_migrations"))
+                .fetch_all::<u32>()
+                .await
+                .map_err(ch)?
+                .into_iter()
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let mut done = Vec::new();
+        for m in MIGRATIONS {
+            if applied.contains(&m.version) {
+                continue;
+            }
+            for sql in statements(m, db) {
+                client.query(&sql).execute().await.map_err(ch)?;
+            }
+            client
+                .query(&format!(
+                    "INSERT INTO {db}.schema_migrations (version, name, applied_at) VALUES (?, ?, now())"
+                ))
+                .bind(m.version)
+                .bind(m.name)
+                .execute()
+                .await
+                .map_err(ch)?;
+            done.push(m.version);
+        }
+        Ok(done)
+    }
+
+    async fn stored_offsets(&self) -> Result<BTreeMap<u32, u64>> {
+        let rows: Vec<(u32, u64)> = self
+            .client
+            .query("SELECT partition, max(batch_next_offset) FROM usage_cells GROUP BY partition")
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Drops de-duplication days older than the window.
+    async fn expire_ids(&self, now_ms: i64) -> Result<()> {
+        let horizon_day = (now_ms - self.dedup_window.as_millis() as i64).div_euclid(86_400_000);
+        let days: Vec<u16> = self
+            .client
+            .query(
+                "SELECT DISTINCT min_date FROM system.parts
+                 WHERE database = ? AND table = 'event_ids' AND active",
+            )
+            .bind(self.database.as_str())
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        for day in days.into_iter().filter(|d| (*d as i64) < horizon_day) {
+            let date = &tally_schemas::period::rfc3339(day as i64 * 86_400_000)[..10];
+            self.client
+                .query(&format!("ALTER TABLE event_ids DROP PARTITION '{date}'"))
+                .execute()
+                .await
+                .map_err(ch)?;
+            tracing::info!(day = %date, "expired de-duplication ids");
+        }
+        Ok(())
+    }
+}
+
+/// The SQL list `(?, ?), (?, ?), ...` of `n` (source, id) pairs.
+fn pair_placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 8);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str("(?, ?)");
+    }
+    s
+}
+
+#[async_trait]
+impl UsageStore for ClickHouseStore {
+    async fn first_seen(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, r) in records.iter().enumerate() {
+            by_partition.entry(r.partition).or_default().push(i);
+        }
+        let mut keep = vec![false; records.len()];
+        let mut new_ids = Vec::new();
+        for (partition, idx) in by_partition {
+            let index: HashMap<(&str, &str), usize> = idx
+                .iter()
+                .map(|&i| ((records[i].event.source.as_str(), records[i].event.id.as_str()), i))
+                .collect();
+            // The offset at which each (source, id) was counted, per what is stored.
+            let mut counted: HashMap<(&str, &str), u64> = HashMap::new();
+            for chunk in idx.chunks(LOOKUP_CHUNK) {
+                let sql = format!(
+                    "SELECT source, id, min(offset) FROM event_ids
+                     WHERE partition = ? AND (source, id) IN ({}) GROUP BY source, id",
+                    pair_placeholders(chunk.len())
+                );
+                let mut q = self
+                    .client
+                    .query(&sql)
+                    .with_setting("max_query_size", "67108864")
+                    .bind(partition);
+                for &i in chunk {
+                    q = q
+                        .bind(records[i].event.source.as_str())
+                        .bind(records[i].event.id.as_str());
+                }
+                let found: Vec<(String, String, u64)> = q.fetch_all().await.map_err(ch)?;
+                for (source, id, offset) in found {
+                    if let Some(&i) = index.get(&(source.as_str(), id.as_str())) {
+                        let e = &records[i].event;
+                        counted.insert((e.source.as_str(), e.id.as_str()), offset);
+                    }
+                }
+            }
+            for i in idx {
+                let r = &records[i];
+                let key = (r.event.source.as_str(), r.event.id.as_str());
+                match counted.get(&key) {
+                    Some(&offset) => keep[i] = offset == r.offset,
+                    None => {
+                        counted.insert(key, r.offset);
+                        keep[i] = true;
+                        new_ids.push(IdRow {
+                            day: r.event.received_ms.div_euclid(86_400_000).clamp(0, u16::MAX as i64)
+                                as u16,
+                            partition: r.partition,
+                            source: r.event.source.clone(),
+                            id: r.event.id.clone(),
+                            offset: r.offset,
+                        });
+                    }
+                }
+            }
+        }
+        if !new_ids.is_empty() {
+            let mut insert = self.client.insert::<IdRow>("event_ids").await.map_err(ch)?;
+            for row in &new_ids {
+                insert.write(row).await.map_err(ch)?;
+            }
+            insert.end().await.map_err(ch)?;
+        }
+        Ok(keep)
+    }
+
+    async fn apply(&self, rollup: &Rollup) -> Result<Applied> {
+        let stored = self.stored_offsets().await?;
+        let mut fresh = false;
+        for (&partition, &(first, next)) in &rollup.ranges {
+            let at = stored.get(&partition).copied().unwrap_or(0);
+            if at >= next {
+                continue;
+            }
+            if at > first {
+                return Err(Error::Fenced {
+                    partition,
+                    first,
+                    stored: at,
+                });
+            }
+            fresh = true;
+        }
+        if !fresh {
+            return Ok(Applied::Replay);
+        }
+        let mut insert = self.client.insert::<CellRow>("usage_cells").await.map_err(ch)?;
+        let mut with_cells = HashSet::new();
+        for (k, cell) in &rollup.cells {
+            let (value, last_ms) = match *cell {
+                Cell::Add(v) => (v, 0),
+                Cell::Latest { time_ms, value } => (value, time_ms),
+            };
+            let (first, next) = rollup.ranges[&k.partition];
+            with_cells.insert(k.partition);
+            insert
+                .write(&CellRow {
+                    customer: k.customer.clone(),
+                    meter: k.meter.clone(),
+                    minute: seconds(k.minute_ms) as u32,
+                    value,
+                    last_ms,
+                    partition: k.partition,
+                    batch_first_offset: first,
+                    batch_next_offset: next,
+                })
+                .await
+                .map_err(ch)?;
+        }
+        for (&partition, &(first, next)) in &rollup.ranges {
+            if !with_cells.contains(&partition) {
+                insert
+                    .write(&CellRow {
+                        customer: String::new(),
+                        meter: String::new(),
+                        minute: 0,
+                        value: 0,
+                        last_ms: 0,
+                        partition,
+                        batch_first_offset: first,
+                        batch_next_offset: next,
+                    })
+                    .await
+                    .map_err(ch)?;
+            }
+        }
+        insert.end().await.map_err(ch)?;
+        Ok(Applied::Written)
+    }
+
+    async fn offsets(&self) -> Result<BTreeMap<u32, u64>> {
+        self.stored_offsets().await
+    }
+
+    async fn maintain(&self, now_ms: i64) -> Result<()> {
+        self.expire_ids(now_ms).await
+    }
+
+    async fn total(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64> {
+        if aggregation.is_additive() {
+            let v: u64 = self
+                .client
+                .query(
+                    "SELECT sum(value) FROM usage_cells FINAL
+                     WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)",
+                )
+                .bind(customer)
+                .bind(meter)
+                .bind(seconds(from_ms))
+                .bind(seconds(to_ms))
+                .fetch_one()
+                .await
+                .map_err(ch)?;
+            Ok(v)
+        } else {
+            let v: Option<u64> = self
+                .client
+                .query(
+                    "SELECT value FROM usage_cells
+                     WHERE customer = ? AND meter = ? AND minute < toDateTime(?)
+                     ORDER BY minute DESC, last_ms DESC, value DESC LIMIT 1",
+                )
+                .bind(customer)
+                .bind(meter)
+                .bind(seconds(to_ms))
+                .fetch_optional()
+                .await
+                .map_err(ch)?;
+            Ok(v.unwrap_or(0))
+        }
+    }
+
+    async fn series(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(i64, u64)>> {
+        // Hours and days are rolled up by ClickHouse; months (calendar) from its daily rows.
+        let bucket = match window {
+            Window::Minute => "minute",
+            Window::Hour => "toStartOfHour(minute)",
+            Window::Day | Window::Month => "toStartOfDay(minute)",
+        };
+        let sql = if aggregation.is_additive() {
+            format!(
+                "SELECT toUInt32({bucket}) AS b, sum(value) FROM usage_cells FINAL
+                 WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 GROUP BY b ORDER BY b"
+            )
+        } else {
+            format!(
+                "SELECT toUInt32({bucket}) AS b, argMax(value, (minute, last_ms, value)) FROM usage_cells
+                 WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 GROUP BY b ORDER BY b"
+            )
+        };
+        let rows: Vec<(u32, u64)> = self
+            .client
+            .query(&sql)
+            .bind(customer)
+            .bind(meter)
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms))
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(super::bucket(
+            rows.into_iter().map(|(b, v)| (b as i64 * 1000, v)),
+            window,
+            aggregation,
+        ))
+    }
+
+    async fn snapshot(&self, req: SnapshotRequest) -> Result<Snapshot> {
+        // Positions first, then only rows of batches at or below them: usage and positions
+        // agree even while batches keep landing.
+        let offsets = self.stored_offsets().await?;
+        if offsets.is_empty() {
+            return Ok(Snapshot::default());
+        }
+        let (parts, nexts): (Vec<u32>, Vec<u64>) = offsets.iter().map(|(p, n)| (*p, *n)).unzip();
+        let covered = "batch_next_offset <= transform(partition, ?, ?, toUInt64(0))";
+        let mut totals = Vec::new();
+        if !req.additive_meters.is_empty() {
+            let special: HashSet<&str> =
+                req.since_by_customer.iter().map(|(c, _)| c.as_str()).collect();
+            let rows: Vec<(String, String, u64)> = self
+                .client
+                .query(&format!(
+                    "SELECT customer, meter, sum(value) FROM usage_cells FINAL
+                     WHERE has(?, meter) AND minute >= toDateTime(?) AND customer != '' AND {covered}
+                     GROUP BY customer, meter"
+                ))
+                .bind(&req.additive_meters)
+                .bind(seconds(req.default_since_ms))
+                .bind(&parts)
+                .bind(&nexts)
+                .fetch_all()
+                .await
+                .map_err(ch)?;
+            totals.extend(
+                rows.into_iter()
+                    .filter(|(c, _, _)| !special.contains(c.as_str())),
+            );
+            for (customer, since) in &req.since_by_customer {
+                let rows: Vec<(String, u64)> = self
+                    .client
+                    .query(&format!(
+                        "SELECT meter, sum(value) FROM usage_cells FINAL
+                         WHERE customer = ? AND has(?, meter) AND minute >= toDateTime(?) AND {covered}
+                         GROUP BY meter"
+                    ))
+                    .bind(customer.as_str())
+                    .bind(&req.additive_meters)
+                    .bind(seconds(*since))
+                    .bind(&parts)
+                    .bind(&nexts)
+                    .fetch_all()
+                    .await
+                    .map_err(ch)?;
+                totals.extend(
+                    rows.into_iter()
+                        .filter(|(_, v)| *v > 0)
+                        .map(|(m, v)| (customer.clone(), m, v)),
+                );
+            }
+        }
+        let gauges: Vec<(String, String, i64, u64)> = self
+            .client
+            .query(&format!(
+                "SELECT customer, meter, max(last_ms), argMax(value, (last_ms, value)) FROM usage_cells
+                 WHERE last_ms != 0 AND customer != '' AND {covered}
+                 GROUP BY customer, meter"
+            ))
+            .bind(&parts)
+            .bind(&nexts)
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(Snapshot {
+            offsets,
+            totals,
+            gauges,
+        })
+    }
+
+    async fn customer(&self, id: &str) -> Result<Option<Customer>> {
+        let rec: Option<String> = self
+            .client
+            .query("SELECT record FROM customers WHERE id = ? ORDER BY updated_ms DESC LIMIT 1")
+            .bind(id)
+            .fetch_optional()
+            .await
+            .map_err(ch)?;
+        Ok(rec.map(|r| serde_json::from_str(&r)).transpose()?)
+    }
+
+    async fn put_customer(&self, id: &str, customer: &Customer) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<CustomerRow>("customers")
+            .await
+            .map_err(ch)?;
+        insert
+            .write(&CustomerRow {
+                id: id.to_owned(),
+                record: serde_json::to_string(customer)?,
+                updated_ms: customer.updated_ms,
+            })
+            .await
+            .map_err(ch)?;
+        insert.end().await.map_err(ch)
+    }
+
+    async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>> {
+        let rows: Vec<(String, String)> = self
+            .client
+            .query(
+                "SELECT id, argMax(record, updated_ms) FROM customers
+                 WHERE updated_ms >= ? GROUP BY id",
+            )
+            .bind(updated_ms)
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        rows.into_iter()
+            .map(|(id, rec)| Ok((id, serde_json::from_str(&rec)?)))
+            .collect()
+    }
+}

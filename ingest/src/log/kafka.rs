@@ -1,0 +1,729 @@
+//! The Kafka event log (rdkafka over librdkafka), for the distributed deployment.
+//!
+//! # Writing
+//! Events go to one topic (`tally.usage-events` by default), keyed by customer with the
+//! `murmur2_random` partitioner (the Java client's), so one customer's events stay ordered on one
+//! partition whoever produced them. The producer is idempotent with `acks=all` and lz4
+//! compression, lingering a few milliseconds to batch. [`EventLog::append`] returns only when the
+//! broker acknowledged every event of the call; if any delivery fails or times out
+//! (`delivery_timeout`), the call fails and the caller answers 503: events of that call may or
+//! may not be on the topic, and the client's retry is de-duplicated downstream. Ingest processes
+//! hold no state and can run side by side.
+//!
+//! Duplicates are *not* dropped here (a stateless producer cannot know them): the aggregator
+//! drops them against its de-duplication table, and readers made by [`EventLog::reader`] drop
+//! repeats seen within their in-memory window ([`KafkaLogConfig::reader_dedup_window`]).
+//!
+//! # Reading
+//! - [`EventLog::group_reader`]: a member of a consumer group (the aggregator). Partitions move
+//!   between members on rebalance; [`LogReader::assignment_epoch`] changes when they do, and
+//!   records buffered for a revoked partition are dropped (the new owner reads them). Offsets are
+//!   committed to Kafka only through [`LogReader::commit`], after the records are durable
+//!   downstream; they are advisory (the aggregator's truth is the positions in its store).
+//! - [`EventLog::reader`]: reads every partition without joining a group (the enforcer).
+//!
+//! # Notifications
+//! Threshold notifications are claimed on a second topic, `<topic>.notifications` (one
+//! partition, 40-day retention). Every replica produces its claim and then reads the topic up to
+//! its own claim: the first claim of a (customer, meter, period, threshold) in the topic's order
+//! wins, so exactly one replica sends each notification.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tally_schemas::{Notification, UsageEvent, wire};
+use tokio::sync::watch;
+
+use super::{AppendOutcome, EventLog, LogReader, Record};
+use crate::{Error, Result};
+
+/// Settings of the Kafka log.
+#[derive(Debug, Clone)]
+pub struct KafkaLogConfig {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic of usage events.
+    pub topic: String,
+    /// Partitions of the topic when `tally migrate` creates it.
+    pub partitions: u32,
+    /// Replication factor when `tally migrate` creates the topics.
+    pub replication: u32,
+    /// Longest an append waits for the broker's acknowledgements.
+    pub delivery_timeout: Duration,
+    /// How long a reader remembers (source, id) to drop repeats.
+    pub reader_dedup_window: Duration,
+    /// Consumer-group session timeout: how soon a dead member's partitions move.
+    pub session_timeout: Duration,
+}
+
+impl KafkaLogConfig {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        KafkaLogConfig {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            partitions: 8,
+            replication: 1,
+            delivery_timeout: Duration::from_secs(10),
+            reader_dedup_window: Duration::from_secs(3600),
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn notifications_topic(&self) -> String {
+        format!("{}.notifications", self.topic)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "tally");
+        c
+    }
+}
+
+fn kafka(e: KafkaError) -> Error {
+    Error::Kafka(e.to_string())
+}
+
+/// The Kafka log. Cheap to share behind an `Arc`.
+pub struct KafkaLog {
+    config: KafkaLogConfig,
+    producer: FutureProducer,
+    claims: Claims,
+}
+
+impl KafkaLog {
+    /// Connects the producer (lazily: librdkafka connects in the background and reconnects by
+    /// itself) and starts following the notifications topic.
+    pub fn connect(config: KafkaLogConfig) -> Result<KafkaLog> {
+        let timeout_ms = config.delivery_timeout.as_millis().max(1).to_string();
+        let producer: FutureProducer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", &timeout_ms)
+            .create()
+            .map_err(kafka)?;
+        let claims = Claims::start(&config)?;
+        Ok(KafkaLog {
+            config,
+            producer,
+            claims,
+        })
+    }
+
+    /// Creates the topics if they do not exist (`tally migrate`).
+    pub async fn create_topics(config: &KafkaLogConfig) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(kafka)?;
+        let notifications = config.notifications_topic();
+        let retention = (40 * 86_400_000u64).to_string();
+        let topics = [
+            NewTopic::new(
+                &config.topic,
+                config.partitions as i32,
+                TopicReplication::Fixed(config.replication as i32),
+            ),
+            NewTopic::new(
+                &notifications,
+                1,
+                TopicReplication::Fixed(config.replication as i32),
+            )
+            .set("retention.ms", &retention),
+        ];
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for result in admin.create_topics(&topics, &options).await.map_err(kafka)? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(Error::Kafka(format!("cannot create topic {topic}: {code}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A member of consumer group `group`, for the aggregator.
+    fn group_reader_for(&self, group: &str) -> Result<Box<dyn LogReader>> {
+        let events = Arc::new(Mutex::new(Assignment::default()));
+        let consumer: StreamConsumer<GroupContext> = self
+            .config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout.as_millis().to_string(),
+            )
+            .set("fetch.wait.max.ms", "50")
+            .create_with_context(GroupContext {
+                events: events.clone(),
+            })
+            .map_err(kafka)?;
+        consumer.subscribe(&[&self.config.topic]).map_err(kafka)?;
+        Ok(Box::new(KafkaReader {
+            consumer: Arc::new(consumer),
+            topic: self.config.topic.clone(),
+            group: true,
+            assignment: events,
+            epoch: 0,
+            pending: Vec::new(),
+            pending_since: None,
+            recent: RecentIds::new(self.config.reader_dedup_window),
+            floors: HashMap::new(),
+            assigned: false,
+        }))
+    }
+
+    async fn partitions(&self) -> Result<Vec<i32>> {
+        let producer = self.producer.clone();
+        let topic = self.config.topic.clone();
+        tokio::task::spawn_blocking(move || topic_partitions(producer.client(), &topic))
+            .await
+            .map_err(|e| Error::Kafka(e.to_string()))?
+    }
+}
+
+/// The partitions of `topic`, from the cluster's metadata (blocking).
+fn topic_partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<Vec<i32>> {
+    let md = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kafka)?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| Error::Kafka(format!("topic {topic} not found")))?;
+    if let Some(e) = t.error() {
+        return Err(Error::Kafka(format!("topic {topic}: {e:?}")));
+    }
+    if t.partitions().is_empty() {
+        return Err(Error::Kafka(format!(
+            "topic {topic} does not exist (run `tally migrate`)"
+        )));
+    }
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    async fn append(&self, events: Vec<UsageEvent>) -> Result<AppendOutcome> {
+        let mut deliveries = Vec::with_capacity(events.len());
+        let mut buf = Vec::with_capacity(128);
+        for e in &events {
+            buf.clear();
+            wire::encode_into(e, &mut buf);
+            let record = FutureRecord::to(&self.config.topic)
+                .key(e.customer.as_str())
+                .payload(buf.as_slice())
+                .timestamp(e.received_ms);
+            let mut record = Some(record);
+            // A full local queue is back-pressure, not failure: wait for room.
+            loop {
+                match self.producer.send_result(record.take().expect("record")) {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = Some(r);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(kafka(e)),
+                }
+            }
+        }
+        let mut failure = None;
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => failure = Some(kafka(e)),
+                Err(_) => failure = Some(Error::Closed),
+            }
+        }
+        match failure {
+            None => Ok(AppendOutcome {
+                accepted: events.len(),
+                duplicates: 0,
+            }),
+            Some(e) => Err(e),
+        }
+    }
+
+    fn group_reader(&self, group: &str) -> Result<Box<dyn LogReader>> {
+        self.group_reader_for(group)
+    }
+
+    fn reader(&self) -> Result<Box<dyn LogReader>> {
+        let consumer: StreamConsumer<GroupContext> = self
+            .config
+            .client()
+            // Never joins the group (assign, not subscribe); librdkafka still wants an id.
+            .set("group.id", "tally-follower")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "50")
+            .create_with_context(GroupContext::default())
+            .map_err(kafka)?;
+        Ok(Box::new(KafkaReader {
+            consumer: Arc::new(consumer),
+            topic: self.config.topic.clone(),
+            group: false,
+            assignment: Arc::new(Mutex::new(Assignment::default())),
+            epoch: 0,
+            pending: Vec::new(),
+            pending_since: None,
+            recent: RecentIds::new(self.config.reader_dedup_window),
+            floors: HashMap::new(),
+            assigned: false,
+        }))
+    }
+
+    async fn commit(&self, _group: &str, _partition: u32, _next_offset: u64) -> Result<()> {
+        // Kafka offsets are committed by the group member that read them (LogReader::commit).
+        Ok(())
+    }
+
+    async fn end_offsets(&self) -> Result<Vec<(u32, u64)>> {
+        let mut out = Vec::new();
+        for p in self.partitions().await? {
+            let producer = self.producer.clone();
+            let topic = self.config.topic.clone();
+            let (_, high) = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| Error::Kafka(e.to_string()))?
+            .map_err(kafka)?;
+            out.push((p as u32, high.max(0) as u64));
+        }
+        Ok(out)
+    }
+
+    async fn publish_notification(&self, n: &Notification) -> Result<bool> {
+        self.claims
+            .claim(&self.producer, &self.config.notifications_topic(), n)
+            .await
+    }
+
+    async fn notifications_since(&self, since_ms: i64) -> Result<Vec<Notification>> {
+        self.claims.wait_caught_up().await;
+        let state = self.claims.state.lock().expect("claims lock");
+        Ok(state
+            .first
+            .values()
+            .filter(|c| c.notification.period_end_ms > since_ms)
+            .map(|c| c.notification.clone())
+            .collect())
+    }
+}
+
+/// Rebalance events seen by a group member.
+#[derive(Default)]
+struct Assignment {
+    epoch: u64,
+    revoked: Vec<u32>,
+}
+
+#[derive(Default, Clone)]
+struct GroupContext {
+    events: Arc<Mutex<Assignment>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut a = self.events.lock().expect("assignment lock");
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                a.revoked
+                    .extend(tpl.elements().iter().map(|e| e.partition() as u32));
+                a.epoch += 1;
+            }
+            Rebalance::Assign(_) => a.epoch += 1,
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        tracing::info!(?rebalance, "partitions rebalanced");
+    }
+}
+
+/// (source, id) pairs seen recently, oldest first.
+struct RecentIds {
+    window: Duration,
+    set: HashSet<(String, String)>,
+    order: VecDeque<(i64, (String, String))>,
+}
+
+impl RecentIds {
+    fn new(window: Duration) -> Self {
+        RecentIds {
+            window,
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Whether `e` is the first of its (source, id) within the window; remembers it.
+    fn first(&mut self, e: &UsageEvent) -> bool {
+        let horizon = e.received_ms - self.window.as_millis() as i64;
+        while let Some((t, _)) = self.order.front() {
+            if *t >= horizon {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("front");
+            self.set.remove(&key);
+        }
+        let key = (e.source.clone(), e.id.clone());
+        if self.set.contains(&key) {
+            return false;
+        }
+        self.set.insert(key.clone());
+        self.order.push_back((e.received_ms, key));
+        true
+    }
+}
+
+struct KafkaReader {
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    topic: String,
+    /// A consumer-group member (else: assigned every partition by `seek`).
+    group: bool,
+    assignment: Arc<Mutex<Assignment>>,
+    epoch: u64,
+    pending: Vec<Record>,
+    pending_since: Option<tokio::time::Instant>,
+    recent: RecentIds,
+    /// Offsets below which records are skipped, per partition (set by `seek`).
+    floors: HashMap<u32, u64>,
+    /// Follower: the partitions it was assigned, once it has looked them up.
+    assigned: bool,
+}
+
+impl KafkaReader {
+    fn take(&mut self, max: usize) -> Vec<Record> {
+        let rest = if self.pending.len() > max {
+            self.pending.split_off(max)
+        } else {
+            Vec::new()
+        };
+        self.pending_since = (!rest.is_empty()).then(tokio::time::Instant::now);
+        std::mem::replace(&mut self.pending, rest)
+    }
+
+    /// Follower: assigns every partition of the topic, at its floor or the beginning.
+    async fn assign_all(&mut self) -> Result<()> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let partitions =
+            tokio::task::spawn_blocking(move || topic_partitions(consumer.client(), &topic))
+                .await
+                .map_err(|e| Error::Kafka(e.to_string()))??;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let at = match self.floors.get(&(p as u32)) {
+                Some(&next) => Offset::Offset(next as i64),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(&self.topic, p, at).map_err(kafka)?;
+        }
+        self.consumer.assign(&tpl).map_err(kafka)?;
+        self.assigned = true;
+        Ok(())
+    }
+
+    /// Applies rebalance events: drops what was buffered for revoked partitions.
+    fn observe_rebalance(&mut self) -> bool {
+        let mut a = self.assignment.lock().expect("assignment lock");
+        if a.epoch == self.epoch {
+            return false;
+        }
+        self.epoch = a.epoch;
+        let revoked: HashSet<u32> = a.revoked.drain(..).collect();
+        drop(a);
+        self.pending.retain(|r| !revoked.contains(&r.partition));
+        for p in revoked {
+            self.floors.remove(&p);
+        }
+        true
+    }
+}
+
+#[async_trait]
+impl LogReader for KafkaReader {
+    fn seek(&mut self, partition: u32, next_offset: u64) {
+        self.floors.insert(partition, next_offset);
+        self.pending
+            .retain(|r| r.partition != partition || r.offset >= next_offset);
+        let owned = self.assigned
+            || (self.group
+                && self.consumer.assignment().is_ok_and(|tpl| {
+                    tpl.find_partition(&self.topic, partition as i32).is_some()
+                }));
+        if owned {
+            // Already reading it: move this partition's cursor.
+            if let Err(e) = self.consumer.seek(
+                &self.topic,
+                partition as i32,
+                Offset::Offset(next_offset as i64),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(partition, error = %e, "cannot seek partition");
+            }
+        }
+    }
+
+    fn assignment_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    async fn poll(&mut self, max: usize, linger: Duration) -> Result<Vec<Record>> {
+        let started = tokio::time::Instant::now();
+        if !self.group && !self.assigned {
+            self.assign_all().await?;
+        }
+        loop {
+            if self.observe_rebalance() {
+                // The caller re-reads its positions for the new assignment first.
+                return Ok(self.take(max));
+            }
+            if self.pending.len() >= max {
+                return Ok(self.take(max));
+            }
+            let deadline = self.pending_since.unwrap_or(started) + linger;
+            let msg = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = tokio::time::sleep_until(deadline) => return Ok(self.take(max)),
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    continue;
+                }
+            };
+            let partition = msg.partition() as u32;
+            let offset = msg.offset() as u64;
+            if self.floors.get(&partition).is_some_and(|f| offset < *f) {
+                continue;
+            }
+            let event = match msg.payload().map(wire::decode) {
+                Some(Ok(e)) => e,
+                _ => {
+                    // Not written by Tally: nothing to count. Skip it, loudly.
+                    crate::metrics::UNDECODABLE.inc();
+                    tracing::error!(partition, offset, "undecodable record skipped");
+                    continue;
+                }
+            };
+            if !self.group && !self.recent.first(&event) {
+                continue;
+            }
+            if self.pending.is_empty() {
+                self.pending_since = Some(tokio::time::Instant::now());
+            }
+            self.pending.push(Record {
+                partition,
+                offset,
+                event,
+            });
+        }
+    }
+
+    async fn commit(&mut self, positions: &BTreeMap<u32, u64>) -> Result<()> {
+        if !self.group {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &next) in positions {
+            tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(next as i64))
+                .map_err(kafka)?;
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Async)
+            .map_err(kafka)
+    }
+}
+
+/// A notification claim on the notifications topic.
+#[derive(Serialize, Deserialize)]
+struct Claim {
+    claimant: String,
+    notification: Notification,
+}
+
+#[derive(Default)]
+struct ClaimState {
+    /// First claim per (customer, meter, period start, threshold).
+    first: HashMap<(String, String, i64, u32), Claim>,
+}
+
+/// Follows the notifications topic from the start.
+struct Claims {
+    me: String,
+    state: Arc<Mutex<ClaimState>>,
+    progress: watch::Receiver<i64>,
+    high: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
+}
+
+impl Claims {
+    fn start(config: &KafkaLogConfig) -> Result<Claims> {
+        let topic = config.notifications_topic();
+        let consumer: StreamConsumer = config
+            .client()
+            .set("group.id", "tally-notifications")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .map_err(kafka)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(kafka)?;
+        consumer.assign(&tpl).map_err(kafka)?;
+        let consumer = Arc::new(consumer);
+        let state = Arc::new(Mutex::new(ClaimState::default()));
+        let (tx, progress) = watch::channel(0i64);
+        let high = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            Arc::new(move || {
+                consumer
+                    .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+                    .ok()
+                    .map(|(_, h)| h)
+            })
+        };
+        let follower_state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = match consumer.recv().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "notifications topic");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let offset = m.offset();
+                if let Some(Ok(claim)) = m.payload().map(serde_json::from_slice::<Claim>) {
+                    let n = &claim.notification;
+                    let key = (
+                        n.customer.clone(),
+                        n.meter.clone(),
+                        n.period_start_ms,
+                        n.threshold,
+                    );
+                    let mut s = follower_state.lock().expect("claims lock");
+                    s.first.entry(key).or_insert(claim);
+                }
+                if tx.send(offset + 1).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Claims {
+            me: format!("{}-{}", std::process::id(), random_suffix()),
+            state,
+            progress,
+            high,
+        })
+    }
+
+    /// Waits until the follower has read what the topic held when this was called.
+    async fn wait_caught_up(&self) {
+        let high = self.high.clone();
+        let Ok(Some(target)) = tokio::task::spawn_blocking(move || high()).await else {
+            return;
+        };
+        self.wait_past(target - 1).await;
+    }
+
+    async fn wait_past(&self, offset: i64) {
+        let mut progress = self.progress.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            progress.wait_for(|next| *next > offset),
+        )
+        .await;
+    }
+
+    async fn claim(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        n: &Notification,
+    ) -> Result<bool> {
+        let key = (
+            n.customer.clone(),
+            n.meter.clone(),
+            n.period_start_ms,
+            n.threshold,
+        );
+        if let Some(c) = self.state.lock().expect("claims lock").first.get(&key) {
+            return Ok(c.claimant == self.me);
+        }
+        let claim = Claim {
+            claimant: self.me.clone(),
+            notification: n.clone(),
+        };
+        let payload = serde_json::to_vec(&claim).map_err(|e| Error::Append(e.to_string()))?;
+        let key_text = format!("{}/{}/{}/{}", key.0, key.1, key.2, key.3);
+        let delivery = producer
+            .send(
+                FutureRecord::to(topic).key(&key_text).payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| kafka(e))?;
+        self.wait_past(delivery.offset).await;
+        let state = self.state.lock().expect("claims lock");
+        match state.first.get(&key) {
+            Some(c) => Ok(c.claimant == self.me),
+            None => Err(Error::Kafka(
+                "notification claim not read back in time".into(),
+            )),
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:016x}", h.finish())
+}
