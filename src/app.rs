@@ -198,6 +198,7 @@ impl App {
             let settings = AggregatorSettings {
                 max_batch_events: config.aggregator_batch_events,
                 flush_interval: config.flush_interval,
+                group: config.kafka_consumer_group.clone(),
             };
             let run = tally_aggregator::run(
                 settings,

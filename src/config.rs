@@ -90,6 +90,9 @@ pub struct Config {
     /// Topic of usage events (threshold notifications use `<topic>.notifications`).
     /// `TALLY_KAFKA_TOPIC`.
     pub kafka_topic: String,
+    /// Consumer group the aggregators share the topic's partitions in.
+    /// `TALLY_KAFKA_CONSUMER_GROUP`.
+    pub kafka_consumer_group: String,
     /// Partitions of the topic when `tally migrate` creates it. `TALLY_KAFKA_PARTITIONS`.
     pub kafka_partitions: u32,
     /// Replication factor of the topics `tally migrate` creates. `TALLY_KAFKA_REPLICATION`.
@@ -140,6 +143,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             kafka_brokers: None,
             kafka_topic: "tally.usage-events".into(),
+            kafka_consumer_group: "tally-aggregator".into(),
             kafka_partitions: 8,
             kafka_replication: 1,
             kafka_delivery_timeout: Duration::from_secs(10),

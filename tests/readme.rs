@@ -3,11 +3,13 @@
 //! that depend on the date.
 
 mod common;
+#[path = "servers/mod.rs"]
+mod servers;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, start};
+use common::process::{free_port, start, start_with_env};
 use serde_json::Value;
 
 /// Members whose value depends on when the walk-through runs.
@@ -80,21 +82,57 @@ fn steps() -> Vec<(String, Value)> {
 
 #[test]
 fn the_readme_walkthrough_works_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut p = start(dir.path(), port, free_port(), "200ms");
+    walk(port);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// The same walk-through on the production path: `tally run` on a real Kafka-compatible broker
+/// and a real ClickHouse (fresh topic and database), after `tally migrate`.
+#[test]
+fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
+    let kafka = servers::Kafka::shared();
+    let ch = servers::ClickHouse::shared();
+    let topic = servers::unique_name("readme");
+    let db = servers::unique_name("readme");
+    let env = [
+        ("TALLY_KAFKA_BROKERS", kafka.brokers.as_str()),
+        ("TALLY_KAFKA_TOPIC", topic.as_str()),
+        ("TALLY_KAFKA_CONSUMER_GROUP", topic.as_str()),
+        ("TALLY_CLICKHOUSE_URL", ch.http.as_str()),
+        ("TALLY_CLICKHOUSE_DATABASE", db.as_str()),
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("migrate")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut p = start_with_env("run", dir.path(), port, free_port(), "200ms", &env);
+    walk(port);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// Runs every step against the API on `port`, comparing each reply with the README's.
+fn walk(port: u16) {
     let steps = steps();
     assert!(
         steps.len() >= 8,
         "walk-through steps found: {}",
         steps.len()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut p = start(dir.path(), port, free_port(), "200ms");
     for (cmd, want) in &steps {
         assert!(cmd.trim_start().starts_with("curl "), "{cmd}");
         let cmd = cmd.replace("localhost:8080", &format!("127.0.0.1:{port}"));
         // Reads may trail the writes before them by the flush interval: retry those.
         let read_only = cmd.contains("/v1/check") || cmd.contains("/v1/usage");
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let out = Command::new("sh")
                 .arg("-c")
@@ -122,6 +160,4 @@ fn the_readme_walkthrough_works_verbatim() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
 }

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs Tally's whole test suite: formatting, lints, and every test of every crate (unit tests,
-# the end-to-end tests in tests/, the README walk-through and the kill -9 test against the real
-# binary, nginx in front of the enforcer, the ClickHouse schema on a private ClickHouse server). Installs the Debian packages the tests use when they
-# are missing; the tests start and stop the servers themselves.
+# the end-to-end tests in tests/, the README walk-through and the kill -9 tests against the real
+# binary, nginx in front of the enforcer, the distributed pipeline on a real Kafka-compatible
+# broker and a real ClickHouse server, with their fault tests).
+#
+# Installs what is missing: Debian packages (nginx, curl, clickhouse-server) and the tansu broker
+# (cargo install, cached in $TALLY_TOOLS_DIR, default ~/.cache/tally-tools). Starts one broker
+# and one ClickHouse server in private directories on free ports for the whole suite (tests use
+# a fresh topic and database each; fault tests start their own), and stops them at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +25,48 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     install_debs "${missing[@]}"
 fi
+
+tools="${TALLY_TOOLS_DIR:-$HOME/.cache/tally-tools}"
+tansu_version=0.6.0
+export TANSU_BIN="$tools/tansu-$tansu_version/bin/tansu"
+if ! [ -x "$TANSU_BIN" ]; then
+    echo "installing tansu $tansu_version (a Kafka-compatible broker; takes 15-25 minutes once)"
+    CARGO_TARGET_DIR="$tools/tansu-target" cargo install tansu --version "$tansu_version" --locked \
+        --features dynostore,libsql --root "$tools/tansu-$tansu_version" --quiet
+fi
+
+# A free TCP port on loopback.
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
+}
+servers_dir="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$servers_dir"
+}
+trap cleanup EXIT
+kafka_port="$(free_port)"
+tests/servers.sh kafka "$servers_dir/kafka" "$kafka_port" &
+pids+=($!)
+ch_http="$(free_port)"
+tests/servers.sh clickhouse "$servers_dir/clickhouse" "$ch_http" "$(free_port)" "$(free_port)" &
+pids+=($!)
+export TALLY_TEST_KAFKA_BROKERS="127.0.0.1:$kafka_port"
+export TALLY_TEST_CLICKHOUSE_URL="http://127.0.0.1:$ch_http"
+for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null \
+        && curl -fsS "$TALLY_TEST_CLICKHOUSE_URL/?query=SELECT%201" >/dev/null 2>&1; then
+        break
+    fi
+    sleep 0.1
+done
+echo "servers: kafka $TALLY_TEST_KAFKA_BROKERS, clickhouse $TALLY_TEST_CLICKHOUSE_URL"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

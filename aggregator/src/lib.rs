@@ -47,8 +47,6 @@ use tokio_util::sync::CancellationToken;
 use crate::rollup::Rollup;
 use crate::store::{Applied, UsageStore};
 
-/// Name under which the aggregator reports its positions to the log.
-pub const CONSUMER_GROUP: &str = "tally-aggregator";
 
 /// Batching of the aggregator.
 #[derive(Debug, Clone)]
@@ -57,6 +55,8 @@ pub struct AggregatorSettings {
     pub max_batch_events: usize,
     /// Longest a record waits for its batch to fill.
     pub flush_interval: Duration,
+    /// Consumer group the aggregators share the log's partitions in.
+    pub group: String,
 }
 
 impl Default for AggregatorSettings {
@@ -64,6 +64,7 @@ impl Default for AggregatorSettings {
         AggregatorSettings {
             max_batch_events: 50_000,
             flush_interval: Duration::from_millis(200),
+            group: "tally-aggregator".into(),
         }
     }
 }
@@ -77,7 +78,7 @@ pub async fn run(
     store: Arc<dyn UsageStore>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let mut reader = log.group_reader(CONSUMER_GROUP)?;
+    let mut reader = log.group_reader(&settings.group)?;
     let mut floors = store.offsets().await?;
     for (&partition, &next) in &floors {
         reader.seek(partition, next);
@@ -133,7 +134,7 @@ pub async fn run(
             tracing::warn!(error = %e, "could not commit positions to the log");
         }
         for (&partition, &next) in &positions {
-            if let Err(e) = log.commit(CONSUMER_GROUP, partition, next).await {
+            if let Err(e) = log.commit(&settings.group, partition, next).await {
                 tracing::warn!(partition, error = %e, "could not report position to the log");
             }
         }

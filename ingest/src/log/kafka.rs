@@ -10,9 +10,11 @@
 //! may not be on the topic, and the client's retry is de-duplicated downstream. Ingest processes
 //! hold no state and can run side by side.
 //!
-//! Duplicates are *not* dropped here (a stateless producer cannot know them): the aggregator
-//! drops them against its de-duplication table, and readers made by [`EventLog::reader`] drop
-//! repeats seen within their in-memory window ([`KafkaLogConfig::reader_dedup_window`]).
+//! Duplicates are dropped for the whole de-duplication window by the aggregator, against its
+//! table in the store. In front of that, two best-effort in-memory filters (within
+//! [`KafkaLogConfig::reader_dedup_window`], at most a million ids each): an ingest process
+//! answers a retry of what *it* delivered as a duplicate without sending it again, and readers
+//! made by [`EventLog::reader`] (the enforcer) skip repeats they have already counted.
 //!
 //! # Reading
 //! - [`EventLog::group_reader`]: a member of a consumer group (the aggregator). Partitions move
@@ -104,6 +106,8 @@ pub struct KafkaLog {
     config: KafkaLogConfig,
     producer: FutureProducer,
     claims: Claims,
+    /// Events this process delivered recently, to answer a client's retry as a duplicate.
+    delivered: Mutex<RecentIds>,
 }
 
 impl KafkaLog {
@@ -126,10 +130,12 @@ impl KafkaLog {
             .create()
             .map_err(kafka)?;
         let claims = Claims::start(&config)?;
+        let delivered = Mutex::new(RecentIds::new(config.reader_dedup_window));
         Ok(KafkaLog {
             config,
             producer,
             claims,
+            delivered,
         })
     }
 
@@ -234,6 +240,14 @@ fn topic_partitions<C: ClientContext>(
 #[async_trait]
 impl EventLog for KafkaLog {
     async fn append(&self, events: Vec<UsageEvent>) -> Result<AppendOutcome> {
+        // A retry of what this process already delivered is acknowledged without sending it
+        // again. Ids are remembered only once delivered: a failed append is retried in full.
+        let total = events.len();
+        let events: Vec<UsageEvent> = {
+            let delivered = self.delivered.lock().expect("delivered lock");
+            events.into_iter().filter(|e| !delivered.contains(e)).collect()
+        };
+        let duplicates = total - events.len();
         let mut deliveries = Vec::with_capacity(events.len());
         let mut buf = Vec::with_capacity(128);
         for e in &events {
@@ -268,10 +282,16 @@ impl EventLog for KafkaLog {
             }
         }
         match failure {
-            None => Ok(AppendOutcome {
-                accepted: events.len(),
-                duplicates: 0,
-            }),
+            None => {
+                let mut delivered = self.delivered.lock().expect("delivered lock");
+                for e in &events {
+                    delivered.remember(e);
+                }
+                Ok(AppendOutcome {
+                    accepted: events.len(),
+                    duplicates,
+                })
+            }
             Some(e) => Err(e),
         }
     }
@@ -377,7 +397,12 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// (source, id) pairs seen recently, oldest first.
+/// Most (source, id) pairs a process keeps in memory for [`RecentIds`] (about 100 MB).
+const RECENT_IDS_MAX: usize = 1_000_000;
+
+/// (source, id) pairs seen recently (within a window, and at most [`RECENT_IDS_MAX`]), oldest
+/// first: a best-effort, in-memory first line of de-duplication. The aggregator's table is the
+/// one that holds for the whole window.
 struct RecentIds {
     window: Duration,
     set: HashSet<(String, String)>,
@@ -393,22 +418,32 @@ impl RecentIds {
         }
     }
 
-    /// Whether `e` is the first of its (source, id) within the window; remembers it.
-    fn first(&mut self, e: &UsageEvent) -> bool {
+    fn contains(&self, e: &UsageEvent) -> bool {
+        // Borrowed lookups need an owned key with a tuple; ids are short.
+        self.set.contains(&(e.source.clone(), e.id.clone()))
+    }
+
+    fn remember(&mut self, e: &UsageEvent) {
         let horizon = e.received_ms - self.window.as_millis() as i64;
         while let Some((t, _)) = self.order.front() {
-            if *t >= horizon {
+            if *t >= horizon && self.order.len() < RECENT_IDS_MAX {
                 break;
             }
             let (_, key) = self.order.pop_front().expect("front");
             self.set.remove(&key);
         }
         let key = (e.source.clone(), e.id.clone());
-        if self.set.contains(&key) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back((e.received_ms, key));
+        }
+    }
+
+    /// Whether `e` is the first of its (source, id) within the window; remembers it.
+    fn first(&mut self, e: &UsageEvent) -> bool {
+        if self.contains(e) {
             return false;
         }
-        self.set.insert(key.clone());
-        self.order.push_back((e.received_ms, key));
+        self.remember(e);
         true
     }
 }

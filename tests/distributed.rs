@@ -1,0 +1,506 @@
+//! The distributed pipeline against real servers: `tally ingest`, `tally aggregator` and
+//! `tally enforcer` as separate processes on a Kafka-compatible broker (tansu) and ClickHouse,
+//! with the faults the production path must survive. Totals are compared, exactly, with what
+//! the clients had acknowledged.
+//!
+//! Each test uses a fresh topic, consumer group and database on the suite's servers; the tests
+//! that stop a server start a private one.
+
+mod common;
+#[path = "servers/mod.rs"]
+mod servers;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::process::{Proc, free_port, start_with_env};
+use serde_json::{Value, json};
+use servers::{ClickHouse, Kafka, unique_name};
+use tally_aggregator::rollup::Rollup;
+use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
+use tally_aggregator::store::{Applied, SnapshotRequest, UsageStore};
+use tally_ingest::log::Record;
+use tally_schemas::{Aggregation, Catalog, UsageEvent};
+
+/// One isolated pipeline: its own topic, consumer group and database.
+struct Pipeline {
+    kafka: Kafka,
+    ch: ClickHouse,
+    topic: String,
+    group: String,
+    db: String,
+    dir: tempfile::TempDir,
+}
+
+impl Pipeline {
+    fn new(kafka: Kafka, ch: ClickHouse) -> Pipeline {
+        let p = Pipeline {
+            kafka,
+            ch,
+            topic: unique_name("usage"),
+            group: unique_name("aggregators"),
+            db: unique_name("tally"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        p.migrate();
+        p
+    }
+
+    fn shared() -> Pipeline {
+        Pipeline::new(Kafka::shared(), ClickHouse::shared())
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TALLY_KAFKA_BROKERS", self.kafka.brokers.clone()),
+            ("TALLY_KAFKA_TOPIC", self.topic.clone()),
+            ("TALLY_KAFKA_CONSUMER_GROUP", self.group.clone()),
+            ("TALLY_KAFKA_PARTITIONS", "4".into()),
+            ("TALLY_KAFKA_SESSION_TIMEOUT", "6s".into()),
+            ("TALLY_KAFKA_DELIVERY_TIMEOUT", "3s".into()),
+            ("TALLY_CLICKHOUSE_URL", self.ch.http.clone()),
+            ("TALLY_CLICKHOUSE_DATABASE", self.db.clone()),
+        ]
+    }
+
+    /// `tally migrate`, twice: the second run must change nothing and succeed.
+    fn migrate(&self) {
+        for _ in 0..2 {
+            let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+                .arg("migrate")
+                .envs(self.env())
+                .env("TALLY_LOG", "warn")
+                .output()
+                .expect("tally migrate runs");
+            assert!(
+                out.status.success(),
+                "tally migrate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn start(&self, command: &str) -> Proc {
+        self.start_with(command, &[])
+    }
+
+    fn start_with(&self, command: &str, extra: &[(&str, &str)]) -> Proc {
+        let env = self.env();
+        let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        pairs.extend_from_slice(extra);
+        start_with_env(
+            command,
+            self.dir.path(),
+            free_port(),
+            free_port(),
+            "100ms",
+            &pairs,
+        )
+    }
+
+    /// Additive usage per customer of `api_requests`, as ClickHouse has it.
+    fn totals(&self) -> BTreeMap<String, u64> {
+        let out = self
+            .ch
+            .query(&format!(
+                "SELECT customer, sum(value) FROM {}.usage_cells FINAL
+                 WHERE meter = 'api_requests' AND customer != '' GROUP BY customer FORMAT TSV",
+                self.db
+            ))
+            .unwrap_or_default();
+        out.lines()
+            .filter_map(|l| {
+                let (c, v) = l.split_once('\t')?;
+                Some((c.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Waits until ClickHouse holds exactly `want`; fails after `timeout` or on any excess.
+    fn wait_totals(&self, want: &BTreeMap<String, u64>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.totals();
+            for (c, v) in &got {
+                let w = want.get(c).copied().unwrap_or(0);
+                assert!(*v <= w, "{c} counted {v}, more than the {w} acknowledged");
+            }
+            if &got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "totals did not converge: {} customers differ",
+                want.iter().filter(|(c, v)| got.get(*c) != Some(v)).count()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A batch of `size` events numbered from `tag`, spread over `customers` customers, with what
+/// each customer should be counted.
+fn batch(tag: &str, size: usize, customers: usize) -> (String, BTreeMap<String, u64>) {
+    let mut expected = BTreeMap::new();
+    let events: Vec<Value> = (0..size)
+        .map(|i| {
+            let customer = format!("cust-{}", i % customers);
+            let value = 1 + (i as u64 % 3);
+            *expected.entry(customer.clone()).or_insert(0) += value;
+            json!({"specversion": "1.0", "id": format!("{tag}-{i}"), "source": "edge-1",
+                   "type": "api_requests", "subject": customer, "data": {"value": value}})
+        })
+        .collect();
+    (Value::Array(events).to_string(), expected)
+}
+
+fn add(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (c, v) in from {
+        *into.entry(c.clone()).or_insert(0) += v;
+    }
+}
+
+/// Posts `body` until ingest answers 202, as an edge node does; returns the 503s seen.
+fn post_until_accepted(api: &str, body: &str) -> u64 {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match client
+            .post(format!("{api}/v1/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body.to_owned())
+            .send()
+        {
+            Ok(r) if r.status().as_u16() == 202 => return refused,
+            Ok(r) => {
+                assert_eq!(r.status().as_u16(), 503, "only 503 may refuse a valid batch");
+                assert!(r.headers().contains_key("retry-after"), "503 without Retry-After");
+                refused += 1;
+            }
+            Err(e) => panic!("ingest did not answer: {e}"),
+        }
+        assert!(Instant::now() < deadline, "ingest never accepted the batch");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn usage(client: &reqwest::blocking::Client, url: String) -> u64 {
+    let v: Value = client.get(url).send().unwrap().json().unwrap();
+    v["usage"].as_u64().unwrap_or_else(|| panic!("no usage in {v}"))
+}
+
+#[test]
+fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
+    let p = Pipeline::shared();
+    let ingest = p.start("ingest");
+    let second_ingest = p.start("ingest");
+    let aggregator = p.start("aggregator");
+    let enforcer = p.start("enforcer");
+    let mut want = BTreeMap::new();
+    let mut bodies = Vec::new();
+    for k in 0..100 {
+        let (body, expected) = batch(&format!("e2e-{k}"), 1_000, 500);
+        let r = ingest.post_batch(body.clone());
+        assert_eq!(r.status().as_u16(), 202);
+        assert_eq!(r.json::<Value>().unwrap()["accepted"], 1_000);
+        add(&mut want, &expected);
+        bodies.push(body);
+    }
+    // A retry to the same ingest process is answered as a duplicate; the same events through
+    // another ingest process reach the topic again and must be dropped by the aggregator.
+    let r: Value = ingest.post_batch(bodies[7].clone()).json().unwrap();
+    assert_eq!((r["accepted"].clone(), r["duplicates"].clone()), (json!(0), json!(1_000)));
+    for body in &bodies[..5] {
+        assert_eq!(second_ingest.post_batch(body.clone()).status().as_u16(), 202);
+    }
+    p.wait_totals(&want, Duration::from_secs(120));
+
+    // The query API and the enforcer read the same figures.
+    let client = reqwest::blocking::Client::new();
+    for c in ["cust-0", "cust-123", "cust-499"] {
+        let stored = usage(
+            &client,
+            format!("{}/v1/usage?customer={c}&meter=api_requests", aggregator.api),
+        );
+        assert_eq!(stored, want[c], "query API for {c}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = usage(
+                &client,
+                format!("{}/v1/check?customer={c}&meter=api_requests&quantity=0", enforcer.api),
+            );
+            if seen == want[c] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "enforcer sees {seen} for {c}, want {}", want[c]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // A restarted enforcer loads period-to-date totals from ClickHouse, then follows the topic.
+    drop(enforcer);
+    let enforcer = p.start("enforcer");
+    let seen = usage(
+        &client,
+        format!("{}/v1/check?customer=cust-7&meter=api_requests&quantity=0", enforcer.api),
+    );
+    assert_eq!(seen, want["cust-7"]);
+    let dups = p
+        .ch
+        .query(&format!("SELECT count() FROM {}.event_ids", p.db))
+        .unwrap();
+    assert_eq!(dups.trim(), "100000", "one de-duplication id per counted event");
+}
+
+async fn total(store: &ClickHouseStore) -> u64 {
+    store
+        .total("c1", "api_requests", Aggregation::Sum, 0, i64::MAX)
+        .await
+        .unwrap()
+}
+
+fn record(partition: u32, offset: u64, id: &str, customer: &str, value: u64) -> Record {
+    let now = 1_795_255_200_000; // 2026-11-21T10:00:00Z
+    Record {
+        partition,
+        offset,
+        event: UsageEvent {
+            id: id.into(),
+            source: "edge-1".into(),
+            customer: customer.into(),
+            meter: "api_requests".into(),
+            value,
+            time_ms: now,
+            received_ms: now,
+        },
+    }
+}
+
+/// The store's side of exactly once, on the real ClickHouse: a batch read and written twice
+/// (a crash after the write, before the log's offsets were committed) counts once, duplicates
+/// inside and across batches count once, and a batch overlapping the stored position is refused.
+#[test]
+fn a_replayed_batch_counts_once_in_clickhouse() {
+    let ch = ClickHouse::shared();
+    let config = ClickHouseConfig::new(ch.http.clone(), unique_name("replay"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert_eq!(ClickHouseStore::migrate(&config).await.unwrap(), vec![1]);
+        assert!(ClickHouseStore::migrate(&config).await.unwrap().is_empty());
+        let store = ClickHouseStore::new(&config);
+        let catalog = Catalog::builtin();
+        // Offsets 0..100 on partition 0; ids repeat every 80 records (20 duplicates).
+        let first: Vec<Record> = (0..100)
+            .map(|o| record(0, o, &format!("id-{}", o % 80), "c1", 2))
+            .collect();
+        let roll = |batch: &[Record], keep: &[bool]| {
+            let mut r = Rollup::default();
+            for (rec, k) in batch.iter().zip(keep) {
+                if *k { r.push(rec, &catalog) } else { r.cover(rec) }
+            }
+            r
+        };
+        let keep = store.first_seen(&first).await.unwrap();
+        assert_eq!(keep.iter().filter(|k| **k).count(), 80);
+        let rollup = roll(&first, &keep);
+        assert_eq!(store.apply(&rollup).await.unwrap(), Applied::Written);
+        // The same records again: the same ones are kept (replay, not duplicates) and the
+        // write is recognised.
+        let again = store.first_seen(&first).await.unwrap();
+        assert_eq!(again, keep);
+        assert_eq!(store.apply(&roll(&first, &again)).await.unwrap(), Applied::Replay);
+        assert_eq!(total(&store).await, 160);
+        assert_eq!(store.offsets().await.unwrap().get(&0), Some(&100));
+        // The next batch re-sends three old ids (duplicates) and one new one.
+        let next: Vec<Record> = (100..104)
+            .map(|o| record(0, o, &format!("id-{}", if o < 103 { o - 100 } else { 500 }), "c1", 5))
+            .collect();
+        let keep = store.first_seen(&next).await.unwrap();
+        assert_eq!(keep, vec![false, false, false, true]);
+        assert_eq!(store.apply(&roll(&next, &keep)).await.unwrap(), Applied::Written);
+        assert_eq!(total(&store).await, 165);
+        // A batch that starts below the stored position belongs to another writer.
+        let overlap: Vec<Record> = (102..110)
+            .map(|o| record(0, o, &format!("late-{o}"), "c1", 1))
+            .collect();
+        let err = store
+            .apply(&roll(&overlap, &[true; 8]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, tally_aggregator::Error::Fenced { .. }), "{err}");
+        assert_eq!(total(&store).await, 165);
+        // The enforcer's snapshot agrees with the positions it reports.
+        let snap = store
+            .snapshot(SnapshotRequest {
+                default_since_ms: 0,
+                since_by_customer: vec![],
+                additive_meters: vec!["api_requests".into()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(snap.offsets.get(&0), Some(&104));
+        assert_eq!(snap.totals, vec![("c1".into(), "api_requests".into(), 165)]);
+    });
+}
+
+#[test]
+fn a_replayed_topic_counts_nothing_twice() {
+    let p = Pipeline::shared();
+    let ingest = p.start("ingest");
+    let aggregator = p.start("aggregator");
+    let mut want = BTreeMap::new();
+    for k in 0..10 {
+        let (body, expected) = batch(&format!("replay-{k}"), 500, 20);
+        assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+        add(&mut want, &expected);
+    }
+    p.wait_totals(&want, Duration::from_secs(60));
+    drop(aggregator);
+    // A consumer group with no committed offsets reads the topic again from its start: every
+    // record is below the positions stored in ClickHouse and must be skipped.
+    let group = unique_name("replay");
+    let _replayer = p.start_with("aggregator", &[("TALLY_KAFKA_CONSUMER_GROUP", &group)]);
+    let (body, expected) = batch("replay-after", 100, 20);
+    assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+    add(&mut want, &expected);
+    // Events after the replay are counted, and the replayed ones were not counted again.
+    p.wait_totals(&want, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.totals(), want);
+}
+
+#[test]
+fn an_aggregator_killed_mid_flush_restarts_exact() {
+    let p = Pipeline::shared();
+    let ingest = p.start("ingest");
+    let want = Arc::new(Mutex::new(BTreeMap::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (want, done) = (want.clone(), done.clone());
+        let api = ingest.api.clone();
+        std::thread::spawn(move || {
+            for k in 0..60 {
+                let (body, expected) = batch(&format!("kill-{k}"), 500, 50);
+                post_until_accepted(&api, &body);
+                add(&mut want.lock().unwrap(), &expected);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    // Kill -9 the aggregator over and over while batches are flowing and being written.
+    let mut kills = 0;
+    while !done.load(Ordering::SeqCst) || kills < 3 {
+        let mut aggregator = p.start("aggregator");
+        std::thread::sleep(Duration::from_millis(400 + 300 * (kills % 3)));
+        aggregator.child.kill().unwrap();
+        aggregator.child.wait().unwrap();
+        kills += 1;
+    }
+    loader.join().unwrap();
+    let _aggregator = p.start("aggregator");
+    let want = want.lock().unwrap().clone();
+    p.wait_totals(&want, Duration::from_secs(120));
+    assert!(kills >= 3);
+}
+
+#[test]
+fn two_aggregators_share_the_partitions_and_one_dies() {
+    let p = Pipeline::shared();
+    let ingest = p.start("ingest");
+    let mut first = p.start("aggregator");
+    let _second = p.start("aggregator");
+    let mut want = BTreeMap::new();
+    for k in 0..20 {
+        let (body, expected) = batch(&format!("pair-{k}"), 500, 64);
+        assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+        add(&mut want, &expected);
+    }
+    p.wait_totals(&want, Duration::from_secs(90));
+    // Both members wrote: partitions were shared.
+    let writers = p
+        .ch
+        .query(&format!(
+            "SELECT count(DISTINCT partition) FROM {}.usage_cells",
+            p.db
+        ))
+        .unwrap();
+    assert_eq!(writers.trim(), "4");
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    for k in 20..40 {
+        let (body, expected) = batch(&format!("pair-{k}"), 500, 64);
+        assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+        add(&mut want, &expected);
+    }
+    // The survivor takes the dead member's partitions after the session timeout.
+    p.wait_totals(&want, Duration::from_secs(120));
+}
+
+#[test]
+fn the_broker_restarting_under_load_loses_nothing_acknowledged() {
+    let p = Pipeline::new(Kafka::private(), ClickHouse::shared());
+    let ingest = p.start("ingest");
+    let _aggregator = p.start("aggregator");
+    let want = Arc::new(Mutex::new(BTreeMap::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let loader = {
+        let (want, refused) = (want.clone(), refused.clone());
+        let api = ingest.api.clone();
+        std::thread::spawn(move || {
+            for k in 0..80 {
+                let (body, expected) = batch(&format!("outage-{k}"), 250, 40);
+                refused.fetch_add(post_until_accepted(&api, &body), Ordering::SeqCst);
+                add(&mut want.lock().unwrap(), &expected);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut kafka = p.kafka;
+    kafka.stop();
+    std::thread::sleep(Duration::from_secs(6));
+    kafka.restart();
+    loader.join().unwrap();
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "ingest acknowledged batches while the broker was down"
+    );
+    let p = Pipeline { kafka, ..p };
+    let want = want.lock().unwrap().clone();
+    p.wait_totals(&want, Duration::from_secs(120));
+}
+
+#[test]
+fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
+    let p = Pipeline::new(Kafka::shared(), ClickHouse::private());
+    let ingest = p.start("ingest");
+    let aggregator = p.start("aggregator");
+    let mut want = BTreeMap::new();
+    let (body, expected) = batch("ch-before", 500, 30);
+    assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+    add(&mut want, &expected);
+    p.wait_totals(&want, Duration::from_secs(60));
+    let mut ch = p.ch;
+    ch.stop();
+    for k in 0..10 {
+        let (body, expected) = batch(&format!("ch-during-{k}"), 500, 30);
+        assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
+        add(&mut want, &expected);
+    }
+    std::thread::sleep(Duration::from_secs(60));
+    // The aggregator waited, it did not give up.
+    let health = reqwest::blocking::get(format!("{}/healthz", aggregator.admin)).unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    ch.restart();
+    let p = Pipeline { ch, ..p };
+    p.wait_totals(&want, Duration::from_secs(120));
+}

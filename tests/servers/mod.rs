@@ -1,0 +1,205 @@
+//! Real servers for the integration tests: a Kafka-compatible broker (tansu) and ClickHouse.
+//!
+//! [`Kafka::shared`] and [`ClickHouse::shared`] return the servers that `tests/run.sh` started
+//! for the whole suite (addresses in `TALLY_TEST_KAFKA_BROKERS` and `TALLY_TEST_CLICKHOUSE_URL`)
+//! or, when a test runs on its own, start private ones. Tests isolate themselves with a fresh
+//! topic and database each ([`unique_name`]). Fault tests use [`Kafka::private`] and
+//! [`ClickHouse::private`], which they may stop and restart. Servers are started by
+//! `tests/servers.sh` and stopped when dropped.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A name no other test of this run uses: `prefix_<pid>_<n>`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One server process started by `tests/servers.sh`.
+struct Server {
+    args: Vec<String>,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(kind: &str, ports: &[u16]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = vec![kind.to_owned(), dir.path().display().to_string()];
+        args.extend(ports.iter().map(|p| p.to_string()));
+        let mut s = Server {
+            args,
+            child: None,
+            dir: dir.path().to_owned(),
+            _dir: Some(dir),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers.sh");
+        let child = Command::new(script)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tests/servers.sh runs");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !ready() {
+        assert!(Instant::now() < until, "{what} did not start in {deadline:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Kafka {
+    /// Bootstrap servers.
+    pub brokers: String,
+    server: Option<Server>,
+    port: u16,
+}
+
+impl Kafka {
+    /// The suite's broker, or a private one when none is configured.
+    pub fn shared() -> Kafka {
+        match std::env::var("TALLY_TEST_KAFKA_BROKERS") {
+            Ok(brokers) if !brokers.is_empty() => Kafka {
+                brokers,
+                server: None,
+                port: 0,
+            },
+            _ => Kafka::private(),
+        }
+    }
+
+    /// A broker of this test's own, which it may stop and restart.
+    pub fn private() -> Kafka {
+        let port = free_port();
+        let k = Kafka {
+            brokers: format!("127.0.0.1:{port}"),
+            server: Some(Server::start("kafka", &[port])),
+            port,
+        };
+        k.wait_ready();
+        k
+    }
+
+    fn wait_ready(&self) {
+        let addr = self.brokers.clone();
+        wait_for("the Kafka broker", Duration::from_secs(30), || {
+            TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    /// Kills the broker (private brokers only); its data stays.
+    pub fn stop(&mut self) {
+        self.server.as_mut().expect("a private broker").kill();
+    }
+
+    /// Starts the broker again on the same port and data.
+    pub fn restart(&mut self) {
+        self.server.as_mut().expect("a private broker").spawn();
+        self.wait_ready();
+    }
+}
+
+pub struct ClickHouse {
+    /// HTTP endpoint.
+    pub http: String,
+    server: Option<Server>,
+}
+
+impl ClickHouse {
+    /// The suite's server, or a private one when none is configured.
+    pub fn shared() -> ClickHouse {
+        match std::env::var("TALLY_TEST_CLICKHOUSE_URL") {
+            Ok(http) if !http.is_empty() => ClickHouse { http, server: None },
+            _ => ClickHouse::private(),
+        }
+    }
+
+    /// A server of this test's own, which it may stop and restart.
+    pub fn private() -> ClickHouse {
+        let (http, tcp, inter) = (free_port(), free_port(), free_port());
+        let ch = ClickHouse {
+            http: format!("http://127.0.0.1:{http}"),
+            server: Some(Server::start("clickhouse", &[http, tcp, inter])),
+        };
+        ch.wait_ready();
+        ch
+    }
+
+    /// The same as `start()` in earlier tests: a private server.
+    pub fn start() -> ClickHouse {
+        ClickHouse::private()
+    }
+
+    fn wait_ready(&self) {
+        wait_for("ClickHouse", Duration::from_secs(30), || {
+            self.query("SELECT 1").is_ok_and(|r| r.trim() == "1")
+        });
+    }
+
+    pub fn stop(&mut self) {
+        self.server.as_mut().expect("a private server").kill();
+    }
+
+    pub fn restart(&mut self) {
+        self.server.as_mut().expect("a private server").spawn();
+        self.wait_ready();
+    }
+
+    /// Runs one statement over the HTTP interface; the server's error text on failure.
+    pub fn query(&self, sql: &str) -> Result<String, String> {
+        let r = reqwest::blocking::Client::new()
+            .post(&self.http)
+            .timeout(Duration::from_secs(30))
+            .body(sql.to_owned())
+            .send()
+            .map_err(|e| e.to_string())?;
+        let ok = r.status().is_success();
+        let text = r.text().map_err(|e| e.to_string())?;
+        if ok { Ok(text) } else { Err(text) }
+    }
+
+    /// Where a private server keeps its files.
+    pub fn dir(&self) -> Option<&Path> {
+        self.server.as_ref().map(|s| s.dir.as_path())
+    }
+}
