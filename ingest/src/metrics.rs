@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, register_histogram,
-    register_int_counter, register_int_counter_vec,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, register_histogram,
+    register_int_counter, register_int_counter_vec, register_int_gauge,
 };
 
 /// Events by outcome: `accepted`, `duplicate`, `rejected`.
@@ -65,6 +65,15 @@ pub static UNDECODABLE: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tally_log_undecodable_records_total",
         "Records on the event topic that could not be decoded and were skipped"
+    )
+    .expect("metric registers once")
+});
+
+/// Partitions of the event topic this process's consumer-group member owns.
+pub static ASSIGNED_PARTITIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tally_log_assigned_partitions",
+        "Partitions of the event topic assigned to this process's consumer-group member"
     )
     .expect("metric registers once")
 });

@@ -31,6 +31,7 @@
 //! wins, so exactly one replica sends each notification.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -104,7 +105,10 @@ fn kafka(e: KafkaError) -> Error {
 /// The Kafka log. Cheap to share behind an `Arc`.
 pub struct KafkaLog {
     config: KafkaLogConfig,
-    producer: FutureProducer,
+    /// Replaced when it stops working (see [`KafkaLog::renew_producer`]).
+    producer: Arc<Mutex<(Producer_, Option<std::time::Instant>)>>,
+    /// Set by the producer when every broker is unreachable.
+    down: Arc<AtomicBool>,
     claims: Claims,
     /// Events this process delivered recently, to answer a client's retry as a duplicate.
     delivered: Mutex<RecentIds>,
@@ -114,8 +118,39 @@ impl KafkaLog {
     /// Connects the producer (lazily: librdkafka connects in the background and reconnects by
     /// itself) and starts following the notifications topic.
     pub fn connect(config: KafkaLogConfig) -> Result<KafkaLog> {
+        let down = Arc::new(AtomicBool::new(false));
+        let producer = Self::new_producer(&config, &down)?;
+        let claims = Claims::start(&config)?;
+        let delivered = Mutex::new(RecentIds::new(config.reader_dedup_window));
+        let log = KafkaLog {
+            config,
+            producer: Arc::new(Mutex::new((producer, None))),
+            down: down.clone(),
+            claims,
+            delivered,
+        };
+        // Renew the producer as soon as every broker is lost (see `renew_producer`).
+        let (slot, config) = (Arc::downgrade(&log.producer), log.config.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(slot) = slot.upgrade() else { break };
+                if down.swap(false, Ordering::SeqCst) {
+                    renew_producer(&slot, &config, &down, true);
+                }
+            }
+        });
+        Ok(log)
+    }
+
+    fn producer(&self) -> Producer_ {
+        self.producer.lock().expect("producer lock").0.clone()
+    }
+
+    fn new_producer(config: &KafkaLogConfig, down: &Arc<AtomicBool>) -> Result<Producer_> {
         let timeout_ms = config.delivery_timeout.as_millis().max(1).to_string();
-        let producer: FutureProducer = config
+        config
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -127,16 +162,8 @@ impl KafkaLog {
             .set("queue.buffering.max.kbytes", "1048576")
             .set("partitioner", "murmur2_random")
             .set("message.timeout.ms", &timeout_ms)
-            .create()
-            .map_err(kafka)?;
-        let claims = Claims::start(&config)?;
-        let delivered = Mutex::new(RecentIds::new(config.reader_dedup_window));
-        Ok(KafkaLog {
-            config,
-            producer,
-            claims,
-            delivered,
-        })
+            .create_with_context(ProducerWatch { down: down.clone() })
+            .map_err(kafka)
     }
 
     /// Creates the topics if they do not exist (`tally migrate`).
@@ -205,11 +232,56 @@ impl KafkaLog {
     }
 
     async fn partitions(&self) -> Result<Vec<i32>> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic = self.config.topic.clone();
         tokio::task::spawn_blocking(move || topic_partitions(producer.client(), &topic))
             .await
             .map_err(|e| Error::Kafka(e.to_string()))?
+    }
+}
+
+/// The producer, with its context.
+type Producer_ = FutureProducer<ProducerWatch>;
+
+/// Notices when every broker is unreachable.
+#[derive(Clone)]
+struct ProducerWatch {
+    down: Arc<AtomicBool>,
+}
+
+impl ClientContext for ProducerWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.down.store(true, Ordering::SeqCst);
+        }
+        tracing::warn!(%error, reason, "kafka producer");
+    }
+}
+
+/// Replaces the producer with a new one (a new producer id), cancelling what the old one still
+/// holds (those appends fail, their clients retry). Done when a delivery failed in a way the
+/// broker did not explain (a fatal error, lost idempotence state), at most every 5 s; and as
+/// soon as every broker was lost (`now`): a broker that restarted may have lost the producer's
+/// idempotence state, and tansu 0.6.0 even stops serving when an older producer id writes to
+/// it after an unclean restart. On Apache Kafka a fresh producer after an outage costs one
+/// InitProducerId request.
+fn renew_producer(
+    slot: &Mutex<(Producer_, Option<std::time::Instant>)>,
+    config: &KafkaLogConfig,
+    down: &Arc<AtomicBool>,
+    now: bool,
+) {
+    let mut p = slot.lock().expect("producer lock");
+    if !now && p.1.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+        return;
+    }
+    match KafkaLog::new_producer(config, down) {
+        Ok(fresh) => {
+            p.0.purge(PurgeConfig::default().queue().inflight().non_blocking());
+            tracing::warn!("kafka producer replaced");
+            *p = (fresh, Some(std::time::Instant::now()));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot create a kafka producer"),
     }
 }
 
@@ -248,6 +320,7 @@ impl EventLog for KafkaLog {
             events.into_iter().filter(|e| !delivered.contains(e)).collect()
         };
         let duplicates = total - events.len();
+        let producer = self.producer();
         let mut deliveries = Vec::with_capacity(events.len());
         let mut buf = Vec::with_capacity(128);
         for e in &events {
@@ -260,7 +333,7 @@ impl EventLog for KafkaLog {
             let mut record = Some(record);
             // A full local queue is back-pressure, not failure: wait for room.
             loop {
-                match self.producer.send_result(record.take().expect("record")) {
+                match producer.send_result(record.take().expect("record")) {
                     Ok(d) => {
                         deliveries.push(d);
                         break;
@@ -274,12 +347,31 @@ impl EventLog for KafkaLog {
             }
         }
         let mut failure = None;
+        let mut unexplained = false;
         for d in deliveries {
             match d.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failure = Some(kafka(e)),
+                Ok(Err((e, _))) => {
+                    // Timeouts and transport errors heal by themselves; others may not.
+                    unexplained |= !matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::MessageTimedOut
+                                | RDKafkaErrorCode::BrokerTransportFailure
+                                | RDKafkaErrorCode::AllBrokersDown
+                                | RDKafkaErrorCode::RequestTimedOut
+                                | RDKafkaErrorCode::NotEnoughReplicas
+                                | RDKafkaErrorCode::LeaderNotAvailable
+                                | RDKafkaErrorCode::NotLeaderForPartition
+                        )
+                    );
+                    failure = Some(kafka(e));
+                }
                 Err(_) => failure = Some(Error::Closed),
             }
+        }
+        if unexplained || producer.client().fatal_error().is_some() {
+            renew_producer(&self.producer, &self.config, &self.down, false);
         }
         match failure {
             None => {
@@ -334,7 +426,7 @@ impl EventLog for KafkaLog {
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>> {
         let mut out = Vec::new();
         for p in self.partitions().await? {
-            let producer = self.producer.clone();
+            let producer = self.producer();
             let topic = self.config.topic.clone();
             let (_, high) = tokio::task::spawn_blocking(move || {
                 producer
@@ -351,7 +443,7 @@ impl EventLog for KafkaLog {
 
     async fn publish_notification(&self, n: &Notification) -> Result<bool> {
         self.claims
-            .claim(&self.producer, &self.config.notifications_topic(), n)
+            .claim(&self.producer(), &self.config.notifications_topic(), n)
             .await
     }
 
@@ -394,6 +486,11 @@ impl ConsumerContext for GroupContext {
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         tracing::info!(?rebalance, "partitions rebalanced");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        let owned = consumer.assignment().map_or(0, |tpl| tpl.count());
+        crate::metrics::ASSIGNED_PARTITIONS.set(owned as i64);
     }
 }
 
@@ -714,7 +811,7 @@ impl Claims {
 
     async fn claim(
         &self,
-        producer: &FutureProducer,
+        producer: &Producer_,
         topic: &str,
         n: &Notification,
     ) -> Result<bool> {
