@@ -38,14 +38,11 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     assert_eq!(offsets.trim(), "0\t111");
     // Customers: the latest update wins.
     q("INSERT INTO {db}.customers VALUES ('c1','{\"plan\":\"free\"}',1), ('c1','{\"plan\":\"starter\"}',2)").unwrap();
-    let rec = q("SELECT record FROM {db}.customers FINAL WHERE id = 'c1' FORMAT TSVRaw")
-        .unwrap();
+    let rec = q("SELECT record FROM {db}.customers FINAL WHERE id = 'c1' FORMAT TSVRaw").unwrap();
     assert_eq!(rec.trim(), "{\"plan\":\"starter\"}");
     // Old de-duplication days are dropped by partition.
     q("INSERT INTO {db}.event_ids VALUES ('2026-10-01',0,'edge','e-1',1), ('2026-11-21',0,'edge','e-2',2)").unwrap();
-    q("ALTER TABLE {db}.event_ids DROP PARTITION '2026-10-01'")
-        .unwrap();
-    let ids = q("SELECT id FROM {db}.event_ids FORMAT TSV")
-        .unwrap();
+    q("ALTER TABLE {db}.event_ids DROP PARTITION '2026-10-01'").unwrap();
+    let ids = q("SELECT id FROM {db}.event_ids FORMAT TSV").unwrap();
     assert_eq!(ids.trim(), "e-2");
 }

@@ -180,8 +180,15 @@ fn post_until_accepted(api: &str, body: &str) -> u64 {
         {
             Ok(r) if r.status().as_u16() == 202 => return refused,
             Ok(r) => {
-                assert_eq!(r.status().as_u16(), 503, "only 503 may refuse a valid batch");
-                assert!(r.headers().contains_key("retry-after"), "503 without Retry-After");
+                assert_eq!(
+                    r.status().as_u16(),
+                    503,
+                    "only 503 may refuse a valid batch"
+                );
+                assert!(
+                    r.headers().contains_key("retry-after"),
+                    "503 without Retry-After"
+                );
                 refused += 1;
             }
             Err(e) => panic!("ingest did not answer: {e}"),
@@ -205,7 +212,9 @@ fn metric(proc: &Proc, name: &str) -> f64 {
 
 fn usage(client: &reqwest::blocking::Client, url: String) -> u64 {
     let v: Value = client.get(url).send().unwrap().json().unwrap();
-    v["usage"].as_u64().unwrap_or_else(|| panic!("no usage in {v}"))
+    v["usage"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no usage in {v}"))
 }
 
 #[test]
@@ -228,9 +237,15 @@ fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
     // A retry to the same ingest process is answered as a duplicate; the same events through
     // another ingest process reach the topic again and must be dropped by the aggregator.
     let r: Value = ingest.post_batch(bodies[7].clone()).json().unwrap();
-    assert_eq!((r["accepted"].clone(), r["duplicates"].clone()), (json!(0), json!(1_000)));
+    assert_eq!(
+        (r["accepted"].clone(), r["duplicates"].clone()),
+        (json!(0), json!(1_000))
+    );
     for body in &bodies[..5] {
-        assert_eq!(second_ingest.post_batch(body.clone()).status().as_u16(), 202);
+        assert_eq!(
+            second_ingest.post_batch(body.clone()).status().as_u16(),
+            202
+        );
     }
     p.wait_totals(&want, Duration::from_secs(120));
 
@@ -239,19 +254,29 @@ fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
     for c in ["cust-0", "cust-123", "cust-499"] {
         let stored = usage(
             &client,
-            format!("{}/v1/usage?customer={c}&meter=api_requests", aggregator.api),
+            format!(
+                "{}/v1/usage?customer={c}&meter=api_requests",
+                aggregator.api
+            ),
         );
         assert_eq!(stored, want[c], "query API for {c}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let seen = usage(
                 &client,
-                format!("{}/v1/check?customer={c}&meter=api_requests&quantity=0", enforcer.api),
+                format!(
+                    "{}/v1/check?customer={c}&meter=api_requests&quantity=0",
+                    enforcer.api
+                ),
             );
             if seen == want[c] {
                 break;
             }
-            assert!(Instant::now() < deadline, "enforcer sees {seen} for {c}, want {}", want[c]);
+            assert!(
+                Instant::now() < deadline,
+                "enforcer sees {seen} for {c}, want {}",
+                want[c]
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -260,14 +285,20 @@ fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
     let enforcer = p.start("enforcer");
     let seen = usage(
         &client,
-        format!("{}/v1/check?customer=cust-7&meter=api_requests&quantity=0", enforcer.api),
+        format!(
+            "{}/v1/check?customer=cust-7&meter=api_requests&quantity=0",
+            enforcer.api
+        ),
     );
     assert_eq!(seen, want["cust-7"]);
-    let dups = p
-        .ch
-        .query(&format!("SELECT count() FROM {}.event_ids", p.db))
-        .unwrap();
-    assert_eq!(dups.trim(), "100000", "one de-duplication id per counted event");
+    let dups =
+        p.ch.query(&format!("SELECT count() FROM {}.event_ids", p.db))
+            .unwrap();
+    assert_eq!(
+        dups.trim(),
+        "100000",
+        "one de-duplication id per counted event"
+    );
 }
 
 async fn total(store: &ClickHouseStore) -> u64 {
@@ -317,7 +348,11 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         let roll = |batch: &[Record], keep: &[bool]| {
             let mut r = Rollup::default();
             for (rec, k) in batch.iter().zip(keep) {
-                if *k { r.push(rec, &catalog) } else { r.cover(rec) }
+                if *k {
+                    r.push(rec, &catalog)
+                } else {
+                    r.cover(rec)
+                }
             }
             r
         };
@@ -329,26 +364,40 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         // write is recognised.
         let again = store.first_seen(&first).await.unwrap();
         assert_eq!(again, keep);
-        assert_eq!(store.apply(&roll(&first, &again)).await.unwrap(), Applied::Replay);
+        assert_eq!(
+            store.apply(&roll(&first, &again)).await.unwrap(),
+            Applied::Replay
+        );
         assert_eq!(total(&store).await, 160);
         assert_eq!(store.offsets().await.unwrap().get(&0), Some(&100));
         // The next batch re-sends three old ids (duplicates) and one new one.
         let next: Vec<Record> = (100..104)
-            .map(|o| record(0, o, &format!("id-{}", if o < 103 { o - 100 } else { 500 }), "c1", 5))
+            .map(|o| {
+                record(
+                    0,
+                    o,
+                    &format!("id-{}", if o < 103 { o - 100 } else { 500 }),
+                    "c1",
+                    5,
+                )
+            })
             .collect();
         let keep = store.first_seen(&next).await.unwrap();
         assert_eq!(keep, vec![false, false, false, true]);
-        assert_eq!(store.apply(&roll(&next, &keep)).await.unwrap(), Applied::Written);
+        assert_eq!(
+            store.apply(&roll(&next, &keep)).await.unwrap(),
+            Applied::Written
+        );
         assert_eq!(total(&store).await, 165);
         // A batch that starts below the stored position belongs to another writer.
         let overlap: Vec<Record> = (102..110)
             .map(|o| record(0, o, &format!("late-{o}"), "c1", 1))
             .collect();
-        let err = store
-            .apply(&roll(&overlap, &[true; 8]))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, tally_aggregator::Error::Fenced { .. }), "{err}");
+        let err = store.apply(&roll(&overlap, &[true; 8])).await.unwrap_err();
+        assert!(
+            matches!(err, tally_aggregator::Error::Fenced { .. }),
+            "{err}"
+        );
         assert_eq!(total(&store).await, 165);
         // The enforcer's snapshot agrees with the positions it reports.
         let snap = store
@@ -434,7 +483,10 @@ fn two_aggregators_share_the_partitions_and_one_dies() {
     while metric(&first, "tally_log_assigned_partitions") < 1.0
         || metric(&second, "tally_log_assigned_partitions") < 1.0
     {
-        assert!(Instant::now() < deadline, "the group never shared its partitions");
+        assert!(
+            Instant::now() < deadline,
+            "the group never shared its partitions"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut want = BTreeMap::new();
@@ -447,7 +499,10 @@ fn two_aggregators_share_the_partitions_and_one_dies() {
     // Both members wrote: the partitions were shared between them.
     let written = |proc: &Proc| metric(proc, "tally_aggregator_events_total");
     let (a, b) = (written(&first), written(&second));
-    assert!(a > 0.0 && b > 0.0, "one aggregator did all the work: {a} and {b}");
+    assert!(
+        a > 0.0 && b > 0.0,
+        "one aggregator did all the work: {a} and {b}"
+    );
     assert_eq!(a + b, 10_000.0, "each event written once");
     first.child.kill().unwrap();
     first.child.wait().unwrap();

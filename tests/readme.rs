@@ -110,7 +110,11 @@ fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
         .envs(env)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut p = start_with_env("run", dir.path(), port, free_port(), "200ms", &env);

@@ -47,7 +47,6 @@ use tokio_util::sync::CancellationToken;
 use crate::rollup::Rollup;
 use crate::store::{Applied, UsageStore};
 
-
 /// Batching of the aggregator.
 #[derive(Debug, Clone)]
 pub struct AggregatorSettings {
@@ -153,7 +152,11 @@ fn now_ms() -> i64 {
 }
 
 /// Retries `op` with backoff while the store fails; `None` once `shutdown` is cancelled.
-async fn retrying<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Result<Option<T>>
+async fn retrying<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut op: F,
+) -> Result<Option<T>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,

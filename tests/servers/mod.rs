@@ -83,7 +83,10 @@ impl Drop for Server {
 fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
     let until = Instant::now() + deadline;
     while !ready() {
-        assert!(Instant::now() < until, "{what} did not start in {deadline:?}");
+        assert!(
+            Instant::now() < until,
+            "{what} did not start in {deadline:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -109,7 +109,9 @@ pub struct ClickHouseStore {
 /// The first whole second at or after `ms`, within `DateTime`'s range: `minute >= it` is
 /// `minute_ms >= ms`.
 fn seconds(ms: i64) -> i64 {
-    ms.saturating_add(999).div_euclid(1000).clamp(0, u32::MAX as i64)
+    ms.saturating_add(999)
+        .div_euclid(1000)
+        .clamp(0, u32::MAX as i64)
 }
 
 impl ClickHouseStore {
@@ -251,7 +253,15 @@ impl UsageStore for ClickHouseStore {
         for (partition, idx) in by_partition {
             let index: HashMap<(&str, &str), usize> = idx
                 .iter()
-                .map(|&i| ((records[i].event.source.as_str(), records[i].event.id.as_str()), i))
+                .map(|&i| {
+                    (
+                        (
+                            records[i].event.source.as_str(),
+                            records[i].event.id.as_str(),
+                        ),
+                        i,
+                    )
+                })
                 .collect();
             // The offset at which each (source, id) was counted, per what is stored.
             let mut counted: HashMap<(&str, &str), u64> = HashMap::new();
@@ -288,8 +298,11 @@ impl UsageStore for ClickHouseStore {
                         counted.insert(key, r.offset);
                         keep[i] = true;
                         new_ids.push(IdRow {
-                            day: r.event.received_ms.div_euclid(86_400_000).clamp(0, u16::MAX as i64)
-                                as u16,
+                            day: r
+                                .event
+                                .received_ms
+                                .div_euclid(86_400_000)
+                                .clamp(0, u16::MAX as i64) as u16,
                             partition: r.partition,
                             source: r.event.source.clone(),
                             id: r.event.id.clone(),
@@ -329,7 +342,11 @@ impl UsageStore for ClickHouseStore {
         if !fresh {
             return Ok(Applied::Replay);
         }
-        let mut insert = self.client.insert::<CellRow>("usage_cells").await.map_err(ch)?;
+        let mut insert = self
+            .client
+            .insert::<CellRow>("usage_cells")
+            .await
+            .map_err(ch)?;
         let mut with_cells = HashSet::new();
         for (k, cell) in &rollup.cells {
             let (value, last_ms) = match *cell {
@@ -478,8 +495,11 @@ impl UsageStore for ClickHouseStore {
         let covered = "batch_next_offset <= transform(partition, ?, ?, toUInt64(0))";
         let mut totals = Vec::new();
         if !req.additive_meters.is_empty() {
-            let special: HashSet<&str> =
-                req.since_by_customer.iter().map(|(c, _)| c.as_str()).collect();
+            let special: HashSet<&str> = req
+                .since_by_customer
+                .iter()
+                .map(|(c, _)| c.as_str())
+                .collect();
             let rows: Vec<(String, String, u64)> = self
                 .client
                 .query(&format!(

@@ -185,7 +185,11 @@ impl KafkaLog {
             .set("retention.ms", &retention),
         ];
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        for result in admin.create_topics(&topics, &options).await.map_err(kafka)? {
+        for result in admin
+            .create_topics(&topics, &options)
+            .await
+            .map_err(kafka)?
+        {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((topic, code)) => {
@@ -317,7 +321,10 @@ impl EventLog for KafkaLog {
         let total = events.len();
         let events: Vec<UsageEvent> = {
             let delivered = self.delivered.lock().expect("delivered lock");
-            events.into_iter().filter(|e| !delivered.contains(e)).collect()
+            events
+                .into_iter()
+                .filter(|e| !delivered.contains(e))
+                .collect()
         };
         let duplicates = total - events.len();
         let producer = self.producer();
@@ -586,7 +593,8 @@ impl KafkaReader {
                 Some(&next) => Offset::Offset(next as i64),
                 None => Offset::Beginning,
             };
-            tpl.add_partition_offset(&self.topic, p, at).map_err(kafka)?;
+            tpl.add_partition_offset(&self.topic, p, at)
+                .map_err(kafka)?;
         }
         self.consumer.assign(&tpl).map_err(kafka)?;
         self.assigned = true;
@@ -618,9 +626,10 @@ impl LogReader for KafkaReader {
             .retain(|r| r.partition != partition || r.offset >= next_offset);
         let owned = self.assigned
             || (self.group
-                && self.consumer.assignment().is_ok_and(|tpl| {
-                    tpl.find_partition(&self.topic, partition as i32).is_some()
-                }));
+                && self
+                    .consumer
+                    .assignment()
+                    .is_ok_and(|tpl| tpl.find_partition(&self.topic, partition as i32).is_some()));
         if owned {
             // Already reading it: move this partition's cursor.
             if let Err(e) = self.consumer.seek(
@@ -700,9 +709,7 @@ impl LogReader for KafkaReader {
             tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(next as i64))
                 .map_err(kafka)?;
         }
-        self.consumer
-            .commit(&tpl, CommitMode::Async)
-            .map_err(kafka)
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(kafka)
     }
 }
 
@@ -809,12 +816,7 @@ impl Claims {
         .await;
     }
 
-    async fn claim(
-        &self,
-        producer: &Producer_,
-        topic: &str,
-        n: &Notification,
-    ) -> Result<bool> {
+    async fn claim(&self, producer: &Producer_, topic: &str, n: &Notification) -> Result<bool> {
         let key = (
             n.customer.clone(),
             n.meter.clone(),
