@@ -2,6 +2,7 @@
 # Starts one real server in the foreground, in a private data directory, listening on loopback:
 #
 #   tests/servers.sh kafka DIR PORT                       a Kafka-compatible broker (tansu, sqlite engine)
+#   tests/servers.sh kafka-memory DIR PORT                the same on tansu's memory engine (benchmarks)
 #   tests/servers.sh clickhouse DIR HTTP_PORT TCP_PORT INTERSERVER_PORT
 #
 # The process replaces this script (exec), so killing the child stops the server. tests/run.sh
@@ -15,15 +16,17 @@ mkdir -p "$dir"
 cd "$dir"
 
 case "$kind" in
-kafka)
+kafka | kafka-memory)
     port="$3"
     tansu="${TANSU_BIN:-$(command -v tansu || true)}"
     [ -x "$tansu" ] || { echo "tansu not found: run tests/run.sh, which installs it" >&2; exit 1; }
     # The sqlite path is resolved from the working directory: start from the data directory.
+    engine="sqlite://tansu.db"
+    [ "$kind" = kafka ] || engine="memory://tansu/"
     exec "$tansu" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine "sqlite://tansu.db" >>"$dir/broker.log" 2>&1
+        --storage-engine "$engine" >>"$dir/broker.log" 2>&1
     ;;
 clickhouse)
     http="$3" tcp="$4" inter="$5"

@@ -2,6 +2,8 @@
 //! receiver once, signed, and is retried when the receiver fails.
 
 mod common;
+#[path = "servers/mod.rs"]
+mod servers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::process::{free_port, start_component, start_with_env};
+use common::process::{free_port, start_with_env};
 use serde_json::{Value, json};
 
 #[derive(Default)]
@@ -45,6 +47,37 @@ async fn hook(
 
 #[test]
 fn each_notification_is_delivered_once_by_one_of_two_replicas() {
+    two_replicas(&[]);
+}
+
+/// The same on the production path: the replicas follow a Kafka topic and claim notifications
+/// on `<topic>.notifications`.
+#[test]
+fn each_notification_is_delivered_once_on_kafka_and_clickhouse() {
+    let kafka = servers::Kafka::shared();
+    let ch = servers::ClickHouse::shared();
+    let topic = servers::unique_name("hooks");
+    let db = servers::unique_name("hooks");
+    let env = [
+        ("TALLY_KAFKA_BROKERS", kafka.brokers.as_str()),
+        ("TALLY_KAFKA_TOPIC", topic.as_str()),
+        ("TALLY_CLICKHOUSE_URL", ch.http.as_str()),
+        ("TALLY_CLICKHOUSE_DATABASE", db.as_str()),
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("migrate")
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    two_replicas(&env);
+}
+
+fn two_replicas(backends: &[(&str, &str)]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let receiver = Arc::new(Mutex::new(Receiver::default()));
     let listener = rt
@@ -57,12 +90,20 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
     rt.spawn(async move { axum::serve(listener, app).await });
 
     let dir = tempfile::tempdir().unwrap();
-    let env = [
+    let mut env = vec![
         ("TALLY_WEBHOOK_URLS", url.as_str()),
         ("TALLY_WEBHOOK_SECRET", "whsec_test"),
         ("TALLY_WEBHOOK_RETRY_BASE", "100ms"),
     ];
-    let ingest = start_component("ingest", dir.path(), free_port(), free_port(), "50ms");
+    env.extend_from_slice(backends);
+    let ingest = start_with_env(
+        "ingest",
+        dir.path(),
+        free_port(),
+        free_port(),
+        "50ms",
+        backends,
+    );
     let a = start_with_env(
         "enforcer",
         dir.path(),

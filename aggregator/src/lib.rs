@@ -13,17 +13,31 @@
 //! # Checkpoints and exactly-once semantics
 //! The aggregator reads the log from the positions stored *in the usage store*, not from the
 //! log's own consumer offsets. Each batch (up to `max_batch_events` records, or whatever arrived
-//! within `flush_interval` of the first) is rolled up and written together with the positions
-//! after it in one atomic store write. So:
+//! within `flush_interval` of the first) is de-duplicated, rolled up and written together with
+//! the positions after it in one atomic store write (one SQLite transaction; one ClickHouse
+//! INSERT, which is one part). So:
 //! - a crash before the write loses nothing: the batch is read again from the stored position;
-//! - a crash after the write re-reads nothing: the stored position moved with the data;
-//! - a batch that is written twice anyway (a retry after an ambiguous failure) is recognised by
-//!   its positions and skipped.
+//! - a crash after the write re-reads nothing that counts: records below the stored position are
+//!   skipped, whatever the log's committed offsets say;
+//! - a batch written twice anyway (a retry after an ambiguous failure) is recognised by its
+//!   positions and skipped (and in ClickHouse its rows carry the same batch keys and collapse);
+//! - a batch that starts below the stored position is refused ([`Error::Fenced`]): another
+//!   aggregator wrote that partition meanwhile. The batch is dropped and reading resumes from
+//!   the store.
 //!
-//! Duplicates (`source`, `id`) are removed before the log, so every record counts once. A store
-//! failure is retried with backoff, holding the batch, until it succeeds or the process stops;
-//! offsets reported to the log ([`tally_ingest::log::EventLog::commit`]) are advisory, for
-//! retention only.
+//! With Kafka, aggregators form a consumer group and share the partitions. On every rebalance
+//! ([`tally_ingest::log::LogReader::assignment_epoch`]) the positions are re-read from the store
+//! before anything of the new assignment is written, and records buffered for revoked
+//! partitions are dropped. Offsets are committed to Kafka only after the store has the batch;
+//! they are advisory (monitoring, retention), never the source of truth. A member that stalls
+//! past the session timeout while holding a batch is the one window left: the store's position
+//! check before each write fences it unless its write races the new owner's.
+//!
+//! Duplicates (`source`, `id`) are dropped within the de-duplication window: by the embedded log
+//! before it appends, or with Kafka by the store ([`store::UsageStore::first_seen`], ClickHouse
+//! table `event_ids`), which tells a duplicate (same id at another offset) from a replay (the
+//! same record read again). A store failure is retried with backoff, holding the batch, until
+//! it succeeds or the process stops.
 //!
 //! # Units and periods
 //! Cells are keyed by the event's own time (UTC minute), so late events land in their own

@@ -1,0 +1,419 @@
+//! The distributed pipeline, measured against real servers (run by `benches/pipeline.sh`, which
+//! starts them and passes their addresses):
+//!
+//! 1. ingest: HTTP batch ingest (`tally ingest`) into the broker, beside a raw librdkafka
+//!    producer (rdkafka, the same producer settings) sending the same events, already
+//!    serialized, to the same broker. Interleaved, `RUNS` times each; events/s and the ingest
+//!    process's CPU seconds per million events.
+//! 2. aggregator: a topic preloaded with events, then `tally aggregator` started: events/s until
+//!    ClickHouse holds them all, and its CPU seconds per million events.
+//! 3. freshness: under a steady background load, single events for fresh customers; the time
+//!    from the 202 until ClickHouse and until the enforcer show them (p50 / p99).
+//!
+//! Environment: `BENCH_KAFKA_FAST` (a broker for produce-only runs), `BENCH_KAFKA` (a broker
+//! for runs that consume), `BENCH_CLICKHOUSE` (HTTP URL), `TALLY_BIN` (the release binary).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tally_schemas::{UsageEvent, wire};
+
+const RUNS: usize = 3;
+const BATCH: usize = 1_000;
+const INGEST_EVENTS: usize = 200_000;
+const CLIENTS: usize = 8;
+const AGGREGATOR_EVENTS: usize = 200_000;
+const PROBES: usize = 60;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run benches/pipeline.sh"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A running `tally` process.
+struct Tally {
+    child: Child,
+    api: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Tally {
+    fn start(command: &str, env: &[(&str, String)]) -> Tally {
+        let dir = tempfile::tempdir().unwrap();
+        let (api, admin) = (free_port(), free_port());
+        let child = Command::new(self::env("TALLY_BIN"))
+            .arg(command)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("TALLY_DATA_DIR", dir.path())
+            .env("TALLY_LISTEN", format!("127.0.0.1:{api}"))
+            .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("TALLY_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Tally {
+            child,
+            api: format!("http://127.0.0.1:{api}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::blocking::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "tally {command} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// CPU seconds (user + system) used so far.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+fn settings(brokers: &str, topic: &str, db: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TALLY_KAFKA_BROKERS", brokers.to_owned()),
+        ("TALLY_KAFKA_TOPIC", topic.to_owned()),
+        ("TALLY_KAFKA_CONSUMER_GROUP", topic.to_owned()),
+        ("TALLY_CLICKHOUSE_URL", env("BENCH_CLICKHOUSE")),
+        ("TALLY_CLICKHOUSE_DATABASE", db.to_owned()),
+        ("TALLY_FLUSH_INTERVAL", "100ms".to_owned()),
+    ]
+}
+
+fn migrate(env: &[(&str, String)]) {
+    let out = Command::new(self::env("TALLY_BIN"))
+        .arg("migrate")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn event_json(tag: &str, i: usize) -> Value {
+    json!({"specversion": "1.0", "id": format!("{tag}-{i}"), "source": "edge-bench",
+           "type": "api_requests", "subject": format!("cust-{}", i % 10_000),
+           "data": {"value": 1}})
+}
+
+/// `n` events as batch bodies of [`BATCH`].
+fn bodies(tag: &str, n: usize) -> Vec<String> {
+    (0..n / BATCH)
+        .map(|b| {
+            Value::Array((0..BATCH).map(|i| event_json(tag, b * BATCH + i)).collect()).to_string()
+        })
+        .collect()
+}
+
+/// The same events as the log holds them: (customer key, protobuf bytes).
+fn encoded(tag: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    let now = 1_795_255_200_000;
+    (0..n)
+        .map(|i| {
+            let e = UsageEvent {
+                id: format!("{tag}-{i}"),
+                source: "edge-bench".into(),
+                customer: format!("cust-{}", i % 10_000),
+                meter: "api_requests".into(),
+                value: 1,
+                time_ms: now,
+                received_ms: now,
+            };
+            (e.customer.clone(), wire::encode(&e))
+        })
+        .collect()
+}
+
+/// Posts every body with `CLIENTS` concurrent clients; events/s.
+fn post_all(api: &str, bodies: Vec<String>) -> f64 {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let bodies = Arc::new(bodies);
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (next, bodies, api) = (next.clone(), bodies.clone(), api.to_owned());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(body) = bodies.get(i) else { break };
+                    let r = client
+                        .post(format!("{api}/v1/events"))
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .body(body.clone())
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 202);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    (bodies.len() * BATCH) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The raw librdkafka producer: the same settings as Tally's, every event awaited.
+async fn raw_produce(brokers: &str, topic: &str, events: &[(String, Vec<u8>)]) -> f64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(events.len());
+    for (key, payload) in events {
+        let d = producer
+            .send_result(FutureRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        pending.push(d);
+    }
+    for d in pending {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn clickhouse(sql: &str) -> String {
+    reqwest::blocking::Client::new()
+        .post(env("BENCH_CLICKHOUSE"))
+        .body(sql.to_owned())
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fast = env("BENCH_KAFKA_FAST");
+    let durable = env("BENCH_KAFKA");
+
+    // 1. Ingest beside the raw producer, interleaved.
+    println!(
+        "## ingest into the broker ({INGEST_EVENTS} events per run, batches of {BATCH}, {CLIENTS} clients)"
+    );
+    let (mut raw, mut tally, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let topic = unique("bench_raw");
+        let env = settings(&fast, &topic, "bench");
+        migrate(&env[..3]);
+        let events = encoded(&format!("raw{run}"), INGEST_EVENTS);
+        raw.push(rt.block_on(raw_produce(&fast, &topic, &events)));
+
+        let topic = unique("bench_ingest");
+        let env = settings(&fast, &topic, "bench");
+        migrate(&env[..3]);
+        let ingest = Tally::start("ingest", &env[..3]);
+        let bodies = bodies(&format!("ingest{run}"), INGEST_EVENTS);
+        let before = ingest.cpu_seconds();
+        tally.push(post_all(&ingest.api, bodies));
+        cpu.push((ingest.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
+        println!(
+            "run {}: raw producer {:.0} events/s, tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
+            run + 1,
+            raw[run],
+            tally[run],
+            tally[run] / raw[run],
+            cpu[run]
+        );
+    }
+    let ratios: Vec<f64> = tally.iter().zip(&raw).map(|(t, r)| t / r).collect();
+    println!(
+        "median: raw {:.0}/s, tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
+        median(&mut raw.clone()),
+        median(&mut tally.clone()),
+        median(&mut ratios.clone()),
+        median(&mut cpu.clone())
+    );
+
+    // 2. Aggregator throughput from a preloaded topic.
+    println!("## aggregator ({AGGREGATOR_EVENTS} events preloaded)");
+    let mut rates = Vec::new();
+    let mut agg_cpu = Vec::new();
+    for run in 0..RUNS {
+        let topic = unique("bench_agg");
+        let db = unique("bench");
+        let env = settings(&durable, &topic, &db);
+        migrate(&env);
+        let events = encoded(&format!("agg{run}"), AGGREGATOR_EVENTS);
+        rt.block_on(raw_produce(&durable, &topic, &events));
+        let started = Instant::now();
+        let aggregator = Tally::start("aggregator", &env);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let n = clickhouse(&format!(
+                "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer != ''"
+            ));
+            if n.trim().parse::<usize>().unwrap_or(0) >= AGGREGATOR_EVENTS {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the aggregator did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
+        let cpu = aggregator.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
+        println!(
+            "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million",
+            run + 1
+        );
+        rates.push(rate);
+        agg_cpu.push(cpu);
+    }
+    println!(
+        "median: {:.0} events/s, {:.2} CPU s per million events",
+        median(&mut rates),
+        median(&mut agg_cpu)
+    );
+
+    // 3. Freshness under load.
+    println!("## freshness ({PROBES} probes under a background load of about 2,000 events/s)");
+    let topic = unique("bench_fresh");
+    let db = unique("bench");
+    let env = settings(&durable, &topic, &db);
+    migrate(&env);
+    let ingest = Tally::start("ingest", &env);
+    let _aggregator = Tally::start("aggregator", &env);
+    let enforcer = Tally::start("enforcer", &env);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, api) = (stop.clone(), ingest.api.clone());
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = Value::Array(
+                    (0..100)
+                        .map(|i| event_json(&format!("load{k}"), i))
+                        .collect(),
+                )
+                .to_string();
+                let _ = client
+                    .post(format!("{api}/v1/events"))
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body)
+                    .send();
+                k += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let client = reqwest::blocking::Client::new();
+    let (mut to_ch, mut to_enforcer) = (Vec::new(), Vec::new());
+    for probe in 0..PROBES {
+        let customer = format!("probe-{probe}");
+        let body = json!({"specversion": "1.0", "id": format!("probe-{probe}"), "source": "edge-bench",
+                          "type": "api_requests", "subject": customer, "data": {"value": 7}});
+        let r = client
+            .post(format!("{}/v1/events", ingest.api))
+            .header("content-type", "application/cloudevents+json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let accepted = Instant::now();
+        let (mut seen_ch, mut seen_enf) = (None, None);
+        while seen_ch.is_none() || seen_enf.is_none() {
+            if seen_enf.is_none() {
+                let v: Value = client
+                    .get(format!(
+                        "{}/v1/check?customer={customer}&meter=api_requests&quantity=0",
+                        enforcer.api
+                    ))
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                if v["usage"] == 7 {
+                    seen_enf = Some(accepted.elapsed());
+                }
+            }
+            if seen_ch.is_none()
+                && clickhouse(&format!(
+                    "SELECT sum(value) FROM {db}.usage_cells WHERE customer = '{customer}'"
+                ))
+                .trim()
+                    == "7"
+            {
+                seen_ch = Some(accepted.elapsed());
+            }
+            assert!(accepted.elapsed() < Duration::from_secs(30), "probe lost");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        to_ch.push(seen_ch.unwrap().as_secs_f64() * 1e3);
+        to_enforcer.push(seen_enf.unwrap().as_secs_f64() * 1e3);
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    println!(
+        "202 -> ClickHouse: p50 {:.0} ms, p99 {:.0} ms; 202 -> enforcer: p50 {:.0} ms, p99 {:.0} ms",
+        percentile(&mut to_ch, 0.5),
+        percentile(&mut to_ch, 0.99),
+        percentile(&mut to_enforcer, 0.5),
+        percentile(&mut to_enforcer, 0.99)
+    );
+}
