@@ -308,6 +308,11 @@ async fn total(store: &ClickHouseStore) -> u64 {
         .unwrap()
 }
 
+/// Event ids, some with characters that need quoting in SQL.
+fn tricky_id(n: u64) -> String {
+    format!("id-{n}{}", ["", "'", "\\", "?"][(n % 4) as usize])
+}
+
 fn record(partition: u32, offset: u64, id: &str, customer: &str, value: u64) -> Record {
     let now = 1_795_255_200_000; // 2026-11-21T10:00:00Z
     Record {
@@ -341,9 +346,10 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         assert!(ClickHouseStore::migrate(&config).await.unwrap().is_empty());
         let store = ClickHouseStore::new(&config);
         let catalog = Catalog::builtin();
-        // Offsets 0..100 on partition 0; ids repeat every 80 records (20 duplicates).
+        // Offsets 0..100 on partition 0; ids repeat every 80 records (20 duplicates), and some
+        // hold characters that need quoting in SQL.
         let first: Vec<Record> = (0..100)
-            .map(|o| record(0, o, &format!("id-{}", o % 80), "c1", 2))
+            .map(|o| record(0, o, &tricky_id(o % 80), "c1", 2))
             .collect();
         let roll = |batch: &[Record], keep: &[bool]| {
             let mut r = Rollup::default();
@@ -376,7 +382,11 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
                 record(
                     0,
                     o,
-                    &format!("id-{}", if o < 103 { o - 100 } else { 500 }),
+                    &if o < 103 {
+                        tricky_id(o - 100)
+                    } else {
+                        "id-500".into()
+                    },
                     "c1",
                     5,
                 )

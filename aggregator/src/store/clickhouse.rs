@@ -67,7 +67,7 @@ fn ch(e: clickhouse::error::Error) -> Error {
 }
 
 /// Ids looked up per query (keeps each query well under `max_query_size`).
-const LOOKUP_CHUNK: usize = 2_000;
+const LOOKUP_CHUNK: usize = 5_000;
 
 #[derive(Row, Serialize, Deserialize)]
 struct CellRow {
@@ -229,14 +229,33 @@ impl ClickHouseStore {
     }
 }
 
-/// The SQL list `(?, ?), (?, ?), ...` of `n` (source, id) pairs.
-fn pair_placeholders(n: usize) -> String {
-    let mut s = String::with_capacity(n * 8);
-    for i in 0..n {
-        if i > 0 {
+/// Appends `s` as a ClickHouse string literal.
+fn quote(s: &str, out: &mut String) {
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+}
+
+/// The SQL list `('source', 'id'), ...` of the records at `idx`. Written here rather than bound
+/// one value at a time: the client's binding rescans the query for every value, quadratic in
+/// a list of thousands.
+fn pair_list(records: &[Record], idx: &[usize]) -> String {
+    let mut s = String::with_capacity(idx.len() * 48);
+    for (n, &i) in idx.iter().enumerate() {
+        if n > 0 {
             s.push_str(", ");
         }
-        s.push_str("(?, ?)");
+        s.push('(');
+        quote(&records[i].event.source, &mut s);
+        s.push_str(", ");
+        quote(&records[i].event.id, &mut s);
+        s.push(')');
     }
     s
 }
@@ -268,20 +287,16 @@ impl UsageStore for ClickHouseStore {
             for chunk in idx.chunks(LOOKUP_CHUNK) {
                 let sql = format!(
                     "SELECT source, id, min(offset) FROM event_ids
-                     WHERE partition = ? AND (source, id) IN ({}) GROUP BY source, id",
-                    pair_placeholders(chunk.len())
+                     WHERE partition = {partition} AND (source, id) IN ({}) GROUP BY source, id",
+                    pair_list(records, chunk)
                 );
-                let mut q = self
+                let found: Vec<(String, String, u64)> = self
                     .client
-                    .query(&sql)
+                    .query_raw(&sql)
                     .with_setting("max_query_size", "67108864")
-                    .bind(partition);
-                for &i in chunk {
-                    q = q
-                        .bind(records[i].event.source.as_str())
-                        .bind(records[i].event.id.as_str());
-                }
-                let found: Vec<(String, String, u64)> = q.fetch_all().await.map_err(ch)?;
+                    .fetch_all()
+                    .await
+                    .map_err(ch)?;
                 for (source, id, offset) in found {
                     if let Some(&i) = index.get(&(source.as_str(), id.as_str())) {
                         let e = &records[i].event;
