@@ -257,13 +257,16 @@ fn main() {
     println!(
         "## ingest into the broker ({INGEST_EVENTS} events per run, batches of {BATCH}, {CLIENTS} clients)"
     );
-    let (mut raw, mut tally, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut tally, mut cpu, mut raw_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS {
         let topic = unique("bench_raw");
         let env = settings(&fast, &topic, "bench");
         migrate(&env[..3]);
         let events = encoded(&format!("raw{run}"), INGEST_EVENTS);
+        let before = cpu_seconds(std::process::id());
         raw.push(rt.block_on(raw_produce(&fast, &topic, &events)));
+        raw_cpu.push((cpu_seconds(std::process::id()) - before) / (INGEST_EVENTS as f64 / 1e6));
 
         let topic = unique("bench_ingest");
         let env = settings(&fast, &topic, "bench");
@@ -274,9 +277,10 @@ fn main() {
         tally.push(post_all(&ingest.api, bodies));
         cpu.push((ingest.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
         println!(
-            "run {}: raw producer {:.0} events/s, tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
+            "run {}: raw producer {:.0} events/s ({:.2} CPU s per million), tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
             run + 1,
             raw[run],
+            raw_cpu[run],
             tally[run],
             tally[run] / raw[run],
             cpu[run]
@@ -284,8 +288,9 @@ fn main() {
     }
     let ratios: Vec<f64> = tally.iter().zip(&raw).map(|(t, r)| t / r).collect();
     println!(
-        "median: raw {:.0}/s, tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
+        "median: raw {:.0}/s ({:.2} CPU s per million), tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
         median(&mut raw.clone()),
+        median(&mut raw_cpu.clone()),
         median(&mut tally.clone()),
         median(&mut ratios.clone()),
         median(&mut cpu.clone())
