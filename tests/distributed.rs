@@ -421,6 +421,20 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         assert_eq!(snap.offsets.get(&0), Some(&104));
         assert_eq!(snap.totals, vec![("c1".into(), "api_requests".into(), 165)]);
     });
+    // Ids older than the window are dropped by day, the others stay.
+    let db = &config.database;
+    ch.query(&format!(
+        "INSERT INTO {db}.event_ids VALUES ('2026-10-01', 0, 'edge-1', 'old', 1)"
+    ))
+    .unwrap();
+    let count = || {
+        ch.query(&format!("SELECT count() FROM {db}.event_ids"))
+            .unwrap()
+    };
+    assert_eq!(count().trim(), "82");
+    let store = ClickHouseStore::new(&config);
+    rt.block_on(store.maintain(1_795_255_200_000)).unwrap();
+    assert_eq!(count().trim(), "81");
 }
 
 #[test]
