@@ -7,7 +7,9 @@
 //!    process's CPU seconds per million events.
 //! 2. aggregator: a topic preloaded with events, then `tally aggregator` started: events/s until
 //!    ClickHouse holds them all, and its CPU seconds per million events.
-//! 3. freshness: under a steady background load, single events for fresh customers; the time
+//! 3. queries: 10M per-minute cells loaded into ClickHouse, then the period total and an hourly
+//!    series of one customer through `GET /v1/usage` (p50 / p99).
+//! 4. freshness: under a steady background load, single events for fresh customers; the time
 //!    from the 202 until ClickHouse and until the enforcer show them (p50 / p99).
 //!
 //! Environment: `BENCH_KAFKA_FAST` (a broker for produce-only runs), `BENCH_KAFKA` (a broker
@@ -29,6 +31,7 @@ const INGEST_EVENTS: usize = 200_000;
 const CLIENTS: usize = 8;
 const AGGREGATOR_EVENTS: usize = 200_000;
 const PROBES: usize = 60;
+const QUERY_CELLS: usize = 10_000_000;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run benches/pipeline.sh"))
@@ -253,89 +256,161 @@ fn main() {
     let fast = env("BENCH_KAFKA_FAST");
     let durable = env("BENCH_KAFKA");
 
-    // 1. Ingest beside the raw producer, interleaved.
-    println!(
-        "## ingest into the broker ({INGEST_EVENTS} events per run, batches of {BATCH}, {CLIENTS} clients)"
-    );
-    let (mut raw, mut tally, mut cpu, mut raw_cpu) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for run in 0..RUNS {
-        let topic = unique("bench_raw");
-        let env = settings(&fast, &topic, "bench");
-        migrate(&env[..3]);
-        let events = encoded(&format!("raw{run}"), INGEST_EVENTS);
-        let before = cpu_seconds(std::process::id());
-        raw.push(rt.block_on(raw_produce(&fast, &topic, &events)));
-        raw_cpu.push((cpu_seconds(std::process::id()) - before) / (INGEST_EVENTS as f64 / 1e6));
+    // `benches/pipeline.sh ingest,queries` runs only those sections.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .flat_map(|a| a.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let wants = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
 
-        let topic = unique("bench_ingest");
-        let env = settings(&fast, &topic, "bench");
-        migrate(&env[..3]);
-        let ingest = Tally::start("ingest", &env[..3]);
-        let bodies = bodies(&format!("ingest{run}"), INGEST_EVENTS);
-        let before = ingest.cpu_seconds();
-        tally.push(post_all(&ingest.api, bodies));
-        cpu.push((ingest.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
+    // 1. Ingest beside the raw producer, interleaved.
+    if wants("ingest") {
         println!(
-            "run {}: raw producer {:.0} events/s ({:.2} CPU s per million), tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
-            run + 1,
-            raw[run],
-            raw_cpu[run],
-            tally[run],
-            tally[run] / raw[run],
-            cpu[run]
+            "## ingest into the broker ({INGEST_EVENTS} events per run, batches of {BATCH}, {CLIENTS} clients)"
+        );
+        let (mut raw, mut tally, mut cpu, mut raw_cpu) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..RUNS {
+            let topic = unique("bench_raw");
+            let env = settings(&fast, &topic, "bench");
+            migrate(&env[..3]);
+            let events = encoded(&format!("raw{run}"), INGEST_EVENTS);
+            let before = cpu_seconds(std::process::id());
+            raw.push(rt.block_on(raw_produce(&fast, &topic, &events)));
+            raw_cpu.push((cpu_seconds(std::process::id()) - before) / (INGEST_EVENTS as f64 / 1e6));
+
+            let topic = unique("bench_ingest");
+            let env = settings(&fast, &topic, "bench");
+            migrate(&env[..3]);
+            let ingest = Tally::start("ingest", &env[..3]);
+            let bodies = bodies(&format!("ingest{run}"), INGEST_EVENTS);
+            let before = ingest.cpu_seconds();
+            tally.push(post_all(&ingest.api, bodies));
+            cpu.push((ingest.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
+            println!(
+                "run {}: raw producer {:.0} events/s ({:.2} CPU s per million), tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
+                run + 1,
+                raw[run],
+                raw_cpu[run],
+                tally[run],
+                tally[run] / raw[run],
+                cpu[run]
+            );
+        }
+        let ratios: Vec<f64> = tally.iter().zip(&raw).map(|(t, r)| t / r).collect();
+        println!(
+            "median: raw {:.0}/s ({:.2} CPU s per million), tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
+            median(&mut raw.clone()),
+            median(&mut raw_cpu.clone()),
+            median(&mut tally.clone()),
+            median(&mut ratios.clone()),
+            median(&mut cpu.clone())
         );
     }
-    let ratios: Vec<f64> = tally.iter().zip(&raw).map(|(t, r)| t / r).collect();
-    println!(
-        "median: raw {:.0}/s ({:.2} CPU s per million), tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
-        median(&mut raw.clone()),
-        median(&mut raw_cpu.clone()),
-        median(&mut tally.clone()),
-        median(&mut ratios.clone()),
-        median(&mut cpu.clone())
-    );
 
     // 2. Aggregator throughput from a preloaded topic.
-    println!("## aggregator ({AGGREGATOR_EVENTS} events preloaded)");
-    let mut rates = Vec::new();
-    let mut agg_cpu = Vec::new();
-    for run in 0..RUNS {
-        let topic = unique("bench_agg");
-        let db = unique("bench");
-        let env = settings(&durable, &topic, &db);
-        migrate(&env);
-        let events = encoded(&format!("agg{run}"), AGGREGATOR_EVENTS);
-        rt.block_on(raw_produce(&durable, &topic, &events));
-        let started = Instant::now();
-        let aggregator = Tally::start("aggregator", &env);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let n = clickhouse(&format!(
-                "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer != ''"
-            ));
-            if n.trim().parse::<usize>().unwrap_or(0) >= AGGREGATOR_EVENTS {
-                break;
+    if wants("aggregator") {
+        println!("## aggregator ({AGGREGATOR_EVENTS} events preloaded)");
+        let mut rates = Vec::new();
+        let mut agg_cpu = Vec::new();
+        for run in 0..RUNS {
+            let topic = unique("bench_agg");
+            let db = unique("bench");
+            let env = settings(&durable, &topic, &db);
+            migrate(&env);
+            let events = encoded(&format!("agg{run}"), AGGREGATOR_EVENTS);
+            rt.block_on(raw_produce(&durable, &topic, &events));
+            let started = Instant::now();
+            let aggregator = Tally::start("aggregator", &env);
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let n = clickhouse(&format!(
+                    "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer != ''"
+                ));
+                if n.trim().parse::<usize>().unwrap_or(0) >= AGGREGATOR_EVENTS {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the aggregator did not finish");
+                std::thread::sleep(Duration::from_millis(50));
             }
-            assert!(Instant::now() < deadline, "the aggregator did not finish");
-            std::thread::sleep(Duration::from_millis(50));
+            let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
+            let cpu = aggregator.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
+            println!(
+                "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million",
+                run + 1
+            );
+            rates.push(rate);
+            agg_cpu.push(cpu);
         }
-        let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
-        let cpu = aggregator.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
         println!(
-            "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million",
-            run + 1
+            "median: {:.0} events/s, {:.2} CPU s per million events",
+            median(&mut rates),
+            median(&mut agg_cpu)
         );
-        rates.push(rate);
-        agg_cpu.push(cpu);
     }
-    println!(
-        "median: {:.0} events/s, {:.2} CPU s per million events",
-        median(&mut rates),
-        median(&mut agg_cpu)
-    );
 
-    // 3. Freshness under load.
+    // 3. Queries on 10M stored cells (query-time roll-up by ClickHouse).
+    if wants("queries") {
+        println!("## queries over {QUERY_CELLS} stored per-minute cells (1,000 customers)");
+        {
+            let topic = unique("bench_query");
+            let db = unique("bench");
+            let env = settings(&fast, &topic, &db);
+            migrate(&env);
+            // 10,000 minutes (about a week, ending now) per customer, one batch key per 1M rows.
+            let now_min = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                / 60)
+                * 60;
+            let started = Instant::now();
+            clickhouse(&format!(
+            "INSERT INTO {db}.usage_cells SELECT concat('cust-', toString(number % 1000)),
+             'api_requests', toDateTime({now_min} - intDiv(number, 1000) * 60), 1 + number % 7, 0,
+             toUInt32(number % 8), intDiv(number, 1000000) * 1000000, intDiv(number, 1000000) * 1000000 + 1000000
+             FROM system.numbers LIMIT {QUERY_CELLS}"
+        ));
+            println!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+            let aggregator = Tally::start("aggregator", &env);
+            let client = reqwest::blocking::Client::new();
+            for (name, query) in [
+                ("current-period total", "meter=api_requests"),
+                (
+                    "hourly series, last 7 days",
+                    "meter=api_requests&window=hour&from=-7d",
+                ),
+            ] {
+                let mut lat = Vec::new();
+                for q in 0..200 {
+                    let mut url = format!(
+                        "{}/v1/usage?customer=cust-{}&{query}",
+                        aggregator.api,
+                        (q * 37) % 1000
+                    );
+                    if url.ends_with("from=-7d") {
+                        let from = now_min as i64 * 1000 - 7 * 86_400_000;
+                        url = url.replace("-7d", &tally_schemas::period::rfc3339(from));
+                    }
+                    let t = Instant::now();
+                    let r = client.get(url).send().unwrap();
+                    assert_eq!(r.status().as_u16(), 200);
+                    r.bytes().unwrap();
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                println!(
+                    "{name}: p50 {:.1} ms, p99 {:.1} ms",
+                    percentile(&mut lat, 0.5),
+                    percentile(&mut lat, 0.99)
+                );
+            }
+        }
+    }
+
+    // 4. Freshness under load.
+    if !wants("freshness") {
+        return;
+    }
     println!("## freshness ({PROBES} probes under a background load of about 2,000 events/s)");
     let topic = unique("bench_fresh");
     let db = unique("bench");

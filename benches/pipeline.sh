@@ -2,7 +2,9 @@
 # The distributed pipeline benchmark (benches/pipeline.rs): starts a tansu broker on its memory
 # engine (produce-only throughput), one on its sqlite engine (runs that consume) and a ClickHouse
 # server, each in a private directory on free ports, runs the benchmark against them with the
-# release binary, and stops them. Needs what tests/run.sh installs (tansu, clickhouse-server).
+# release binary, and stops them. Arguments pick sections (default all):
+# `benches/pipeline.sh ingest,aggregator,queries,freshness`. Needs what tests/run.sh installs
+# (tansu, clickhouse-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools="${TALLY_TOOLS_DIR:-$HOME/.cache/tally-tools}"
@@ -37,4 +39,4 @@ done
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(date -u +%Y-%m-%d)"
 BENCH_KAFKA_FAST="127.0.0.1:$fast" BENCH_KAFKA="127.0.0.1:$durable" \
     BENCH_CLICKHOUSE="http://127.0.0.1:$ch" TALLY_BIN="$target/release/tally" \
-    "$target/release/examples/pipeline"
+    "$target/release/examples/pipeline" "$@"
