@@ -11,13 +11,7 @@ tools="${TALLY_TOOLS_DIR:-$HOME/.cache/tally-tools}"
 export TANSU_BIN="${TANSU_BIN:-$tools/tansu-0.6.0/bin/tansu}"
 [ -x "$TANSU_BIN" ] || { echo "tansu is missing: run tests/run.sh once" >&2; exit 1; }
 
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 40000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-    done
-}
+free_port() { tests/servers.sh free-port; }
 dir="$(mktemp -d)"
 pids=()
 cleanup() {

@@ -11,14 +11,13 @@ mod common;
 mod servers;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::process::{Proc, free_port, start_with_env};
 use serde_json::{Value, json};
-use servers::{ClickHouse, Kafka, unique_name};
+use servers::{Backends, ClickHouse, Kafka, unique_name};
 use tally_aggregator::rollup::Rollup;
 use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use tally_aggregator::store::{Applied, SnapshotRequest, UsageStore};
@@ -27,60 +26,20 @@ use tally_schemas::{Aggregation, Catalog, UsageEvent};
 
 /// One isolated pipeline: its own topic, consumer group and database.
 struct Pipeline {
-    kafka: Kafka,
-    ch: ClickHouse,
-    topic: String,
-    group: String,
-    db: String,
+    b: Backends,
     dir: tempfile::TempDir,
 }
 
 impl Pipeline {
     fn new(kafka: Kafka, ch: ClickHouse) -> Pipeline {
-        let p = Pipeline {
-            kafka,
-            ch,
-            topic: unique_name("usage"),
-            group: unique_name("aggregators"),
-            db: unique_name("tally"),
+        Pipeline {
+            b: Backends::new(kafka, ch),
             dir: tempfile::tempdir().unwrap(),
-        };
-        p.migrate();
-        p
+        }
     }
 
     fn shared() -> Pipeline {
         Pipeline::new(Kafka::shared(), ClickHouse::shared())
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("TALLY_KAFKA_BROKERS", self.kafka.brokers.clone()),
-            ("TALLY_KAFKA_TOPIC", self.topic.clone()),
-            ("TALLY_KAFKA_CONSUMER_GROUP", self.group.clone()),
-            ("TALLY_KAFKA_PARTITIONS", "4".into()),
-            ("TALLY_KAFKA_SESSION_TIMEOUT", "6s".into()),
-            ("TALLY_KAFKA_DELIVERY_TIMEOUT", "3s".into()),
-            ("TALLY_CLICKHOUSE_URL", self.ch.http.clone()),
-            ("TALLY_CLICKHOUSE_DATABASE", self.db.clone()),
-        ]
-    }
-
-    /// `tally migrate`, twice: the second run must change nothing and succeed.
-    fn migrate(&self) {
-        for _ in 0..2 {
-            let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-                .arg("migrate")
-                .envs(self.env())
-                .env("TALLY_LOG", "warn")
-                .output()
-                .expect("tally migrate runs");
-            assert!(
-                out.status.success(),
-                "tally migrate: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
     }
 
     fn start(&self, command: &str) -> Proc {
@@ -88,8 +47,8 @@ impl Pipeline {
     }
 
     fn start_with(&self, command: &str, extra: &[(&str, &str)]) -> Proc {
-        let env = self.env();
-        let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env = self.b.env();
+        let mut pairs = servers::pairs(&env);
         pairs.extend_from_slice(extra);
         start_with_env(
             command,
@@ -104,11 +63,12 @@ impl Pipeline {
     /// Additive usage per customer of `api_requests`, as ClickHouse has it.
     fn totals(&self) -> BTreeMap<String, u64> {
         let out = self
+            .b
             .ch
             .query(&format!(
                 "SELECT customer, sum(value) FROM {}.usage_cells FINAL
                  WHERE meter = 'api_requests' AND customer != '' GROUP BY customer FORMAT TSV",
-                self.db
+                self.b.db
             ))
             .unwrap_or_default();
         out.lines()
@@ -292,7 +252,8 @@ fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
     );
     assert_eq!(seen, want["cust-7"]);
     let dups =
-        p.ch.query(&format!("SELECT count() FROM {}.event_ids", p.db))
+        p.b.ch
+            .query(&format!("SELECT count() FROM {}.event_ids", p.b.db))
             .unwrap();
     assert_eq!(
         dups.trim(),
@@ -559,7 +520,7 @@ fn the_broker_restarting_under_load_loses_nothing_acknowledged() {
         })
     };
     std::thread::sleep(Duration::from_secs(2));
-    let mut kafka = p.kafka;
+    let mut kafka = p.b.kafka;
     kafka.stop();
     std::thread::sleep(Duration::from_secs(6));
     kafka.restart();
@@ -568,7 +529,10 @@ fn the_broker_restarting_under_load_loses_nothing_acknowledged() {
         refused.load(Ordering::SeqCst) > 0,
         "ingest acknowledged batches while the broker was down"
     );
-    let p = Pipeline { kafka, ..p };
+    let p = Pipeline {
+        b: Backends { kafka, ..p.b },
+        ..p
+    };
     let want = want.lock().unwrap().clone();
     p.wait_totals(&want, Duration::from_secs(120));
 }
@@ -583,7 +547,7 @@ fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
     assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
     add(&mut want, &expected);
     p.wait_totals(&want, Duration::from_secs(60));
-    let mut ch = p.ch;
+    let mut ch = p.b.ch;
     ch.stop();
     for k in 0..10 {
         let (body, expected) = batch(&format!("ch-during-{k}"), 500, 30);
@@ -595,6 +559,9 @@ fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
     let health = reqwest::blocking::get(format!("{}/healthz", aggregator.admin)).unwrap();
     assert_eq!(health.status().as_u16(), 200);
     ch.restart();
-    let p = Pipeline { ch, ..p };
+    let p = Pipeline {
+        b: Backends { ch, ..p.b },
+        ..p
+    };
     p.wait_totals(&want, Duration::from_secs(120));
 }

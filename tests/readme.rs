@@ -94,27 +94,9 @@ fn the_readme_walkthrough_works_verbatim() {
 /// and a real ClickHouse (fresh topic and database), after `tally migrate`.
 #[test]
 fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
-    let kafka = servers::Kafka::shared();
-    let ch = servers::ClickHouse::shared();
-    let topic = servers::unique_name("readme");
-    let db = servers::unique_name("readme");
-    let env = [
-        ("TALLY_KAFKA_BROKERS", kafka.brokers.as_str()),
-        ("TALLY_KAFKA_TOPIC", topic.as_str()),
-        ("TALLY_KAFKA_CONSUMER_GROUP", topic.as_str()),
-        ("TALLY_CLICKHOUSE_URL", ch.http.as_str()),
-        ("TALLY_CLICKHOUSE_DATABASE", db.as_str()),
-    ];
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("migrate")
-        .envs(env)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let backends = servers::Backends::shared();
+    let env = backends.env();
+    let env = servers::pairs(&env);
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut p = start_with_env("run", dir.path(), port, free_port(), "200ms", &env);

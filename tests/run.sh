@@ -35,14 +35,7 @@ if ! [ -x "$TANSU_BIN" ]; then
         --features dynostore,libsql --root "$tools/tansu-$tansu_version" --quiet
 fi
 
-# A free TCP port on loopback.
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 40000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-    done
-}
+free_port() { tests/servers.sh free-port; }
 servers_dir="$(mktemp -d)"
 pids=()
 cleanup() {

@@ -4,6 +4,7 @@
 #   tests/servers.sh kafka DIR PORT                       a Kafka-compatible broker (tansu, sqlite engine)
 #   tests/servers.sh kafka-memory DIR PORT                the same on tansu's memory engine (benchmarks)
 #   tests/servers.sh clickhouse DIR HTTP_PORT TCP_PORT INTERSERVER_PORT
+#   tests/servers.sh free-port                            prints a free TCP port on loopback
 #
 # The process replaces this script (exec), so killing the child stops the server. tests/run.sh
 # uses it for the servers the whole suite shares; tests/servers/*.rs for the private servers of
@@ -11,6 +12,12 @@
 set -euo pipefail
 
 kind="$1"
+if [ "$kind" = free-port ]; then
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; exit 0; }
+    done
+fi
 dir="$2"
 mkdir -p "$dir"
 cd "$dir"

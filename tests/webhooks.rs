@@ -54,26 +54,9 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
 /// on `<topic>.notifications`.
 #[test]
 fn each_notification_is_delivered_once_on_kafka_and_clickhouse() {
-    let kafka = servers::Kafka::shared();
-    let ch = servers::ClickHouse::shared();
-    let topic = servers::unique_name("hooks");
-    let db = servers::unique_name("hooks");
-    let env = [
-        ("TALLY_KAFKA_BROKERS", kafka.brokers.as_str()),
-        ("TALLY_KAFKA_TOPIC", topic.as_str()),
-        ("TALLY_CLICKHOUSE_URL", ch.http.as_str()),
-        ("TALLY_CLICKHOUSE_DATABASE", db.as_str()),
-    ];
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("migrate")
-        .envs(env)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let backends = servers::Backends::shared();
+    let env = backends.env();
+    let env = servers::pairs(&env);
     two_replicas(&env);
 }
 

@@ -206,3 +206,63 @@ impl ClickHouse {
         self.server.as_ref().map(|s| s.dir.as_path())
     }
 }
+
+/// A fresh topic, consumer group and database on a broker and a ClickHouse server, with the
+/// schema and topics created by `tally migrate` (run twice: the second run must succeed too).
+pub struct Backends {
+    pub kafka: Kafka,
+    pub ch: ClickHouse,
+    pub topic: String,
+    pub group: String,
+    pub db: String,
+}
+
+impl Backends {
+    pub fn new(kafka: Kafka, ch: ClickHouse) -> Backends {
+        let b = Backends {
+            kafka,
+            ch,
+            topic: unique_name("usage"),
+            group: unique_name("aggregators"),
+            db: unique_name("tally"),
+        };
+        for _ in 0..2 {
+            let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+                .arg("migrate")
+                .envs(b.env())
+                .env("TALLY_LOG", "warn")
+                .output()
+                .expect("tally migrate runs");
+            assert!(
+                out.status.success(),
+                "tally migrate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        b
+    }
+
+    /// On the suite's servers.
+    pub fn shared() -> Backends {
+        Backends::new(Kafka::shared(), ClickHouse::shared())
+    }
+
+    /// The `TALLY_*` settings that point a process at these backends.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("TALLY_KAFKA_BROKERS", self.kafka.brokers.clone()),
+            ("TALLY_KAFKA_TOPIC", self.topic.clone()),
+            ("TALLY_KAFKA_CONSUMER_GROUP", self.group.clone()),
+            ("TALLY_KAFKA_PARTITIONS", "4".into()),
+            ("TALLY_KAFKA_SESSION_TIMEOUT", "6s".into()),
+            ("TALLY_KAFKA_DELIVERY_TIMEOUT", "3s".into()),
+            ("TALLY_CLICKHOUSE_URL", self.ch.http.clone()),
+            ("TALLY_CLICKHOUSE_DATABASE", self.db.clone()),
+        ]
+    }
+}
+
+/// `env` as the borrowed pairs `start_with_env` takes.
+pub fn pairs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}

@@ -99,6 +99,21 @@ struct CustomerRow {
     updated_ms: i64,
 }
 
+/// A client for the server of `config`, without a database.
+fn client(config: &ClickHouseConfig) -> Client {
+    let mut client = Client::default()
+        .with_url(&config.url)
+        // 18.16 knows neither RowBinaryWithNamesAndTypes nor the settings validation uses.
+        .with_validation(false);
+    if let Some(user) = &config.user {
+        client = client.with_user(user);
+    }
+    if let Some(password) = &config.password {
+        client = client.with_password(password);
+    }
+    client
+}
+
 /// The ClickHouse store.
 pub struct ClickHouseStore {
     client: Client,
@@ -116,19 +131,8 @@ fn seconds(ms: i64) -> i64 {
 
 impl ClickHouseStore {
     pub fn new(config: &ClickHouseConfig) -> ClickHouseStore {
-        let mut client = Client::default()
-            .with_url(&config.url)
-            .with_database(&config.database)
-            // 18.16 knows neither RowBinaryWithNamesAndTypes nor the settings validation uses.
-            .with_validation(false);
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
-        }
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
-        }
         ClickHouseStore {
-            client,
+            client: client(config).with_database(&config.database),
             database: config.database.clone(),
             dedup_window: config.dedup_window,
         }
@@ -144,15 +148,7 @@ impl ClickHouseStore {
             )));
         }
         // Statements name the database themselves: connect without one (it may not exist).
-        let mut client = Client::default()
-            .with_url(&config.url)
-            .with_validation(false);
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
-        }
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
-        }
+        let client = client(config);
         let db = &config.database;
         let exists: u64 = client
             .query("SELECT count() FROM system.tables WHERE database = ? AND name = 'schema_migrations'")
@@ -338,23 +334,7 @@ impl UsageStore for ClickHouseStore {
     }
 
     async fn apply(&self, rollup: &Rollup) -> Result<Applied> {
-        let stored = self.stored_offsets().await?;
-        let mut fresh = false;
-        for (&partition, &(first, next)) in &rollup.ranges {
-            let at = stored.get(&partition).copied().unwrap_or(0);
-            if at >= next {
-                continue;
-            }
-            if at > first {
-                return Err(Error::Fenced {
-                    partition,
-                    first,
-                    stored: at,
-                });
-            }
-            fresh = true;
-        }
-        if !fresh {
+        if super::check_positions(rollup, &self.stored_offsets().await?)? == Applied::Replay {
             return Ok(Applied::Replay);
         }
         let mut insert = self

@@ -107,6 +107,32 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>>;
 }
 
+/// Compares a batch's positions with the `stored` ones (next offset per partition): `Replay`
+/// when the store has every partition of the batch already, `Written` when the batch is to be
+/// written, [`crate::Error::Fenced`] when it starts below a stored position it does not cover.
+pub(crate) fn check_positions(rollup: &Rollup, stored: &BTreeMap<u32, u64>) -> Result<Applied> {
+    let mut fresh = false;
+    for (&partition, &(first, next)) in &rollup.ranges {
+        let at = stored.get(&partition).copied().unwrap_or(0);
+        if at >= next {
+            continue;
+        }
+        if at > first {
+            return Err(crate::Error::Fenced {
+                partition,
+                first,
+                stored: at,
+            });
+        }
+        fresh = true;
+    }
+    Ok(if fresh {
+        Applied::Written
+    } else {
+        Applied::Replay
+    })
+}
+
 /// Groups time-ordered `(bucket start or finer time, value)` rows into `window` buckets: sums
 /// for additive meters, the last (latest) value for gauges.
 pub(crate) fn bucket(

@@ -92,23 +92,7 @@ fn read_offsets(c: &Connection) -> Result<BTreeMap<u32, u64>> {
 
 fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let stored = read_offsets(&tx)?;
-    let mut fresh = false;
-    for (&partition, &(first, next)) in &rollup.ranges {
-        let at = stored.get(&partition).copied().unwrap_or(0);
-        if at >= next {
-            continue;
-        }
-        if at > first {
-            return Err(Error::Fenced {
-                partition,
-                first,
-                stored: at,
-            });
-        }
-        fresh = true;
-    }
-    if !fresh {
+    if super::check_positions(rollup, &read_offsets(&tx)?)? == Applied::Replay {
         return Ok(Applied::Replay);
     }
     {

@@ -221,18 +221,12 @@ impl KafkaLog {
             })
             .map_err(kafka)?;
         consumer.subscribe(&[&self.config.topic]).map_err(kafka)?;
-        Ok(Box::new(KafkaReader {
-            consumer: Arc::new(consumer),
-            topic: self.config.topic.clone(),
-            group: true,
-            assignment: events,
-            epoch: 0,
-            pending: Vec::new(),
-            pending_since: None,
-            recent: RecentIds::new(self.config.reader_dedup_window),
-            floors: HashMap::new(),
-            assigned: false,
-        }))
+        Ok(Box::new(KafkaReader::new(
+            consumer,
+            &self.config,
+            true,
+            events,
+        )))
     }
 
     async fn partitions(&self) -> Result<Vec<i32>> {
@@ -411,18 +405,13 @@ impl EventLog for KafkaLog {
             .set("fetch.wait.max.ms", "50")
             .create_with_context(GroupContext::default())
             .map_err(kafka)?;
-        Ok(Box::new(KafkaReader {
-            consumer: Arc::new(consumer),
-            topic: self.config.topic.clone(),
-            group: false,
-            assignment: Arc::new(Mutex::new(Assignment::default())),
-            epoch: 0,
-            pending: Vec::new(),
-            pending_since: None,
-            recent: RecentIds::new(self.config.reader_dedup_window),
-            floors: HashMap::new(),
-            assigned: false,
-        }))
+        let assignment = Arc::new(Mutex::new(Assignment::default()));
+        Ok(Box::new(KafkaReader::new(
+            consumer,
+            &self.config,
+            false,
+            assignment,
+        )))
     }
 
     async fn commit(&self, _group: &str, _partition: u32, _next_offset: u64) -> Result<()> {
@@ -582,6 +571,26 @@ struct KafkaReader {
 }
 
 impl KafkaReader {
+    fn new(
+        consumer: StreamConsumer<GroupContext>,
+        config: &KafkaLogConfig,
+        group: bool,
+        assignment: Arc<Mutex<Assignment>>,
+    ) -> KafkaReader {
+        KafkaReader {
+            consumer: Arc::new(consumer),
+            topic: config.topic.clone(),
+            group,
+            assignment,
+            epoch: 0,
+            pending: Vec::new(),
+            pending_since: None,
+            recent: RecentIds::new(config.reader_dedup_window),
+            floors: HashMap::new(),
+            assigned: false,
+        }
+    }
+
     fn take(&mut self, max: usize) -> Vec<Record> {
         let rest = if self.pending.len() > max {
             self.pending.split_off(max)
