@@ -58,6 +58,7 @@ fn unique(prefix: &str) -> String {
 struct Tally {
     child: Child,
     api: String,
+    admin: String,
     _dir: tempfile::TempDir,
 }
 
@@ -79,6 +80,7 @@ impl Tally {
         let t = Tally {
             child,
             api: format!("http://127.0.0.1:{api}"),
+            admin: format!("http://127.0.0.1:{admin}"),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -90,6 +92,17 @@ impl Tally {
             std::thread::sleep(Duration::from_millis(20));
         }
         t
+    }
+
+    /// The value of an unlabelled metric (0 when absent).
+    fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.admin))
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// CPU seconds (user + system) used so far.
