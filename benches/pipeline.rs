@@ -348,8 +348,24 @@ fn main() {
             }
             let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
             let cpu = aggregator.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
+            // An enforcer on the same topic, with an empty store of its own so that it reads
+            // the topic from the start.
+            let empty = settings(&durable, &topic, &unique("bench"));
+            migrate(&empty);
+            let started = Instant::now();
+            let enforcer = Tally::start("enforcer", &empty);
+            while enforcer.metric("tally_enforcer_events_applied_total") < AGGREGATOR_EVENTS as f64
+            {
+                assert!(
+                    started.elapsed() < Duration::from_secs(600),
+                    "the enforcer did not finish"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let enforcer_rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
+            let enforcer_cpu = enforcer.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
             println!(
-                "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million",
+                "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million; enforcer following the topic {enforcer_rate:.0} events/s, CPU {enforcer_cpu:.2} s per million",
                 run + 1
             );
             rates.push(rate);
