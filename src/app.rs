@@ -98,6 +98,30 @@ pub fn clickhouse_config(config: &Config) -> Option<ClickHouseConfig> {
     Some(c)
 }
 
+/// Billing-sync's settings from the configuration.
+pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings {
+    tally_billing_sync::BillingSettings {
+        interval: config.billing_sync_interval,
+        settle: config.billing_sync_settle,
+        stripe: config
+            .stripe_secret_key
+            .as_ref()
+            .map(|key| tally_billing_sync::StripeSettings {
+                secret_key: key.clone(),
+                api_base: config.stripe_api_base.clone(),
+                requests_per_second: config.stripe_requests_per_second,
+                timeout: std::time::Duration::from_secs(30),
+            }),
+        event_names: config
+            .stripe_event_names
+            .iter()
+            .filter_map(|p| p.split_once('='))
+            .map(|(m, e)| (m.to_owned(), e.to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// `tally migrate`: creates or upgrades the Kafka topics and the ClickHouse schema that the
 /// configuration names; idempotent. Returns what it did, one line each.
 pub async fn migrate(config: &Config) -> Result<Vec<String>> {
@@ -240,12 +264,14 @@ impl App {
             enforcer = Some(state);
         }
         if let (true, Some(store)) = (wants(Component::BillingSync), &store) {
-            let settings = tally_billing_sync::BillingSettings::default();
+            let status = tally_billing_sync::StatusHandle::default();
+            router = router.merge(tally_billing_sync::router(status.clone()));
             let run = tally_billing_sync::run(
-                settings,
+                billing_settings(config),
                 catalog.clone(),
                 store.clone(),
                 clock.clone(),
+                status,
                 stop.clone(),
             );
             spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());

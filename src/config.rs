@@ -115,6 +115,28 @@ pub struct Config {
     /// ClickHouse password. `TALLY_CLICKHOUSE_PASSWORD`.
     #[serde(serialize_with = "redacted")]
     pub clickhouse_password: Option<String>,
+    /// Stripe secret key; without it billing-sync only logs what it would send.
+    /// `TALLY_STRIPE_SECRET_KEY`.
+    #[serde(serialize_with = "redacted")]
+    pub stripe_secret_key: Option<String>,
+    /// Signing secret of Stripe's webhooks (`whsec_...`). `TALLY_STRIPE_WEBHOOK_SECRET`.
+    #[serde(serialize_with = "redacted")]
+    pub stripe_webhook_secret: Option<String>,
+    /// Stripe's API, or a compatible server. `TALLY_STRIPE_API_BASE`.
+    pub stripe_api_base: String,
+    /// Most Stripe requests per second. `TALLY_STRIPE_REQUESTS_PER_SECOND`.
+    pub stripe_requests_per_second: u32,
+    /// Stripe meter `event_name` for Tally meters whose names differ, as `meter=event_name`;
+    /// in the environment a comma-separated list. `TALLY_STRIPE_EVENT_NAMES`.
+    #[serde(deserialize_with = "list")]
+    pub stripe_event_names: Vec<String>,
+    /// How often billing-sync reports. `TALLY_BILLING_SYNC_INTERVAL`.
+    #[serde(with = "duration")]
+    pub billing_sync_interval: Duration,
+    /// How far behind now a reported window ends, so the aggregator has flushed it.
+    /// `TALLY_BILLING_SYNC_SETTLE`.
+    #[serde(with = "duration")]
+    pub billing_sync_settle: Duration,
 }
 
 impl Default for Config {
@@ -152,6 +174,13 @@ impl Default for Config {
             clickhouse_database: "tally".into(),
             clickhouse_user: None,
             clickhouse_password: None,
+            stripe_secret_key: None,
+            stripe_webhook_secret: None,
+            stripe_api_base: "https://api.stripe.com".into(),
+            stripe_requests_per_second: 25,
+            stripe_event_names: Vec::new(),
+            billing_sync_interval: Duration::from_secs(60),
+            billing_sync_settle: Duration::from_secs(120),
         }
     }
 }
@@ -293,6 +322,21 @@ impl Config {
         if self.kafka_partitions == 0 || self.kafka_replication == 0 {
             return Err(Error::Config(
                 "kafka_partitions and kafka_replication must be at least 1".into(),
+            ));
+        }
+        for pair in &self.stripe_event_names {
+            if !pair
+                .split_once('=')
+                .is_some_and(|(m, e)| !m.is_empty() && !e.is_empty())
+            {
+                return Err(Error::Config(format!(
+                    "stripe_event_names entry `{pair}` must be meter=event_name"
+                )));
+            }
+        }
+        if self.stripe_requests_per_second == 0 || self.billing_sync_interval.is_zero() {
+            return Err(Error::Config(
+                "stripe_requests_per_second and billing_sync_interval must be above zero".into(),
             ));
         }
         if self.flush_interval.is_zero() {

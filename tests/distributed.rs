@@ -303,7 +303,7 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         .build()
         .unwrap();
     rt.block_on(async {
-        assert_eq!(ClickHouseStore::migrate(&config).await.unwrap(), vec![1]);
+        assert_eq!(ClickHouseStore::migrate(&config).await.unwrap(), vec![1, 2]);
         assert!(ClickHouseStore::migrate(&config).await.unwrap().is_empty());
         let store = ClickHouseStore::new(&config);
         let catalog = Catalog::builtin();

@@ -2,43 +2,105 @@
 //!
 //! `edge -> ingest -> Kafka -> aggregator -> ClickHouse / enforcer -> billing-sync -> Stripe`
 //!
-//! # Status
-//! This release runs in **dry-run mode only**: every `interval` it computes, for each customer
-//! linked to a Stripe customer (`stripe_customer_id`) and each additive meter, the usage of the
-//! settled window since its last report, and logs the meter event it would send, with the
-//! deterministic identifier it would carry. Sending to Stripe, persisted watermarks and the
-//! subscription webhooks are not implemented yet.
+//! # What is reported
+//! Every `interval`, for each customer linked to a Stripe customer (`stripe_customer_id`) and
+//! each additive meter mapped to a Stripe meter (`event_name`: the meter's name unless the
+//! configuration maps it): the growth of the billing period's usage since the last accepted
+//! report, as one meter event. Usage is counted up to the start of the minute `settle` before
+//! now, so what the aggregator may still be flushing waits for the next report. Because each
+//! report is a difference of period totals, late events (up to 35 days) are billed with the next
+//! report of their own period, and the previous period is finished (while Stripe still accepts
+//! its timestamps) before the current one is reported. Values are whole numbers in the meter's
+//! unit (Tally counts whole units: nothing is left over to carry). The event's timestamp is the
+//! last second counted, within the period, moved forward to 35 days ago (less an hour) if older:
+//! Stripe refuses older events and anything more than 5 minutes ahead.
 //!
-//! # Windows
-//! A window ends at the start of the minute `settle` before now, so usage the aggregator may
-//! still be flushing is left for the next report. Identifiers are
-//! `tally:{customer}:{meter}:{window_start_ms}-{window_end_ms}`: the same window always yields
-//! the same identifier, so Stripe can drop a repeated report.
+//! # Nothing billed twice, nothing dropped
+//! Per (customer, meter) a mark is kept in the usage store: the total already reported per
+//! period, and the report in flight. A report is written to the mark *before* it is sent, and
+//! the reported total moves only after Stripe accepted it. Its identifier,
+//! `tally:{customer}:{meter}:{period start}:{period total after it}`, is both the meter event's
+//! `identifier` and the request's `Idempotency-Key`: a report sent again (after a timeout, a
+//! 5xx, or a crash between sending and recording) is the same event to Stripe. After a crash
+//! the pending report is sent again first, unchanged.
+//!
+//! # Corrections
+//! Usage only grows in Tally (events add; duplicates are dropped before counting), so a period
+//! total below what was reported can only come from a replaced catalogue or an operator's
+//! change. Such a shortfall is carried: nothing is reported for that meter until the period
+//! total passes what was reported, and only the excess is sent. Stripe meter event adjustments
+//! (`type=cancel`) are not sent.
+//!
+//! # Limits and failures
+//! Requests are paced by a token bucket (`requests_per_second`, governor) and at most one call
+//! is in flight per customer and meter. 429, 5xx, timeouts and connection failures are retried
+//! with exponential backoff and jitter, a few times per round and then again next round (the
+//! report stays pending). Any other 4xx is a validation error: it is recorded (metrics, logs,
+//! `GET /v1/billing/status`) and the window is set aside, never retried forever.
+//!
+//! # Dry run
+//! Without a Stripe secret key, billing-sync logs the meter events it would send and keeps its
+//! marks in memory only, so that enabling Stripe later reports from the period's start.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+pub mod metrics;
+pub mod stripe;
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
 use tally_aggregator::store::UsageStore;
 use tally_schemas::period::{minute_of, rfc3339};
-use tally_schemas::{Catalog, Clock};
+use tally_schemas::{Catalog, Clock, Customer};
 use tokio_util::sync::CancellationToken;
+
+use crate::stripe::{Outcome, StripeMeters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Store(#[from] tally_aggregator::Error),
+    #[error("stripe client: {0}")]
+    Stripe(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How often and how late billing-sync reports.
+/// Stripe connection settings.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    pub secret_key: String,
+    /// `https://api.stripe.com`, or a compatible server for tests.
+    pub api_base: String,
+    /// Most requests per second (Stripe allows 1000/s in live mode, 25 writes/s in test mode).
+    pub requests_per_second: u32,
+    /// Longest one request may take before it counts as failed (and is retried).
+    pub timeout: Duration,
+}
+
+/// How often and how late billing-sync reports, and where.
 #[derive(Debug, Clone)]
 pub struct BillingSettings {
     /// Time between two reports.
     pub interval: Duration,
     /// How far behind now a window must end (lets the aggregator finish flushing).
     pub settle: Duration,
+    /// `None`: dry run.
+    pub stripe: Option<StripeSettings>,
+    /// Stripe meter `event_name` per Tally meter, where it differs from the meter's name.
+    pub event_names: HashMap<String, String>,
+    /// Attempts per report within one round before it waits for the next round.
+    pub attempts_per_round: u32,
+    /// First retry delay; doubles with each attempt.
+    pub retry_base: Duration,
+    /// Customer-meter pairs reported at the same time.
+    pub concurrency: usize,
 }
 
 impl Default for BillingSettings {
@@ -46,112 +108,472 @@ impl Default for BillingSettings {
         BillingSettings {
             interval: Duration::from_secs(60),
             settle: Duration::from_secs(120),
+            stripe: None,
+            event_names: HashMap::new(),
+            attempts_per_round: 4,
+            retry_base: Duration::from_millis(200),
+            concurrency: 16,
         }
     }
 }
 
-/// The meter event billing-sync would send for one customer, meter and window.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedReport {
+/// One meter event: what is sent, and the usage it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
     pub customer: String,
+    pub meter: String,
     pub stripe_customer_id: String,
     pub event_name: String,
+    /// The growth being reported.
     pub value: u64,
-    pub window_start_ms: i64,
-    pub window_end_ms: i64,
+    pub period_start_ms: i64,
+    /// The period's usage reported once this is accepted.
+    pub period_total: u64,
+    /// Usage counted up to here (exclusive).
+    pub counted_until_ms: i64,
+    /// Seconds since the epoch, within Stripe's window.
+    pub timestamp_s: i64,
     pub identifier: String,
 }
 
-/// Plans the reports of one round and advances the in-memory watermarks.
+/// A report Stripe refused, kept for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub report: Report,
+    pub status: u16,
+    pub message: String,
+    pub at_ms: i64,
+}
+
+/// Billing-sync's state of one (customer, meter), persisted in the usage store as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// Usage reported per billing period (by period start), for the last few periods.
+    pub reported: BTreeMap<i64, u64>,
+    /// Written before sending, cleared once Stripe accepted it.
+    pub pending: Option<Report>,
+    /// The most recent refusals (at most 10).
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+}
+
+impl Mark {
+    /// Records `report` as done (accepted, or set aside after a refusal).
+    fn settle(&mut self, report: &Report) {
+        let done = self.reported.entry(report.period_start_ms).or_insert(0);
+        *done = (*done).max(report.period_total);
+        self.pending = None;
+        while self.reported.len() > 3 {
+            self.reported.pop_first();
+        }
+    }
+}
+
+/// Counters of the running billing-sync, for `GET /v1/billing/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub mode: &'static str,
+    pub rounds: u64,
+    pub last_round_at: Option<String>,
+    pub reports_accepted: u64,
+    pub value_accepted: u64,
+    pub retries: u64,
+    /// Reports waiting for the next round after retryable failures.
+    pub pending: u64,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Shared status of this process's billing-sync.
+#[derive(Clone, Default)]
+pub struct StatusHandle(Arc<Mutex<Status>>);
+
+impl StatusHandle {
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn snapshot(&self) -> Status {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// `GET /v1/billing/status`.
+pub fn router(status: StatusHandle) -> Router {
+    Router::new()
+        .route("/v1/billing/status", get(status_handler))
+        .with_state(status)
+}
+
+async fn status_handler(State(status): State<StatusHandle>) -> Json<Status> {
+    Json(status.snapshot())
+}
+
+/// Oldest timestamp Stripe accepts, with an hour of margin.
+const STRIPE_MAX_AGE_MS: i64 = 35 * 86_400_000 - 3_600_000;
+
+/// Longest identifier sent as is; longer ones (long customer ids) are hashed.
+const MAX_IDENTIFIER: usize = 100;
+
+fn identifier(customer: &str, meter: &str, period_start_ms: i64, period_total: u64) -> String {
+    let id = format!("tally:{customer}:{meter}:{period_start_ms}:{period_total}");
+    if id.len() <= MAX_IDENTIFIER {
+        return id;
+    }
+    use sha2::Digest;
+    format!(
+        "tally:{}",
+        hex::encode(&sha2::Sha256::digest(id.as_bytes())[..20])
+    )
+}
+
+/// What is due for one customer and meter: the growth of the previous period (while Stripe
+/// still takes its timestamps), else of the current one, up to `until`.
+#[allow(clippy::too_many_arguments)]
+async fn due(
+    store: &dyn UsageStore,
+    catalog: &Catalog,
+    customer: &str,
+    meter: &str,
+    stripe_id: &str,
+    event_name: &str,
+    record: &Customer,
+    mark: &Mark,
+    until: i64,
+    now_ms: i64,
+) -> Result<Option<Report>> {
+    let aggregation = catalog
+        .meter(meter)
+        .map_or(tally_schemas::Aggregation::Sum, |m| m.aggregation);
+    let current = record.period_at(until - 1);
+    let previous = record.period_at(current.start_ms - 1);
+    // A customer seen for the first time is billed from its current period.
+    let periods = if mark.reported.is_empty() {
+        vec![current]
+    } else {
+        vec![previous, current]
+    };
+    for period in periods {
+        if period.end_ms <= now_ms - STRIPE_MAX_AGE_MS {
+            continue;
+        }
+        let upto = period.end_ms.min(until);
+        let total = store
+            .total(customer, meter, aggregation, period.start_ms, upto)
+            .await?;
+        let done = mark.reported.get(&period.start_ms).copied().unwrap_or(0);
+        if total <= done {
+            continue;
+        }
+        let timestamp_ms = (upto - 1_000)
+            .max(period.start_ms)
+            .max(now_ms - STRIPE_MAX_AGE_MS)
+            .min(now_ms);
+        return Ok(Some(Report {
+            customer: customer.to_owned(),
+            meter: meter.to_owned(),
+            stripe_customer_id: stripe_id.to_owned(),
+            event_name: event_name.to_owned(),
+            value: total - done,
+            period_start_ms: period.start_ms,
+            period_total: total,
+            counted_until_ms: upto,
+            timestamp_s: timestamp_ms.div_euclid(1000),
+            identifier: identifier(customer, meter, period.start_ms, total),
+        }));
+    }
+    Ok(None)
+}
+
+/// Plans the reports of one round against in-memory marks (the dry run's bookkeeping), and
+/// records them as done there.
 pub async fn plan_round(
     catalog: &Catalog,
     store: &dyn UsageStore,
     now_ms: i64,
     settle: Duration,
-    watermarks: &mut HashMap<(String, String), i64>,
-) -> Result<Vec<PlannedReport>> {
-    let window_end = minute_of(now_ms - settle.as_millis() as i64);
+    marks: &mut HashMap<(String, String), Mark>,
+) -> Result<Vec<Report>> {
+    let until = minute_of(now_ms - settle.as_millis() as i64);
     let mut out = Vec::new();
     for (customer, record) in store.customers_since(0).await? {
         let Some(stripe_id) = record.stripe_customer_id.clone() else {
             continue;
         };
-        for (meter, m) in catalog
+        for (meter, _) in catalog
             .meters
             .iter()
             .filter(|(_, m)| m.aggregation.is_additive())
         {
-            let key = (customer.clone(), meter.clone());
-            let start = watermarks
-                .get(&key)
-                .copied()
-                .unwrap_or_else(|| record.period_at(window_end).start_ms);
-            if start >= window_end {
-                continue;
+            let mark = marks.entry((customer.clone(), meter.clone())).or_default();
+            if let Some(r) = due(
+                store, catalog, &customer, meter, &stripe_id, meter, &record, mark, until, now_ms,
+            )
+            .await?
+            {
+                mark.settle(&r);
+                out.push(r);
             }
-            let value = store
-                .total(&customer, meter, m.aggregation, start, window_end)
-                .await?;
-            watermarks.insert(key, window_end);
-            if value == 0 {
-                continue;
-            }
-            out.push(PlannedReport {
-                identifier: format!("tally:{customer}:{meter}:{start}-{window_end}"),
-                customer: customer.clone(),
-                stripe_customer_id: stripe_id.clone(),
-                event_name: meter.clone(),
-                value,
-                window_start_ms: start,
-                window_end_ms: window_end,
-            });
         }
     }
     Ok(out)
 }
 
-/// Runs dry-run rounds every `interval` until `shutdown`.
+/// Runs rounds every `interval` until `shutdown`: dry-run without Stripe settings.
 pub async fn run(
     settings: BillingSettings,
     catalog: Arc<Catalog>,
     store: Arc<dyn UsageStore>,
     clock: Arc<dyn Clock>,
+    status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    tracing::info!("billing-sync runs in dry-run mode: no Stripe client is configured");
-    let mut watermarks = HashMap::new();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let Some(stripe) = settings.stripe.clone() else {
+        tracing::info!("billing-sync runs in dry-run mode: no Stripe secret key is configured");
+        status.update(|s| s.mode = "dry-run");
+        let mut marks = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let now = clock.now_ms();
+            match plan_round(&catalog, store.as_ref(), now, settings.settle, &mut marks).await {
+                Ok(reports) => {
+                    for r in reports {
+                        tracing::info!(
+                            customer = %r.customer,
+                            stripe_customer = %r.stripe_customer_id,
+                            event_name = %r.event_name,
+                            value = r.value,
+                            period_start = %rfc3339(r.period_start_ms),
+                            counted_until = %rfc3339(r.counted_until_ms),
+                            identifier = %r.identifier,
+                            "dry-run: would send a meter event"
+                        );
+                    }
+                    status.update(|s| {
+                        s.rounds += 1;
+                        s.last_round_at = Some(rfc3339(now));
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "billing round failed"),
+            }
+        }
+    };
+    status.update(|s| s.mode = "stripe");
+    let client = Arc::new(
+        StripeMeters::new(&stripe.secret_key, &stripe.api_base, stripe.timeout)
+            .map_err(Error::Stripe)?,
+    );
+    let rps = NonZeroU32::new(stripe.requests_per_second.max(1)).expect("at least 1");
+    let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)));
+    let sync = Arc::new(Syncer {
+        settings,
+        catalog,
+        store,
+        clock,
+        client,
+        limiter,
+        status,
+        shutdown: shutdown.clone(),
+    });
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        match plan_round(
-            &catalog,
-            store.as_ref(),
-            clock.now_ms(),
-            settings.settle,
-            &mut watermarks,
-        )
-        .await
-        {
-            Ok(reports) => {
-                for r in reports {
-                    tracing::info!(
-                        customer = %r.customer,
-                        stripe_customer = %r.stripe_customer_id,
-                        event_name = %r.event_name,
-                        value = r.value,
-                        window_start = %rfc3339(r.window_start_ms),
-                        window_end = %rfc3339(r.window_end_ms),
-                        identifier = %r.identifier,
-                        "dry-run: would send a meter event"
+        if let Err(e) = sync.clone().round().await {
+            tracing::warn!(error = %e, "billing round failed; retrying next round");
+        }
+    }
+}
+
+/// One billing-sync with a Stripe client.
+struct Syncer {
+    settings: BillingSettings,
+    catalog: Arc<Catalog>,
+    store: Arc<dyn UsageStore>,
+    clock: Arc<dyn Clock>,
+    client: Arc<StripeMeters>,
+    limiter: Arc<DefaultDirectRateLimiter>,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+}
+
+impl Syncer {
+    async fn round(self: Arc<Self>) -> Result<()> {
+        let now = self.clock.now_ms();
+        let until = minute_of(now - self.settings.settle.as_millis() as i64);
+        let mut marks: BTreeMap<(String, String), Mark> = BTreeMap::new();
+        for (customer, meter, json) in self.store.billing_marks().await? {
+            match serde_json::from_str(&json) {
+                Ok(mark) => {
+                    marks.insert((customer, meter), mark);
+                }
+                Err(e) => tracing::error!(%customer, %meter, error = %e, "unreadable billing mark"),
+            }
+        }
+        let mut jobs = Vec::new();
+        for (customer, record) in self.store.customers_since(0).await? {
+            let Some(stripe_id) = record.stripe_customer_id.clone() else {
+                continue;
+            };
+            for (meter, _) in self
+                .catalog
+                .meters
+                .iter()
+                .filter(|(_, m)| m.aggregation.is_additive())
+            {
+                let mark = marks
+                    .remove(&(customer.clone(), meter.clone()))
+                    .unwrap_or_default();
+                jobs.push((
+                    customer.clone(),
+                    meter.clone(),
+                    stripe_id.clone(),
+                    record.clone(),
+                    mark,
+                ));
+            }
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            self.settings.concurrency.max(1),
+        ));
+        let mut set = tokio::task::JoinSet::new();
+        for (customer, meter, stripe_id, record, mark) in jobs {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            let this = self.clone();
+            set.spawn(async move {
+                let _permit = permit;
+                this.sync_one(&customer, &meter, &stripe_id, &record, mark, until, now)
+                    .await
+            });
+        }
+        let mut pending = 0;
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok(Ok(still_pending)) => pending += u64::from(still_pending),
+                Ok(Err(e)) => tracing::warn!(error = %e, "billing report failed"),
+                Err(e) => tracing::error!(error = %e, "billing task panicked"),
+            }
+        }
+        self.status.update(|s| {
+            s.rounds += 1;
+            s.last_round_at = Some(rfc3339(now));
+            s.pending = pending;
+        });
+        metrics::PENDING.set(pending as i64);
+        Ok(())
+    }
+
+    /// Reports one customer's meter; `true` when a report is still pending afterwards.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync_one(
+        &self,
+        customer: &str,
+        meter: &str,
+        stripe_id: &str,
+        record: &Customer,
+        mut mark: Mark,
+        until: i64,
+        now: i64,
+    ) -> Result<bool> {
+        if mark.pending.is_none() {
+            let event_name = self
+                .settings
+                .event_names
+                .get(meter)
+                .map_or(meter, String::as_str);
+            let Some(report) = due(
+                self.store.as_ref(),
+                &self.catalog,
+                customer,
+                meter,
+                stripe_id,
+                event_name,
+                record,
+                &mark,
+                until,
+                now,
+            )
+            .await?
+            else {
+                return Ok(false);
+            };
+            mark.pending = Some(report);
+            self.save(customer, meter, &mark).await?;
+        }
+        let report = mark.pending.clone().expect("a pending report");
+        let mut wait = self.settings.retry_base;
+        for attempt in 1..=self.settings.attempts_per_round.max(1) {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(true),
+                _ = self.limiter.until_ready() => {}
+            }
+            match self.client.send(&report).await {
+                Outcome::Accepted => {
+                    mark.settle(&report);
+                    self.save(customer, meter, &mark).await?;
+                    metrics::REPORTS.with_label_values(&["accepted"]).inc();
+                    self.status.update(|s| {
+                        s.reports_accepted += 1;
+                        s.value_accepted += report.value;
+                    });
+                    return Ok(false);
+                }
+                Outcome::Rejected { status, message } => {
+                    tracing::error!(
+                        customer, meter, identifier = %report.identifier, status, %message,
+                        "Stripe refused a meter event; the window is set aside"
                     );
+                    let rejected = Rejected {
+                        report: report.clone(),
+                        status,
+                        message,
+                        at_ms: self.clock.now_ms(),
+                    };
+                    mark.rejected.push(rejected.clone());
+                    let excess = mark.rejected.len().saturating_sub(10);
+                    mark.rejected.drain(..excess);
+                    mark.settle(&report);
+                    self.save(customer, meter, &mark).await?;
+                    metrics::REPORTS.with_label_values(&["rejected"]).inc();
+                    self.status.update(|s| {
+                        s.rejected.push(rejected);
+                        let excess = s.rejected.len().saturating_sub(100);
+                        s.rejected.drain(..excess);
+                    });
+                    return Ok(false);
+                }
+                Outcome::Retryable(why) => {
+                    metrics::REPORTS.with_label_values(&["retry"]).inc();
+                    self.status.update(|s| s.retries += 1);
+                    tracing::warn!(customer, meter, attempt, reason = %why, "meter event not accepted yet");
+                    if attempt < self.settings.attempts_per_round {
+                        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return Ok(true),
+                            _ = tokio::time::sleep(jittered) => {}
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "billing round failed"),
         }
+        Ok(true)
+    }
+
+    async fn save(&self, customer: &str, meter: &str, mark: &Mark) -> Result<()> {
+        let json = serde_json::to_string(mark).expect("a mark serializes");
+        Ok(self.store.put_billing_mark(customer, meter, &json).await?)
     }
 }
 
@@ -162,6 +584,17 @@ mod tests {
     use tally_aggregator::store::sqlite::SqliteStore;
     use tally_ingest::log::Record;
     use tally_schemas::{Customer, UsageEvent};
+
+    #[test]
+    fn long_identifiers_are_hashed_and_stay_deterministic() {
+        let short = identifier("c", "api_requests", 0, 5);
+        assert_eq!(short, "tally:c:api_requests:0:5");
+        let long_customer = "x".repeat(128);
+        let a = identifier(&long_customer, "api_requests", 0, 5);
+        assert!(a.len() <= MAX_IDENTIFIER, "{a}");
+        assert_eq!(a, identifier(&long_customer, "api_requests", 0, 5));
+        assert_ne!(a, identifier(&long_customer, "api_requests", 0, 6));
+    }
 
     #[tokio::test]
     async fn plans_each_settled_window_once() {
@@ -203,6 +636,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(round.len(), 1);
+        assert_eq!(
+            round[0].identifier,
+            format!("tally:a:api_requests:{}:7", round[0].period_start_ms)
+        );
         assert_eq!((round[0].customer.as_str(), round[0].value), ("a", 7));
         assert_eq!(round[0].stripe_customer_id, "cus_1");
         assert!(

@@ -23,6 +23,8 @@
 //!   dropped with `ALTER TABLE ... DROP PARTITION`.
 //! - `customers`: JSON customer records, latest `updated_ms` wins.
 //! - `notifications`: threshold crossings, one per (customer, meter, period, threshold).
+//! - `billing_marks` (version 2): billing-sync's reported-until position and pending report per
+//!   (customer, meter), latest `version` wins.
 
 /// One schema version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +35,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    statements: &[
-        "CREATE DATABASE IF NOT EXISTS {db}",
-        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        statements: &[
+            "CREATE DATABASE IF NOT EXISTS {db}",
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
             version UInt32,
             name String,
             applied_at DateTime
         ) ENGINE = ReplacingMergeTree ORDER BY version",
-        "CREATE TABLE IF NOT EXISTS {db}.usage_cells (
+            "CREATE TABLE IF NOT EXISTS {db}.usage_cells (
             customer String,
             meter String,
             minute DateTime,
@@ -54,14 +57,14 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             batch_next_offset UInt64
         ) ENGINE = ReplacingMergeTree
         ORDER BY (customer, meter, minute, partition, batch_first_offset)",
-        "CREATE TABLE IF NOT EXISTS {db}.batch_offsets (
+            "CREATE TABLE IF NOT EXISTS {db}.batch_offsets (
             partition UInt32,
             next_offset AggregateFunction(max, UInt64)
         ) ENGINE = AggregatingMergeTree ORDER BY partition",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.batch_offsets_mv TO {db}.batch_offsets AS
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.batch_offsets_mv TO {db}.batch_offsets AS
             SELECT partition, maxState(batch_next_offset) AS next_offset
             FROM {db}.usage_cells GROUP BY partition",
-        "CREATE TABLE IF NOT EXISTS {db}.event_ids (
+            "CREATE TABLE IF NOT EXISTS {db}.event_ids (
             day Date,
             partition UInt32,
             source String,
@@ -70,12 +73,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         ) ENGINE = ReplacingMergeTree
         PARTITION BY day
         ORDER BY (partition, source, id)",
-        "CREATE TABLE IF NOT EXISTS {db}.customers (
+            "CREATE TABLE IF NOT EXISTS {db}.customers (
             id String,
             record String,
             updated_ms Int64
         ) ENGINE = ReplacingMergeTree(updated_ms) ORDER BY id",
-        "CREATE TABLE IF NOT EXISTS {db}.notifications (
+            "CREATE TABLE IF NOT EXISTS {db}.notifications (
             customer String,
             meter String,
             period_start_ms Int64,
@@ -86,8 +89,19 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             crossed_ms Int64
         ) ENGINE = ReplacingMergeTree
         ORDER BY (customer, meter, period_start_ms, threshold)",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "billing-sync state",
+        statements: &["CREATE TABLE IF NOT EXISTS {db}.billing_marks (
+            customer String,
+            meter String,
+            mark String,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version) ORDER BY (customer, meter)"],
+    },
+];
 
 /// The statements of `migration` for database `db`.
 pub fn statements(migration: &Migration, db: &str) -> Vec<String> {

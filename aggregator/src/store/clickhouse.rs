@@ -93,6 +93,15 @@ struct IdRow {
 }
 
 #[derive(Row, Serialize, Deserialize)]
+struct MarkRow {
+    customer: String,
+    meter: String,
+    mark: String,
+    /// Nanoseconds since the epoch when written: the latest write wins.
+    version: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
 struct CustomerRow {
     id: String,
     record: String,
@@ -577,6 +586,38 @@ impl UsageStore for ClickHouseStore {
                 id: id.to_owned(),
                 record: serde_json::to_string(customer)?,
                 updated_ms: customer.updated_ms,
+            })
+            .await
+            .map_err(ch)?;
+        insert.end().await.map_err(ch)
+    }
+
+    async fn billing_marks(&self) -> Result<Vec<(String, String, String)>> {
+        self.client
+            .query(
+                "SELECT customer, meter, argMax(mark, version) FROM billing_marks
+                 GROUP BY customer, meter",
+            )
+            .fetch_all()
+            .await
+            .map_err(ch)
+    }
+
+    async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()> {
+        let version = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut insert = self
+            .client
+            .insert::<MarkRow>("billing_marks")
+            .await
+            .map_err(ch)?;
+        insert
+            .write(&MarkRow {
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                mark: mark.to_owned(),
+                version,
             })
             .await
             .map_err(ch)?;

@@ -105,6 +105,13 @@ pub trait UsageStore: Send + Sync + 'static {
 
     /// Customers changed at or after `updated_ms`.
     async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>>;
+
+    /// Billing-sync's state per (customer, meter), as it wrote it (JSON the store does not
+    /// read).
+    async fn billing_marks(&self) -> Result<Vec<(String, String, String)>>;
+
+    /// Stores billing-sync's state of one (customer, meter); durable when this returns.
+    async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()>;
 }
 
 /// Compares a batch's positions with the `stored` ones (next offset per partition): `Replay`

@@ -2,7 +2,7 @@
 //!
 //! Tables: `usage_minute` (customer, meter, minute) cells; `gauge_latest`, the latest value of
 //! each gauge; `log_offsets`, the next log offset per partition, written in the same transaction
-//! as the cells; `customers`, JSON customer records.
+//! as the cells; `customers`, JSON customer records; `billing_marks`, billing-sync's state.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,12 @@ CREATE TABLE IF NOT EXISTS customers (
     updated_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS customers_by_update ON customers (updated_ms);
+CREATE TABLE IF NOT EXISTS billing_marks (
+    customer TEXT NOT NULL,
+    meter TEXT NOT NULL,
+    mark TEXT NOT NULL,
+    PRIMARY KEY (customer, meter)
+) WITHOUT ROWID;
 ";
 
 /// The embedded store. Writes go through one connection, reads through another, so queries
@@ -310,6 +316,28 @@ impl UsageStore for SqliteStore {
                                                 updated_ms = excluded.updated_ms",
             )?
             .execute(params![id, json, updated])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn billing_marks(&self) -> Result<Vec<(String, String, String)>> {
+        Self::with(&self.reader, |c| {
+            let mut stmt = c.prepare_cached("SELECT customer, meter, mark FROM billing_marks")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()> {
+        let (customer, meter, mark) = (customer.to_owned(), meter.to_owned(), mark.to_owned());
+        Self::with(&self.writer, move |c| {
+            c.prepare_cached(
+                "INSERT INTO billing_marks (customer, meter, mark) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (customer, meter) DO UPDATE SET mark = excluded.mark",
+            )?
+            .execute(params![customer, meter, mark])?;
             Ok(())
         })
         .await

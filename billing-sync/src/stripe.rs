@@ -1,0 +1,109 @@
+//! The one place Tally talks to Stripe's meter API.
+//!
+//! v1 meter events (`POST /v1/billing/meter_events`) go through async-stripe
+//! (`CreateBillingMeterEvent`), with the report's identifier both as the event's `identifier`
+//! and as the `Idempotency-Key`: a request repeated after a timeout or a crash gets Stripe's
+//! stored answer, and an identifier Stripe already holds is answered `resource_already_exists`,
+//! which means the report was already accepted.
+//!
+//! Outcomes are sorted for the caller: accepted (or already accepted), retryable (429, 5xx,
+//! timeouts, connection failures: retry later with the same identifier), rejected (any other
+//! 4xx: a validation error; retrying would not help).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+
+use crate::Report;
+
+/// What Stripe made of one meter event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stripe holds the event (now, or from an earlier attempt).
+    Accepted,
+    /// Try again later with the same identifier.
+    Retryable(String),
+    /// Stripe refused the event itself; the message says why.
+    Rejected { status: u16, message: String },
+}
+
+/// A Stripe client for meter events.
+pub struct StripeMeters {
+    client: Client,
+    timeout: Duration,
+}
+
+impl StripeMeters {
+    /// `api_base` is Stripe's API (`https://api.stripe.com`) or a compatible test server.
+    pub fn new(secret_key: &str, api_base: &str, timeout: Duration) -> Result<Self, String> {
+        let client = ClientBuilder::new(secret_key)
+            .url(api_base)
+            // Retries are billing-sync's (with its rate limit and backoff), not the client's.
+            .request_strategy(RequestStrategy::Once)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(StripeMeters { client, timeout })
+    }
+
+    /// Sends one report as a v1 meter event.
+    pub async fn send(&self, report: &Report) -> Outcome {
+        let key = match IdempotencyKey::new(&report.identifier) {
+            Ok(k) => k,
+            Err(e) => {
+                return Outcome::Rejected {
+                    status: 0,
+                    message: format!("identifier unusable as an idempotency key: {e}"),
+                };
+            }
+        };
+        let payload = HashMap::from([
+            (
+                "stripe_customer_id".to_owned(),
+                report.stripe_customer_id.clone(),
+            ),
+            ("value".to_owned(), report.value.to_string()),
+        ]);
+        let request = CreateBillingMeterEvent::new(report.event_name.clone(), payload)
+            .identifier(report.identifier.clone())
+            .timestamp(report.timestamp_s);
+        let sent = tokio::time::timeout(
+            self.timeout,
+            stripe::StripeRequest::customize(&request)
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&self.client),
+        )
+        .await;
+        match sent {
+            Err(_) => Outcome::Retryable("timed out".into()),
+            Ok(Ok(_)) => Outcome::Accepted,
+            Ok(Err(e)) => classify(e),
+        }
+    }
+}
+
+fn classify(e: StripeError) -> Outcome {
+    match e {
+        StripeError::Stripe(err, status) => {
+            let code = err.code.as_ref().map(|c| c.to_string()).unwrap_or_default();
+            let message = err.message.clone().unwrap_or_else(|| code.clone());
+            if code == "resource_already_exists" {
+                Outcome::Accepted
+            } else if status == 429 || status >= 500 || status == 409 {
+                // 409: an idempotent request still in flight at Stripe.
+                Outcome::Retryable(format!("{status}: {message}"))
+            } else {
+                Outcome::Rejected { status, message }
+            }
+        }
+        StripeError::Timeout => Outcome::Retryable("timed out".into()),
+        StripeError::ClientError(m) => Outcome::Retryable(m),
+        // An answer Stripe's own client cannot read: a proxy page, a truncated body.
+        StripeError::JSONDeserialize(m) => Outcome::Retryable(format!("unreadable reply: {m}")),
+        StripeError::ConfigError(m) => Outcome::Rejected {
+            status: 0,
+            message: m,
+        },
+    }
+}

@@ -1,0 +1,238 @@
+//! A Stripe-compatible fake of the meter-event API, for tests (Stripe is not reachable here).
+//!
+//! It checks what Stripe checks: `Authorization: Bearer sk_test_...`, form-encoded bodies,
+//! required fields, whole-number values, timestamps within the past 35 days and at most 5
+//! minutes ahead, `Idempotency-Key` replay (the stored answer, byte for byte) and `identifier`
+//! uniqueness (`resource_already_exists`). It records what it accepted and fails on demand:
+//! 429, 500, or accepting an event and then not answering for a while (a reply lost on the way).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// A failure to inject into the next request.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Answer with this status (429 or 5xx) without accepting the event.
+    Status(u16),
+    /// Accept the event, then wait this long before answering.
+    AcceptThenStall(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct MeterEvent {
+    pub event_name: String,
+    pub customer: String,
+    pub value: u64,
+    pub identifier: String,
+    pub timestamp: i64,
+}
+
+#[derive(Default)]
+pub struct Inner {
+    pub accepted: Vec<MeterEvent>,
+    identifiers: HashSet<String>,
+    /// Stored answers by idempotency key.
+    answers: HashMap<String, (u16, String)>,
+    pub faults: VecDeque<Fault>,
+    /// Requests seen, by answer status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests answered from the idempotency store.
+    pub replays: u64,
+}
+
+#[derive(Clone)]
+pub struct StripeFake {
+    pub url: String,
+    pub inner: Arc<Mutex<Inner>>,
+}
+
+impl StripeFake {
+    /// Starts the fake on a free port, on `rt`.
+    pub fn start(rt: &tokio::runtime::Runtime) -> StripeFake {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/v1/billing/meter_events", post(meter_event))
+            .with_state(inner.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        StripeFake { url, inner }
+    }
+
+    pub fn inject(&self, faults: &[Fault]) {
+        self.inner.lock().unwrap().faults.extend(faults);
+    }
+
+    /// Accepted value per (Stripe customer, event name).
+    pub fn totals(&self) -> BTreeMap<(String, String), u64> {
+        let mut out = BTreeMap::new();
+        for e in &self.inner.lock().unwrap().accepted {
+            *out.entry((e.customer.clone(), e.event_name.clone()))
+                .or_insert(0) += e.value;
+        }
+        out
+    }
+
+    pub fn accepted_count(&self) -> usize {
+        self.inner.lock().unwrap().accepted.len()
+    }
+}
+
+fn error(status: u16, kind: &str, code: &str, message: &str) -> (u16, String) {
+    (
+        status,
+        json!({"error": {"type": kind, "code": code, "message": message}}).to_string(),
+    )
+}
+
+fn reply((status, body): (u16, String)) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap(),
+        [("content-type", "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn meter_event(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (answer, stall) = handle(&inner, &headers, &body);
+    inner
+        .lock()
+        .unwrap()
+        .statuses
+        .entry(answer.0)
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
+    if let Some(d) = stall {
+        tokio::time::sleep(d).await;
+    }
+    reply(answer)
+}
+
+fn handle(
+    inner: &Mutex<Inner>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ((u16, String), Option<Duration>) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if !header("authorization").is_some_and(|a| a.starts_with("Bearer sk_test_")) {
+        return (
+            error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"),
+            None,
+        );
+    }
+    if !header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
+        return (
+            error(400, "invalid_request_error", "parameter_invalid", "bodies are form-encoded"),
+            None,
+        );
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    let key = header("idempotency-key").map(str::to_owned);
+    let mut s = inner.lock().unwrap();
+    if let Some(k) = &key
+        && let Some(answer) = s.answers.get(k).cloned()
+    {
+        s.replays += 1;
+        return (answer, None);
+    }
+    let fault = s.faults.pop_front();
+    if let Some(Fault::Status(status)) = fault {
+        let (kind, code) = if status == 429 {
+            ("invalid_request_error", "rate_limit")
+        } else {
+            ("api_error", "")
+        };
+        return (error(status, kind, code, "injected failure"), None);
+    }
+    let answer = validate(&mut s, &form);
+    if let Some(k) = key {
+        // Stripe stores the answer of any request that reached it, success or 400.
+        s.answers.insert(k, answer.clone());
+    }
+    let stall = match fault {
+        Some(Fault::AcceptThenStall(d)) => Some(d),
+        _ => None,
+    };
+    (answer, stall)
+}
+
+fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
+    let Some(event_name) = form.get("event_name") else {
+        return error(400, "invalid_request_error", "parameter_missing", "Missing required param: event_name.");
+    };
+    let Some(customer) = form.get("payload[stripe_customer_id]") else {
+        return error(400, "invalid_request_error", "parameter_missing", "Missing required param: payload[stripe_customer_id].");
+    };
+    if !customer.starts_with("cus_") {
+        return error(400, "invalid_request_error", "resource_missing", "No such customer");
+    }
+    let Some(value) = form.get("payload[value]").and_then(|v| v.parse::<u64>().ok()) else {
+        return error(400, "invalid_request_error", "parameter_invalid", "payload[value] must be a whole number");
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let timestamp = match form.get("timestamp").map(|t| t.parse::<i64>()) {
+        None => now,
+        Some(Ok(t)) => t,
+        Some(Err(_)) => {
+            return error(400, "invalid_request_error", "parameter_invalid", "timestamp is not an integer");
+        }
+    };
+    if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
+        return error(400, "invalid_request_error", "timestamp_outside_window",
+            "timestamp must be within the past 35 days and at most 5 minutes in the future");
+    }
+    let identifier = form
+        .get("identifier")
+        .cloned()
+        .unwrap_or_else(|| format!("gen_{}", s.accepted.len()));
+    if !s.identifiers.insert(identifier.clone()) {
+        return error(400, "invalid_request_error", "resource_already_exists",
+            "An event with this identifier already exists");
+    }
+    s.accepted.push(MeterEvent {
+        event_name: event_name.clone(),
+        customer: customer.clone(),
+        value,
+        identifier: identifier.clone(),
+        timestamp,
+    });
+    (
+        200,
+        json!({
+            "object": "billing.meter_event",
+            "created": now,
+            "event_name": event_name,
+            "identifier": identifier,
+            "livemode": false,
+            "payload": {"stripe_customer_id": customer, "value": value.to_string()},
+            "timestamp": timestamp,
+        })
+        .to_string(),
+    )
+}
+
+/// The fake's JSON for tests that look at raw answers.
+pub fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap()
+}
