@@ -134,13 +134,23 @@ fn handle(
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if !header("authorization").is_some_and(|a| a.starts_with("Bearer sk_test_")) {
         return (
-            error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"),
+            error(
+                401,
+                "invalid_request_error",
+                "api_key_invalid",
+                "Invalid API Key provided",
+            ),
             None,
         );
     }
     if !header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
         return (
-            error(400, "invalid_request_error", "parameter_invalid", "bodies are form-encoded"),
+            error(
+                400,
+                "invalid_request_error",
+                "parameter_invalid",
+                "bodies are form-encoded",
+            ),
             None,
         );
     }
@@ -176,16 +186,39 @@ fn handle(
 
 fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
     let Some(event_name) = form.get("event_name") else {
-        return error(400, "invalid_request_error", "parameter_missing", "Missing required param: event_name.");
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_missing",
+            "Missing required param: event_name.",
+        );
     };
     let Some(customer) = form.get("payload[stripe_customer_id]") else {
-        return error(400, "invalid_request_error", "parameter_missing", "Missing required param: payload[stripe_customer_id].");
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_missing",
+            "Missing required param: payload[stripe_customer_id].",
+        );
     };
     if !customer.starts_with("cus_") {
-        return error(400, "invalid_request_error", "resource_missing", "No such customer");
+        return error(
+            400,
+            "invalid_request_error",
+            "resource_missing",
+            "No such customer",
+        );
     }
-    let Some(value) = form.get("payload[value]").and_then(|v| v.parse::<u64>().ok()) else {
-        return error(400, "invalid_request_error", "parameter_invalid", "payload[value] must be a whole number");
+    let Some(value) = form
+        .get("payload[value]")
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_invalid",
+            "payload[value] must be a whole number",
+        );
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -195,20 +228,33 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
         None => now,
         Some(Ok(t)) => t,
         Some(Err(_)) => {
-            return error(400, "invalid_request_error", "parameter_invalid", "timestamp is not an integer");
+            return error(
+                400,
+                "invalid_request_error",
+                "parameter_invalid",
+                "timestamp is not an integer",
+            );
         }
     };
     if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
-        return error(400, "invalid_request_error", "timestamp_outside_window",
-            "timestamp must be within the past 35 days and at most 5 minutes in the future");
+        return error(
+            400,
+            "invalid_request_error",
+            "timestamp_outside_window",
+            "timestamp must be within the past 35 days and at most 5 minutes in the future",
+        );
     }
     let identifier = form
         .get("identifier")
         .cloned()
         .unwrap_or_else(|| format!("gen_{}", s.accepted.len()));
     if !s.identifiers.insert(identifier.clone()) {
-        return error(400, "invalid_request_error", "resource_already_exists",
-            "An event with this identifier already exists");
+        return error(
+            400,
+            "invalid_request_error",
+            "resource_already_exists",
+            "An event with this identifier already exists",
+        );
     }
     s.accepted.push(MeterEvent {
         event_name: event_name.clone(),
