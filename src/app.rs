@@ -266,6 +266,38 @@ impl App {
         if let (true, Some(store)) = (wants(Component::BillingSync), &store) {
             let status = tally_billing_sync::StatusHandle::default();
             router = router.merge(tally_billing_sync::router(status.clone()));
+            // Plan changes from Stripe reach this process's enforcer at once; enforcers
+            // elsewhere read them from the store within `customer_refresh`.
+            let on_change = enforcer.clone().map(|state| {
+                let store = store.clone();
+                let f: tally_billing_sync::webhooks::OnChange = Arc::new(move |id, record| {
+                    let (state, store) = (state.clone(), store.clone());
+                    Box::pin(async move {
+                        if let Err(e) =
+                            tally_enforcer::update_customer(&state, store.as_ref(), &id, record)
+                                .await
+                        {
+                            tracing::warn!(customer = %id, error = %e, "enforcer not updated");
+                        }
+                    })
+                });
+                f
+            });
+            router = router.merge(tally_billing_sync::webhooks::router(Arc::new(
+                tally_billing_sync::webhooks::StripeWebhooks {
+                    secret: config.stripe_webhook_secret.clone(),
+                    plans: config
+                        .stripe_plans
+                        .iter()
+                        .filter_map(|p| p.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    catalog: catalog.clone(),
+                    store: store.clone(),
+                    clock: clock.clone(),
+                    on_change,
+                },
+            )));
             let run = tally_billing_sync::run(
                 billing_settings(config),
                 catalog.clone(),

@@ -130,6 +130,10 @@ pub struct Config {
     /// in the environment a comma-separated list. `TALLY_STRIPE_EVENT_NAMES`.
     #[serde(deserialize_with = "list")]
     pub stripe_event_names: Vec<String>,
+    /// Tally plan per Stripe price or product id, as `price_or_product=plan`, for subscription
+    /// webhooks; in the environment a comma-separated list. `TALLY_STRIPE_PLANS`.
+    #[serde(deserialize_with = "list")]
+    pub stripe_plans: Vec<String>,
     /// How often billing-sync reports. `TALLY_BILLING_SYNC_INTERVAL`.
     #[serde(with = "duration")]
     pub billing_sync_interval: Duration,
@@ -179,6 +183,7 @@ impl Default for Config {
             stripe_api_base: "https://api.stripe.com".into(),
             stripe_requests_per_second: 25,
             stripe_event_names: Vec::new(),
+            stripe_plans: Vec::new(),
             billing_sync_interval: Duration::from_secs(60),
             billing_sync_settle: Duration::from_secs(120),
         }

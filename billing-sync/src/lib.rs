@@ -44,6 +44,7 @@
 
 pub mod metrics;
 pub mod stripe;
+pub mod webhooks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;

@@ -33,6 +33,19 @@ pub struct Customer {
     /// Last change, for replicas that poll for changes.
     #[serde(default)]
     pub updated_ms: i64,
+    /// The latest Stripe events applied to this record, so that a retried or older delivery
+    /// never moves it backwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe_events: Option<StripeEvents>,
+}
+
+/// The latest Stripe event applied per kind: (`created`, event id).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeEvents {
+    #[serde(default)]
+    pub subscription: Option<(i64, String)>,
+    #[serde(default)]
+    pub invoice: Option<(i64, String)>,
 }
 
 impl Customer {
@@ -46,6 +59,7 @@ impl Customer {
             stripe_customer_id: None,
             payment_failed_at_ms: None,
             updated_ms: 0,
+            stripe_events: None,
         }
     }
 

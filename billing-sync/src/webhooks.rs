@@ -1,0 +1,343 @@
+//! `POST /v1/webhooks/stripe`: learning plans, billing periods and payment state from Stripe.
+//!
+//! # Verification
+//! The `Stripe-Signature` header (`t=<unix seconds>,v1=<hex>,v1=<hex>...`) must carry a `v1`
+//! HMAC-SHA256 of `"<t>.<raw body>"` under the endpoint's signing secret (any one of several
+//! `v1` values may match, as during a secret roll; compared in constant time), and `t` must be
+//! within 300 s of now. Anything else is refused with 400 and a code (`missing_signature`,
+//! `invalid_signature`, `signature_expired`), and nothing is applied.
+//!
+//! # Events
+//! - `customer.subscription.created` / `updated`: the customer's plan (the subscription's first
+//!   price, or its product, mapped through `stripe_plans`; a price whose `lookup_key` is a plan
+//!   id needs no mapping), its current billing period (`current_period_start` / `_end`, on the
+//!   subscription or, in newer API versions, on its item) and its Stripe customer id.
+//! - `customer.subscription.deleted`: back to the catalogue's default plan; the period follows
+//!   the last one's anchor.
+//! - `invoice.payment_failed`: the 7-day payment grace starts at the event's time (if not
+//!   already running); `invoice.payment_succeeded` / `invoice.paid`: it ends.
+//!
+//! The Tally customer is the subscription's `metadata.tally_customer_id`, else the customer
+//! linked to the Stripe customer id. Stripe delivers at least once and in any order: each record
+//! keeps the (`created`, id) of the latest subscription and invoice event applied, and an event
+//! that is not newer is acknowledged without being applied. Other event types are acknowledged
+//! and ignored.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tally_aggregator::store::UsageStore;
+use tally_ingest::problem::ApiError;
+use tally_schemas::period::Period;
+use tally_schemas::{Catalog, Clock, Customer};
+
+/// Largest gap between a signature's timestamp and now.
+pub const TOLERANCE_SECS: i64 = 300;
+
+/// Called with every customer record a webhook changed (the enforcer, when it runs in the same
+/// process; other processes pick changes up from the store).
+pub type OnChange =
+    Arc<dyn Fn(String, Customer) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+pub struct StripeWebhooks {
+    /// `None`: the endpoint answers that it is not configured.
+    pub secret: Option<String>,
+    /// Plan id by Stripe price or product id.
+    pub plans: HashMap<String, String>,
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn UsageStore>,
+    pub clock: Arc<dyn Clock>,
+    pub on_change: Option<OnChange>,
+}
+
+pub fn router(hooks: Arc<StripeWebhooks>) -> Router {
+    Router::new()
+        .route("/v1/webhooks/stripe", post(receive))
+        .with_state(hooks)
+}
+
+/// Checks `header` against `body` (see the module docs).
+pub fn verify(secret: &str, header: &str, body: &[u8], now_s: i64) -> Result<(), ApiError> {
+    let mut t = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => signatures.extend(hex::decode(v).ok()),
+            _ => {}
+        }
+    }
+    let Some(t) = t else {
+        return Err(ApiError::bad_request(
+            "invalid_signature",
+            "Stripe-Signature has no timestamp",
+        ));
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let valid = signatures
+        .iter()
+        .any(|sig| mac.clone().verify_slice(sig).is_ok());
+    if !valid {
+        return Err(ApiError::bad_request(
+            "invalid_signature",
+            "no v1 signature matches the payload",
+        ));
+    }
+    if (now_s - t).abs() > TOLERANCE_SECS {
+        return Err(ApiError::bad_request(
+            "signature_expired",
+            format!("the signature's timestamp is more than {TOLERANCE_SECS} s from now"),
+        ));
+    }
+    Ok(())
+}
+
+async fn receive(
+    State(hooks): State<Arc<StripeWebhooks>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let Some(secret) = &hooks.secret else {
+        return Err(ApiError::not_found(
+            "not_configured",
+            "Stripe webhooks are not configured (stripe_webhook_secret)",
+        ));
+    };
+    let Some(header) = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(ApiError::bad_request(
+            "missing_signature",
+            "Stripe-Signature header is required",
+        ));
+    };
+    verify(secret, header, &body, hooks.clock.now_ms().div_euclid(1000))?;
+    let event: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("event: {e}")))?;
+    let (Some(id), Some(kind), Some(created)) = (
+        event["id"].as_str(),
+        event["type"].as_str(),
+        event["created"].as_i64(),
+    ) else {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            "an event needs `id`, `type` and `created`",
+        ));
+    };
+    let object = &event["data"]["object"];
+    let outcome = match kind {
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            hooks
+                .apply_subscription(id, created, kind.ends_with("deleted"), object)
+                .await?
+        }
+        "invoice.payment_failed" | "invoice.payment_succeeded" | "invoice.paid" => {
+            hooks
+                .apply_invoice(id, created, kind == "invoice.payment_failed", object)
+                .await?
+        }
+        _ => "ignored",
+    };
+    tracing::info!(event = id, kind, outcome, "Stripe webhook");
+    Ok(Json(json!({"received": true, "outcome": outcome})))
+}
+
+fn newer(last: &Option<(i64, String)>, created: i64, id: &str) -> bool {
+    match last {
+        None => true,
+        Some((t, last_id)) => created > *t || (created == *t && last_id != id),
+    }
+}
+
+impl StripeWebhooks {
+    /// The Tally customer an object belongs to, with its record.
+    async fn customer_of(&self, object: &Value) -> Result<Option<(String, Customer)>, ApiError> {
+        let stripe_id = object["customer"].as_str();
+        let unavailable = |e: tally_aggregator::Error| ApiError::unavailable(&e);
+        if let Some(id) = object["metadata"]["tally_customer_id"].as_str() {
+            tally_schemas::event::check_customer_id(id)?;
+            let record = self
+                .store
+                .customer(id)
+                .await
+                .map_err(unavailable)?
+                .unwrap_or_else(|| Customer::new_default(&self.catalog));
+            return Ok(Some((id.to_owned(), record)));
+        }
+        let Some(stripe_id) = stripe_id else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .customers_since(0)
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .find(|(_, c)| c.stripe_customer_id.as_deref() == Some(stripe_id)))
+    }
+
+    fn plan_of(&self, subscription: &Value) -> Option<String> {
+        let price = &subscription["items"]["data"][0]["price"];
+        let candidates = [
+            price["id"].as_str(),
+            price["product"].as_str(),
+            price["lookup_key"].as_str(),
+            subscription["plan"]["id"].as_str(),
+        ];
+        candidates.into_iter().flatten().find_map(|k| {
+            self.plans
+                .get(k)
+                .cloned()
+                .or_else(|| self.catalog.plan(k).map(|_| k.to_owned()))
+        })
+    }
+
+    async fn save(&self, id: String, mut record: Customer) -> Result<(), ApiError> {
+        record.updated_ms = self.clock.now_ms();
+        self.store
+            .put_customer(&id, &record)
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?;
+        if let Some(f) = &self.on_change {
+            f(id, record).await;
+        }
+        Ok(())
+    }
+
+    async fn apply_subscription(
+        &self,
+        event_id: &str,
+        created: i64,
+        deleted: bool,
+        sub: &Value,
+    ) -> Result<&'static str, ApiError> {
+        let Some((id, mut record)) = self.customer_of(sub).await? else {
+            return Ok("unknown_customer");
+        };
+        let events = record.stripe_events.get_or_insert_with(Default::default);
+        if !newer(&events.subscription, created, event_id) {
+            return Ok("stale");
+        }
+        events.subscription = Some((created, event_id.to_owned()));
+        if let Some(stripe_id) = sub["customer"].as_str() {
+            record.stripe_customer_id = Some(stripe_id.to_owned());
+        }
+        if deleted {
+            record.plan = self.catalog.policy.default_plan.clone();
+            if let Some(p) = record.current_period.take() {
+                record.period_anchor_ms = Some(p.start_ms);
+            }
+        } else {
+            match self.plan_of(sub) {
+                Some(plan) => record.plan = plan,
+                None => tracing::warn!(
+                    customer = %id,
+                    "subscription's price maps to no plan (stripe_plans); plan unchanged"
+                ),
+            }
+            let item = &sub["items"]["data"][0];
+            let start = sub["current_period_start"]
+                .as_i64()
+                .or(item["current_period_start"].as_i64());
+            let end = sub["current_period_end"]
+                .as_i64()
+                .or(item["current_period_end"].as_i64());
+            if let (Some(start), Some(end)) = (start, end)
+                && start < end
+            {
+                record.current_period = Some(Period {
+                    start_ms: start * 1000,
+                    end_ms: end * 1000,
+                });
+                record.period_anchor_ms = Some(start * 1000);
+            }
+        }
+        self.save(id, record).await?;
+        Ok("applied")
+    }
+
+    async fn apply_invoice(
+        &self,
+        event_id: &str,
+        created: i64,
+        failed: bool,
+        invoice: &Value,
+    ) -> Result<&'static str, ApiError> {
+        let Some((id, mut record)) = self.customer_of(invoice).await? else {
+            return Ok("unknown_customer");
+        };
+        let events = record.stripe_events.get_or_insert_with(Default::default);
+        if !newer(&events.invoice, created, event_id) {
+            return Ok("stale");
+        }
+        events.invoice = Some((created, event_id.to_owned()));
+        if failed {
+            // The grace runs from the first failure, not from each retry of the charge.
+            record.payment_failed_at_ms.get_or_insert(created * 1000);
+        } else {
+            record.payment_failed_at_ms = None;
+        }
+        self.save(id, record).await?;
+        Ok("applied")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn signatures_are_checked() {
+        let body = br#"{"id":"evt_1"}"#;
+        let now = 1_795_255_200;
+        let good = sign("whsec_a", now, body);
+        assert!(verify("whsec_a", &good, body, now).is_ok());
+        // A second v1 (a rolled secret) may be the one that matches.
+        let rolled = format!(
+            "{},v1={}",
+            sign("whsec_old", now, body),
+            &good[good.find("v1=").unwrap() + 3..]
+        );
+        assert!(verify("whsec_a", &rolled, body, now).is_ok());
+        let code = |r: Result<(), ApiError>| r.unwrap_err().code;
+        assert_eq!(
+            code(verify("whsec_b", &good, body, now)),
+            "invalid_signature"
+        );
+        assert_eq!(
+            code(verify("whsec_a", &good, br#"{"id":"evt_2"}"#, now)),
+            "invalid_signature"
+        );
+        assert_eq!(
+            code(verify("whsec_a", &good, body, now + 301)),
+            "signature_expired"
+        );
+        assert_eq!(
+            code(verify("whsec_a", "v1=00", body, now)),
+            "invalid_signature"
+        );
+    }
+}
