@@ -162,3 +162,177 @@ fn stripe_holds_exactly_tallys_totals_after_failures_and_a_kill() {
         );
     }
 }
+
+/// `t=..,v1=..` over `body` with `secret`, as Stripe signs.
+fn stripe_signature(secret: &str, t: i64, body: &str) -> String {
+    tally_enforcer::webhooks::signature(secret, t, body.as_bytes())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn deliver(p: &Proc, body: &Value, signature: Option<String>) -> (u16, Value) {
+    let text = body.to_string();
+    let mut req = reqwest::blocking::Client::new()
+        .post(format!("{}/v1/webhooks/stripe", p.api))
+        .header("content-type", "application/json")
+        .body(text.clone());
+    if let Some(sig) = signature {
+        req = req.header("stripe-signature", sig);
+    }
+    let r = req.send().unwrap();
+    (r.status().as_u16(), r.json().unwrap())
+}
+
+fn signed(p: &Proc, body: &Value) -> (u16, Value) {
+    let sig = stripe_signature("whsec_test", unix_now(), &body.to_string());
+    deliver(p, body, Some(sig))
+}
+
+fn subscription(id: &str, created: i64, kind: &str, price: &str, start: i64, end: i64) -> Value {
+    json!({"id": id, "type": kind, "created": created, "data": {"object": {
+        "id": "sub_1", "object": "subscription", "customer": "cus_w1", "status": "active",
+        "metadata": {"tally_customer_id": "w-1"},
+        "current_period_start": start, "current_period_end": end,
+        "items": {"data": [{"price": {"id": price, "product": "prod_x"}}]}}}})
+}
+
+#[test]
+fn stripe_webhooks_set_plans_periods_and_payment_state_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_STRIPE_WEBHOOK_SECRET", "whsec_test"),
+        (
+            "TALLY_STRIPE_PLANS",
+            "price_pro=professional,price_starter=starter",
+        ),
+    ];
+    let p = start_with_env("run", dir.path(), free_port(), free_port(), "50ms", &env);
+    let customer = || -> Value {
+        reqwest::blocking::get(format!("{}/v1/customers/w-1", p.api))
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let now = unix_now();
+    let (start, end) = (now - 86_400, now + 29 * 86_400);
+    let created = subscription(
+        "evt_1",
+        1_000,
+        "customer.subscription.created",
+        "price_pro",
+        start,
+        end,
+    );
+
+    // Refused: no signature, a tampered body, an expired signature, another secret.
+    assert_eq!(deliver(&p, &created, None).1["code"], "missing_signature");
+    let sig = stripe_signature("whsec_test", now, &created.to_string());
+    let mut tampered = created.clone();
+    tampered["data"]["object"]["items"]["data"][0]["price"]["id"] = json!("price_starter");
+    assert_eq!(
+        deliver(&p, &tampered, Some(sig)).1["code"],
+        "invalid_signature"
+    );
+    let old = stripe_signature("whsec_test", now - 400, &created.to_string());
+    assert_eq!(
+        deliver(&p, &created, Some(old)).1["code"],
+        "signature_expired"
+    );
+    let other = stripe_signature("whsec_other", now, &created.to_string());
+    let (status, body) = deliver(&p, &created, Some(other));
+    assert_eq!(
+        (status, body["code"].clone()),
+        (400, json!("invalid_signature"))
+    );
+    assert_eq!(
+        customer()["known"],
+        false,
+        "a refused delivery changed nothing"
+    );
+
+    // Applied, and the enforcer sees the new plan at once.
+    assert_eq!(
+        signed(&p, &created),
+        (200, json!({"received": true, "outcome": "applied"}))
+    );
+    let c = customer();
+    assert_eq!(
+        (
+            c["plan"].clone(),
+            c["stripe_customer_id"].clone(),
+            c["period_start"].clone()
+        ),
+        (
+            json!("professional"),
+            json!("cus_w1"),
+            json!(tally_schemas::period::rfc3339(start * 1000))
+        )
+    );
+    let check: Value = reqwest::blocking::get(format!(
+        "{}/v1/check?customer=w-1&meter=api_requests&quantity=0",
+        p.api
+    ))
+    .unwrap()
+    .json()
+    .unwrap();
+    assert_eq!(check["limit"], 1_000_000);
+
+    // Stripe retries a delivery: acknowledged, not applied again. An older event arriving
+    // late does not move the subscription backwards.
+    assert_eq!(signed(&p, &created).1["outcome"], "stale");
+    let older = subscription(
+        "evt_0",
+        900,
+        "customer.subscription.updated",
+        "price_starter",
+        start,
+        end,
+    );
+    assert_eq!(signed(&p, &older).1["outcome"], "stale");
+    assert_eq!(customer()["plan"], "professional");
+
+    // A failed payment starts the grace (found by the Stripe customer id), a payment ends it.
+    let invoice = |id: &str, created: i64, kind: &str| {
+        json!({"id": id, "type": kind, "created": created,
+               "data": {"object": {"id": "in_1", "object": "invoice", "customer": "cus_w1"}}})
+    };
+    assert_eq!(
+        signed(&p, &invoice("evt_2", now - 60, "invoice.payment_failed")).1["outcome"],
+        "applied"
+    );
+    let c = customer();
+    assert_eq!(
+        c["payment_failed_at"],
+        json!(tally_schemas::period::rfc3339((now - 60) * 1000))
+    );
+    assert!(c["payment_grace_until"].is_string());
+    assert_eq!(
+        signed(&p, &invoice("evt_3", now - 30, "invoice.payment_succeeded")).1["outcome"],
+        "applied"
+    );
+    assert_eq!(
+        signed(&p, &invoice("evt_2", now - 60, "invoice.payment_failed")).1["outcome"],
+        "stale"
+    );
+    assert!(customer()["payment_failed_at"].is_null());
+
+    // Cancelled: back to the default plan.
+    let deleted = subscription(
+        "evt_4",
+        1_100,
+        "customer.subscription.deleted",
+        "price_pro",
+        start,
+        end,
+    );
+    assert_eq!(signed(&p, &deleted).1["outcome"], "applied");
+    assert_eq!(customer()["plan"], "free");
+    // Event types Tally does not use are acknowledged.
+    let other = json!({"id": "evt_5", "type": "charge.succeeded", "created": 1_200, "data": {"object": {}}});
+    assert_eq!(signed(&p, &other).1["outcome"], "ignored");
+}
