@@ -122,6 +122,25 @@ pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings 
     }
 }
 
+/// `tally billing reconcile`: Tally's totals against Stripe's, for `[from_ms, to_ms)`.
+pub async fn reconcile(
+    config: &Config,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<tally_billing_sync::Difference>> {
+    let catalog = load_catalog(config)?;
+    let store = open_store(config)?;
+    tally_billing_sync::reconcile(
+        &billing_settings(config),
+        &catalog,
+        store.as_ref(),
+        from_ms,
+        to_ms,
+    )
+    .await
+    .map_err(|e| Error::Failed(e.to_string()))
+}
+
 /// `tally migrate`: creates or upgrades the Kafka topics and the ClickHouse schema that the
 /// configuration names; idempotent. Returns what it did, one line each.
 pub async fn migrate(config: &Config) -> Result<Vec<String>> {

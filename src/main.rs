@@ -39,6 +39,23 @@ enum Command {
     Config,
     /// Create or upgrade the Kafka topics and the ClickHouse schema (idempotent).
     Migrate,
+    /// Billing tools.
+    #[command(subcommand)]
+    Billing(BillingCommand),
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// Compare Tally's totals with Stripe's meter event summaries and print the differences
+    /// (exit status 1 when there are any).
+    Reconcile {
+        /// Start, RFC 3339 (for example 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        from: String,
+        /// End (exclusive), RFC 3339.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +71,31 @@ fn main() -> anyhow::Result<()> {
         Command::Config => {
             print!("{}", toml::to_string(&config)?);
             return Ok(());
+        }
+        Command::Billing(BillingCommand::Reconcile { from, to }) => {
+            tally::telemetry::init(&config);
+            let parse = |s: &str| {
+                tally_schemas::period::parse_rfc3339(s)
+                    .with_context(|| format!("`{s}` is not an RFC 3339 time"))
+            };
+            let (from, to) = (parse(&from)?, parse(&to)?);
+            let differences = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(tally::app::reconcile(&config, from, to))?;
+            if differences.is_empty() {
+                println!("no differences");
+                return Ok(());
+            }
+            println!("customer\tstripe_customer\tmeter\ttally\tstripe");
+            for d in &differences {
+                let stripe = d.stripe.map_or("no meter".to_owned(), |v| v.to_string());
+                println!(
+                    "{}\t{}\t{}\t{}\t{stripe}",
+                    d.customer, d.stripe_customer_id, d.meter, d.tally
+                );
+            }
+            std::process::exit(1);
         }
         Command::Migrate => {
             tally::telemetry::init(&config);

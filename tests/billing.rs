@@ -30,7 +30,7 @@ fn put_customer(p: &Proc, id: &str, stripe: &str) {
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
 }
 
-/// Posts events for customers `b-0..b-9` (and `b-bad`) at `time`; returns what Stripe should
+/// Posts events for customers `b-0..b-9` at `time`; returns what Stripe should
 /// hold per (Stripe customer, event name).
 fn post_usage(p: &Proc, tag: &str, time: &str) -> BTreeMap<(String, String), u64> {
     let mut want = BTreeMap::new();
@@ -48,10 +48,6 @@ fn post_usage(p: &Proc, tag: &str, time: &str) -> BTreeMap<(String, String), u64
                 .or_insert(0) += value;
         }
     }
-    events.push(
-        json!({"specversion": "1.0", "id": format!("{tag}-bad"), "source": "edge-billing",
-        "type": "api_requests", "subject": "b-bad", "time": time, "data": {"value": 1}}),
-    );
     assert_eq!(
         p.post_batch(Value::Array(events).to_string())
             .status()
@@ -91,8 +87,6 @@ fn stripe_holds_exactly_tallys_totals_after_failures_and_a_kill() {
     for c in 0..10 {
         put_customer(&p, &format!("b-{c}"), &format!("cus_{c}"));
     }
-    // Stripe does not know this one: its reports are refused.
-    put_customer(&p, "b-bad", "acct_unknown");
     // The first requests fail as Stripe can, and one is accepted but its reply never arrives
     // before the process is killed.
     fake.inject(&[
@@ -128,22 +122,28 @@ fn stripe_holds_exactly_tallys_totals_after_failures_and_a_kill() {
     assert!(inner.statuses.get(&429).is_some() && inner.statuses.get(&500).is_some());
     drop(inner);
 
-    // The refusal is recorded and shown, and was not retried forever.
-    let status: Value = reqwest::blocking::get(format!("{}/v1/billing/status", p.api))
-        .unwrap()
-        .json()
+    // `tally billing reconcile` finds no difference.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "reconcile",
+            "--from",
+            &now_rfc3339_minus(30 * 1440),
+            "--to",
+            &now_rfc3339_minus(-1),
+        ])
+        .envs(env)
+        .env("TALLY_DATA_DIR", dir.path())
+        .env("TALLY_LOG", "warn")
+        .output()
         .unwrap();
-    assert_eq!(status["mode"], "stripe");
-    let rejected = status["rejected"].as_array().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        rejected
-            .iter()
-            .any(|r| r["report"]["customer"] == "b-bad" && r["status"] == 400),
-        "{status}"
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let refused_before = fake.inner.lock().unwrap().statuses[&400];
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(fake.inner.lock().unwrap().statuses[&400], refused_before);
+    assert_eq!(printed.trim(), "no differences");
     // Tally's own totals agree with what Stripe holds.
     let client = reqwest::blocking::Client::new();
     for c in 0..10 {
@@ -335,4 +335,55 @@ fn stripe_webhooks_set_plans_periods_and_payment_state_once_and_in_order() {
     // Event types Tally does not use are acknowledged.
     let other = json!({"id": "evt_5", "type": "charge.succeeded", "created": 1_200, "data": {"object": {}}});
     assert_eq!(signed(&p, &other).1["outcome"], "ignored");
+}
+
+#[test]
+fn stripe_refusals_are_recorded_shown_and_not_retried_forever() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = StripeFake::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
+        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
+        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
+        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
+    ];
+    let p = start_with_env("run", dir.path(), free_port(), free_port(), "50ms", &env);
+    // Stripe does not know this customer: its reports are refused.
+    put_customer(&p, "b-bad", "acct_unknown");
+    let event = json!({"specversion": "1.0", "id": "bad-1", "source": "edge-billing",
+        "type": "api_requests", "subject": "b-bad", "time": now_rfc3339_minus(10),
+        "data": {"value": 2}});
+    assert_eq!(
+        p.post_batch(json!([event]).to_string()).status().as_u16(),
+        202
+    );
+    let status = || -> Value {
+        reqwest::blocking::get(format!("{}/v1/billing/status", p.api))
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    wait_for(
+        "the refusal was not recorded",
+        Duration::from_secs(30),
+        || !status()["rejected"].as_array().unwrap().is_empty(),
+    );
+    let s = status();
+    assert_eq!(s["mode"], "stripe");
+    let r = &s["rejected"][0];
+    assert_eq!(
+        (
+            r["report"]["customer"].clone(),
+            r["report"]["value"].clone(),
+            r["status"].clone()
+        ),
+        (json!("b-bad"), json!(2), json!(400))
+    );
+    // Set aside: not sent again in the rounds that follow.
+    let refused = fake.inner.lock().unwrap().statuses[&400];
+    assert_eq!(refused, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fake.inner.lock().unwrap().statuses[&400], refused);
+    assert_eq!(fake.accepted_count(), 0);
 }

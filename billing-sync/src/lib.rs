@@ -321,6 +321,81 @@ pub async fn plan_round(
     Ok(out)
 }
 
+/// One line of `tally billing reconcile`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference {
+    pub customer: String,
+    pub stripe_customer_id: String,
+    pub meter: String,
+    pub tally: u64,
+    /// `None` when Stripe has no meter with the event name.
+    pub stripe: Option<f64>,
+}
+
+/// Compares Tally's totals over `[from_ms, to_ms)` with Stripe's meter event summaries, for
+/// every linked customer and reported meter; returns the pairs that differ. Usage not yet
+/// reported (the last `settle` and `interval`) shows as a difference: reconcile closed periods,
+/// or wait a round.
+pub async fn reconcile(
+    settings: &BillingSettings,
+    catalog: &Catalog,
+    store: &dyn UsageStore,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<Difference>> {
+    let stripe = settings
+        .stripe
+        .as_ref()
+        .ok_or_else(|| Error::Stripe("no Stripe secret key is configured".into()))?;
+    let client = StripeMeters::new(&stripe.secret_key, &stripe.api_base, stripe.timeout)
+        .map_err(Error::Stripe)?;
+    let meters = client.meters().await.map_err(Error::Stripe)?;
+    let mut out = Vec::new();
+    for (customer, record) in store.customers_since(0).await? {
+        let Some(stripe_id) = record.stripe_customer_id.clone() else {
+            continue;
+        };
+        for (meter, m) in catalog
+            .meters
+            .iter()
+            .filter(|(_, m)| m.aggregation.is_additive())
+        {
+            let event_name = settings
+                .event_names
+                .get(meter)
+                .map_or(meter.as_str(), String::as_str);
+            let tally = store
+                .total(&customer, meter, m.aggregation, from_ms, to_ms)
+                .await?;
+            let stripe_total = match meters.get(event_name) {
+                Some(id) => Some(
+                    client
+                        .summary(
+                            id,
+                            &stripe_id,
+                            from_ms.div_euclid(1000),
+                            to_ms.div_euclid(1000),
+                        )
+                        .await
+                        .map_err(Error::Stripe)?,
+                ),
+                None if tally == 0 => continue,
+                None => None,
+            };
+            if stripe_total != Some(tally as f64) {
+                out.push(Difference {
+                    customer: customer.clone(),
+                    stripe_customer_id: stripe_id.clone(),
+                    meter: meter.clone(),
+                    tally,
+                    stripe: stripe_total,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Runs rounds every `interval` until `shutdown`: dry-run without Stripe settings.
 pub async fn run(
     settings: BillingSettings,

@@ -33,6 +33,11 @@ pub enum Outcome {
 pub struct StripeMeters {
     client: Client,
     timeout: Duration,
+    /// For the read calls of `reconcile` (plain GETs; async-stripe's meter types would add a
+    /// feature build for two calls).
+    http: reqwest::Client,
+    api_base: String,
+    secret_key: String,
 }
 
 impl StripeMeters {
@@ -44,7 +49,95 @@ impl StripeMeters {
             .request_strategy(RequestStrategy::Once)
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(StripeMeters { client, timeout })
+        Ok(StripeMeters {
+            client,
+            timeout,
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| e.to_string())?,
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            secret_key: secret_key.to_owned(),
+        })
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<serde_json::Value, String> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api_base))
+            .bearer_auth(&self.secret_key)
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{path}: {status}: {}", body["error"]["message"]));
+        }
+        Ok(body)
+    }
+
+    /// Stripe meter id per `event_name` (`GET /v1/billing/meters`, every page).
+    pub async fn meters(&self) -> Result<HashMap<String, String>, String> {
+        let mut out = HashMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = vec![("limit", "100".to_owned())];
+            if let Some(a) = &after {
+                q.push(("starting_after", a.clone()));
+            }
+            let page = self.get("/v1/billing/meters", &q).await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            for m in &data {
+                if let (Some(id), Some(name)) = (m["id"].as_str(), m["event_name"].as_str()) {
+                    out.insert(name.to_owned(), id.to_owned());
+                }
+            }
+            match (page["has_more"].as_bool(), data.last()) {
+                (Some(true), Some(last)) => after = last["id"].as_str().map(str::to_owned),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// What Stripe aggregated for one customer on one meter over `[start_s, end_s)`
+    /// (`GET /v1/billing/meters/{id}/event_summaries`, every page).
+    pub async fn summary(
+        &self,
+        meter_id: &str,
+        stripe_customer_id: &str,
+        start_s: i64,
+        end_s: i64,
+    ) -> Result<f64, String> {
+        let mut total = 0.0;
+        let mut after: Option<String> = None;
+        loop {
+            let mut q = vec![
+                ("customer", stripe_customer_id.to_owned()),
+                ("start_time", start_s.to_string()),
+                ("end_time", end_s.to_string()),
+                ("limit", "100".to_owned()),
+            ];
+            if let Some(a) = &after {
+                q.push(("starting_after", a.clone()));
+            }
+            let page = self
+                .get(
+                    &format!("/v1/billing/meters/{meter_id}/event_summaries"),
+                    &q,
+                )
+                .await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            total += data
+                .iter()
+                .filter_map(|s| s["aggregated_value"].as_f64())
+                .sum::<f64>();
+            match (page["has_more"].as_bool(), data.last()) {
+                (Some(true), Some(last)) => after = last["id"].as_str().map(str::to_owned),
+                _ => return Ok(total),
+            }
+        }
     }
 
     /// Sends one report as a v1 meter event.

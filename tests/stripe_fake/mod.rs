@@ -15,9 +15,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 /// A failure to inject into the next request.
@@ -67,6 +68,8 @@ impl StripeFake {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = Router::new()
             .route("/v1/billing/meter_events", post(meter_event))
+            .route("/v1/billing/meters", get(meters))
+            .route("/v1/billing/meters/{id}/event_summaries", get(summaries))
             .with_state(inner.clone());
         rt.spawn(async move { axum::serve(listener, app).await });
         StripeFake { url, inner }
@@ -276,6 +279,90 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
         })
         .to_string(),
     )
+}
+
+/// The meters this Stripe account has: one per Tally meter, `event_name` = meter name.
+const METERS: &[&str] = &["api_requests", "bandwidth_bytes", "build_minutes"];
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.starts_with("Bearer sk_test_"))
+}
+
+async fn meters(headers: HeaderMap) -> Response {
+    if !authorized(&headers) {
+        return reply(error(
+            401,
+            "invalid_request_error",
+            "api_key_invalid",
+            "Invalid API Key provided",
+        ));
+    }
+    let data: Vec<Value> = METERS
+        .iter()
+        .map(|m| {
+            json!({"id": format!("mtr_{m}"), "object": "billing.meter", "event_name": m,
+                        "status": "active", "livemode": false})
+        })
+        .collect();
+    reply((
+        200,
+        json!({"object": "list", "data": data, "has_more": false}).to_string(),
+    ))
+}
+
+async fn summaries(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&headers) {
+        return reply(error(
+            401,
+            "invalid_request_error",
+            "api_key_invalid",
+            "Invalid API Key provided",
+        ));
+    }
+    let Some(event_name) = id.strip_prefix("mtr_").filter(|m| METERS.contains(m)) else {
+        return reply(error(
+            404,
+            "invalid_request_error",
+            "resource_missing",
+            "No such meter",
+        ));
+    };
+    let (Some(customer), Some(start), Some(end)) = (
+        q.get("customer"),
+        q.get("start_time").and_then(|v| v.parse::<i64>().ok()),
+        q.get("end_time").and_then(|v| v.parse::<i64>().ok()),
+    ) else {
+        return reply(error(
+            400,
+            "invalid_request_error",
+            "parameter_missing",
+            "customer, start_time and end_time are required",
+        ));
+    };
+    let total: u64 = inner
+        .lock()
+        .unwrap()
+        .accepted
+        .iter()
+        .filter(|e| e.event_name == event_name && &e.customer == customer)
+        .filter(|e| e.timestamp >= start && e.timestamp < end)
+        .map(|e| e.value)
+        .sum();
+    let data = json!([{"id": "mtrsum_1", "object": "billing.meter_event_summary",
+        "aggregated_value": total, "start_time": start, "end_time": end, "meter": id,
+        "livemode": false}]);
+    reply((
+        200,
+        json!({"object": "list", "data": data, "has_more": false}).to_string(),
+    ))
 }
 
 /// The fake's JSON for tests that look at raw answers.
