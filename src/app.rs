@@ -111,6 +111,8 @@ pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings 
                 api_base: config.stripe_api_base.clone(),
                 requests_per_second: config.stripe_requests_per_second,
                 timeout: std::time::Duration::from_secs(30),
+                api: config.stripe_meter_api,
+                events_base: config.stripe_meter_events_base.clone(),
             }),
         event_names: config
             .stripe_event_names

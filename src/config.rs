@@ -124,6 +124,11 @@ pub struct Config {
     pub stripe_webhook_secret: Option<String>,
     /// Stripe's API, or a compatible server. `TALLY_STRIPE_API_BASE`.
     pub stripe_api_base: String,
+    /// `v1` (one meter event per request, through async-stripe) or `v2` (the meter event
+    /// stream, up to 100 events per request). `TALLY_STRIPE_METER_API`.
+    pub stripe_meter_api: tally_billing_sync::MeterApi,
+    /// Host of Stripe's v2 meter event stream. `TALLY_STRIPE_METER_EVENTS_BASE`.
+    pub stripe_meter_events_base: String,
     /// Most Stripe requests per second. `TALLY_STRIPE_REQUESTS_PER_SECOND`.
     pub stripe_requests_per_second: u32,
     /// Stripe meter `event_name` for Tally meters whose names differ, as `meter=event_name`;
@@ -181,6 +186,8 @@ impl Default for Config {
             stripe_secret_key: None,
             stripe_webhook_secret: None,
             stripe_api_base: "https://api.stripe.com".into(),
+            stripe_meter_api: tally_billing_sync::MeterApi::V1,
+            stripe_meter_events_base: "https://meter-events.stripe.com".into(),
             stripe_requests_per_second: 25,
             stripe_event_names: Vec::new(),
             stripe_plans: Vec::new(),

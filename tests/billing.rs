@@ -73,12 +73,24 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn stripe_holds_exactly_tallys_totals_after_failures_and_a_kill() {
+    fault_run("v1");
+}
+
+/// The same through the v2 meter event stream (batches of up to 100 events).
+#[test]
+fn the_v2_stream_holds_exactly_tallys_totals_after_failures_and_a_kill() {
+    fault_run("v2");
+}
+
+fn fault_run(api: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = StripeFake::start(&rt);
     let dir = tempfile::tempdir().unwrap();
     let env = [
         ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
         ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
+        ("TALLY_STRIPE_METER_EVENTS_BASE", fake.url.as_str()),
+        ("TALLY_STRIPE_METER_API", api),
         ("TALLY_BILLING_SYNC_INTERVAL", "300ms"),
         ("TALLY_BILLING_SYNC_SETTLE", "1s"),
     ];

@@ -61,7 +61,7 @@ use tally_schemas::period::{minute_of, rfc3339};
 use tally_schemas::{Catalog, Clock, Customer};
 use tokio_util::sync::CancellationToken;
 
-use crate::stripe::{Outcome, StripeMeters};
+use crate::stripe::{MeterEventStream, Outcome, STREAM_BATCH, StripeMeters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -83,6 +83,18 @@ pub struct StripeSettings {
     pub requests_per_second: u32,
     /// Longest one request may take before it counts as failed (and is retried).
     pub timeout: Duration,
+    /// v1 meter events, or the v2 stream (100 events per request, for high volume).
+    pub api: MeterApi,
+    /// Host of the v2 stream (`https://meter-events.stripe.com`).
+    pub events_base: String,
+}
+
+/// Which Stripe API meter events go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeterApi {
+    V1,
+    V2,
 }
 
 /// How often and how late billing-sync reports, and where.
@@ -447,12 +459,25 @@ pub async fn run(
     );
     let rps = NonZeroU32::new(stripe.requests_per_second.max(1)).expect("at least 1");
     let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)));
+    let stream = match stripe.api {
+        MeterApi::V1 => None,
+        MeterApi::V2 => Some(Arc::new(
+            MeterEventStream::new(
+                &stripe.secret_key,
+                &stripe.api_base,
+                &stripe.events_base,
+                stripe.timeout,
+            )
+            .map_err(Error::Stripe)?,
+        )),
+    };
     let sync = Arc::new(Syncer {
         settings,
         catalog,
         store,
         clock,
         client,
+        stream,
         limiter,
         status,
         shutdown: shutdown.clone(),
@@ -475,15 +500,22 @@ struct Syncer {
     store: Arc<dyn UsageStore>,
     clock: Arc<dyn Clock>,
     client: Arc<StripeMeters>,
+    /// Set when reporting through the v2 stream.
+    stream: Option<Arc<MeterEventStream>>,
     limiter: Arc<DefaultDirectRateLimiter>,
     status: StatusHandle,
     shutdown: CancellationToken,
 }
 
+/// A customer's meter with its mark, as the v2 round passes them on.
+type Item = (String, String, Mark);
+
+/// A customer's meter to report: (customer, meter, Stripe customer, record, mark).
+type Job = (String, String, String, Customer, Mark);
+
 impl Syncer {
-    async fn round(self: Arc<Self>) -> Result<()> {
-        let now = self.clock.now_ms();
-        let until = minute_of(now - self.settings.settle.as_millis() as i64);
+    /// Every linked customer's reported meters, with their marks.
+    async fn jobs(&self) -> Result<Vec<Job>> {
         let mut marks: BTreeMap<(String, String), Mark> = BTreeMap::new();
         for (customer, meter, json) in self.store.billing_marks().await? {
             match serde_json::from_str(&json) {
@@ -516,6 +548,16 @@ impl Syncer {
                 ));
             }
         }
+        Ok(jobs)
+    }
+
+    async fn round(self: Arc<Self>) -> Result<()> {
+        if let Some(stream) = self.stream.clone() {
+            return self.round_v2(stream).await;
+        }
+        let now = self.clock.now_ms();
+        let until = minute_of(now - self.settings.settle.as_millis() as i64);
+        let jobs = self.jobs().await?;
         let permits = Arc::new(tokio::sync::Semaphore::new(
             self.settings.concurrency.max(1),
         ));
@@ -587,6 +629,12 @@ impl Syncer {
             mark.pending = Some(report);
             self.save(customer, meter, &mark).await?;
         }
+        self.send_v1(customer, meter, mark).await
+    }
+
+    /// Sends `mark`'s pending report as a v1 meter event, retrying within the round; `true`
+    /// when it is still pending afterwards.
+    async fn send_v1(&self, customer: &str, meter: &str, mut mark: Mark) -> Result<bool> {
         let report = mark.pending.clone().expect("a pending report");
         let mut wait = self.settings.retry_base;
         for attempt in 1..=self.settings.attempts_per_round.max(1) {
@@ -645,6 +693,146 @@ impl Syncer {
             }
         }
         Ok(true)
+    }
+
+    /// One round over the v2 stream: reports are computed in one task and sent in batches of
+    /// [`stripe::STREAM_BATCH`] as they come, each batch recorded pending in one write before it
+    /// is sent and settled in one write after. A batch Stripe refuses is sent again one event at
+    /// a time through v1, so that only the faulty events are set aside.
+    async fn round_v2(self: Arc<Self>, stream: Arc<MeterEventStream>) -> Result<()> {
+        let now = self.clock.now_ms();
+        let until = minute_of(now - self.settings.settle.as_millis() as i64);
+        let jobs = self.jobs().await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(4 * STREAM_BATCH);
+        let producer = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                for (customer, meter, stripe_id, record, mut mark) in jobs {
+                    let report = match mark.pending.clone() {
+                        Some(r) => r,
+                        None => {
+                            let event_name = this
+                                .settings
+                                .event_names
+                                .get(&meter)
+                                .cloned()
+                                .unwrap_or_else(|| meter.clone());
+                            match due(
+                                this.store.as_ref(),
+                                &this.catalog,
+                                &customer,
+                                &meter,
+                                &stripe_id,
+                                &event_name,
+                                &record,
+                                &mark,
+                                until,
+                                now,
+                            )
+                            .await
+                            {
+                                Ok(Some(r)) => r,
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    tracing::warn!(%customer, %meter, error = %e, "usage not read");
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    mark.pending = Some(report);
+                    if tx.send((customer, meter, mark)).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let mut pending = 0u64;
+        let mut batch = Vec::with_capacity(STREAM_BATCH);
+        loop {
+            let next = rx.recv().await;
+            let closed = next.is_none();
+            batch.extend(next);
+            if batch.len() == STREAM_BATCH || (closed && !batch.is_empty()) {
+                pending += self.send_batch(&stream, std::mem::take(&mut batch)).await?;
+            }
+            if closed {
+                break;
+            }
+        }
+        let _ = producer.await;
+        self.status.update(|s| {
+            s.rounds += 1;
+            s.last_round_at = Some(rfc3339(now));
+            s.pending = pending;
+        });
+        metrics::PENDING.set(pending as i64);
+        Ok(())
+    }
+
+    /// Sends one stream batch; returns how many reports are still pending.
+    async fn send_batch(&self, stream: &MeterEventStream, mut batch: Vec<Item>) -> Result<u64> {
+        self.save_all(&batch).await?;
+        let reports: Vec<Report> = batch
+            .iter()
+            .map(|(_, _, m)| m.pending.clone().expect("a pending report"))
+            .collect();
+        let mut wait = self.settings.retry_base;
+        for attempt in 1..=self.settings.attempts_per_round.max(1) {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(batch.len() as u64),
+                _ = self.limiter.until_ready() => {}
+            }
+            match stream.send(&reports).await {
+                Outcome::Accepted => {
+                    for ((_, _, mark), report) in batch.iter_mut().zip(&reports) {
+                        mark.settle(report);
+                    }
+                    self.save_all(&batch).await?;
+                    metrics::REPORTS
+                        .with_label_values(&["accepted"])
+                        .inc_by(reports.len() as u64);
+                    self.status.update(|s| {
+                        s.reports_accepted += reports.len() as u64;
+                        s.value_accepted += reports.iter().map(|r| r.value).sum::<u64>();
+                    });
+                    return Ok(0);
+                }
+                Outcome::Rejected { status, message } => {
+                    tracing::warn!(status, %message, "stream batch refused; sending its events one by one");
+                    let mut left = 0;
+                    for (customer, meter, mark) in batch {
+                        left += u64::from(self.send_v1(&customer, &meter, mark).await?);
+                    }
+                    return Ok(left);
+                }
+                Outcome::Retryable(why) => {
+                    metrics::REPORTS.with_label_values(&["retry"]).inc();
+                    self.status.update(|s| s.retries += 1);
+                    tracing::warn!(attempt, reason = %why, "stream batch not accepted yet");
+                    if attempt < self.settings.attempts_per_round {
+                        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return Ok(batch.len() as u64),
+                            _ = tokio::time::sleep(jittered) => {}
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+        Ok(batch.len() as u64)
+    }
+
+    async fn save_all(&self, batch: &[Item]) -> Result<()> {
+        let rows: Vec<(String, String, String)> = batch
+            .iter()
+            .map(|(c, m, mark)| {
+                let json = serde_json::to_string(mark).expect("a mark serializes");
+                (c.clone(), m.clone(), json)
+            })
+            .collect();
+        Ok(self.store.put_billing_marks(&rows).await?)
     }
 
     async fn save(&self, customer: &str, meter: &str, mark: &Mark) -> Result<()> {

@@ -200,3 +200,127 @@ fn classify(e: StripeError) -> Outcome {
         },
     }
 }
+
+/// Stripe's v2 meter event stream: a short-lived session token from
+/// `POST /v2/billing/meter_event_session`, then up to 100 events per
+/// `POST /v2/billing/meter_event_stream` on the meter-events host.
+///
+/// Written with reqwest: async-stripe has no v2 types. Events carry the same identifiers as in
+/// v1, so a batch sent again after a lost reply is de-duplicated by Stripe.
+pub struct MeterEventStream {
+    http: reqwest::Client,
+    api_base: String,
+    events_base: String,
+    secret_key: String,
+    /// The session token and when to stop using it.
+    session: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+/// Most events in one stream request.
+pub const STREAM_BATCH: usize = 100;
+
+impl MeterEventStream {
+    pub fn new(
+        secret_key: &str,
+        api_base: &str,
+        events_base: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        Ok(MeterEventStream {
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| e.to_string())?,
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            events_base: events_base.trim_end_matches('/').to_owned(),
+            secret_key: secret_key.to_owned(),
+            session: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn token(&self) -> Result<String, Outcome> {
+        let mut session = self.session.lock().await;
+        if let Some((token, until)) = &*session
+            && std::time::Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let r = self
+            .http
+            .post(format!("{}/v2/billing/meter_event_session", self.api_base))
+            .bearer_auth(&self.secret_key)
+            .send()
+            .await
+            .map_err(|e| Outcome::Retryable(format!("session: {e}")))?;
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| Outcome::Retryable(format!("session reply: {e}")))?;
+        if status != 200 {
+            let message = format!("session: {}", body["error"]["message"]);
+            return Err(if status == 429 || status >= 500 {
+                Outcome::Retryable(message)
+            } else {
+                Outcome::Rejected { status, message }
+            });
+        }
+        let token = body["authentication_token"]
+            .as_str()
+            .ok_or_else(|| Outcome::Retryable("session reply without a token".into()))?
+            .to_owned();
+        // Sessions last 15 minutes; renew well before.
+        let until = std::time::Instant::now() + Duration::from_secs(10 * 60);
+        *session = Some((token.clone(), until));
+        Ok(token)
+    }
+
+    /// Sends up to [`STREAM_BATCH`] reports in one request; the outcome is the batch's.
+    pub async fn send(&self, reports: &[Report]) -> Outcome {
+        let token = match self.token().await {
+            Ok(t) => t,
+            Err(outcome) => return outcome,
+        };
+        let events: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "event_name": r.event_name,
+                    "identifier": r.identifier,
+                    "payload": {"stripe_customer_id": r.stripe_customer_id, "value": r.value.to_string()},
+                    "timestamp": tally_schemas::period::rfc3339(r.timestamp_s * 1000),
+                })
+            })
+            .collect();
+        let sent = self
+            .http
+            .post(format!(
+                "{}/v2/billing/meter_event_stream",
+                self.events_base
+            ))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "events": events }))
+            .send()
+            .await;
+        let r = match sent {
+            Ok(r) => r,
+            Err(e) => return Outcome::Retryable(e.to_string()),
+        };
+        let status = r.status().as_u16();
+        if status == 200 {
+            return Outcome::Accepted;
+        }
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        let message = format!("{status}: {}", body["error"]["message"]);
+        if status == 401 {
+            // The session expired early: a new one next attempt.
+            *self.session.lock().await = None;
+            return Outcome::Retryable(message);
+        }
+        if status == 429 || status >= 500 {
+            Outcome::Retryable(message)
+        } else {
+            Outcome::Rejected { status, message }
+        }
+    }
+}

@@ -48,8 +48,12 @@ pub struct Inner {
     pub faults: VecDeque<Fault>,
     /// Requests seen, by answer status.
     pub statuses: BTreeMap<u16, u64>,
-    /// Requests answered from the idempotency store.
+    /// Requests answered from the idempotency store (v1), or events already held (v2).
     pub replays: u64,
+    /// v2 session tokens handed out.
+    tokens: HashSet<String>,
+    /// When each v2 stream request arrived.
+    pub stream_requests: Vec<std::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -70,6 +74,8 @@ impl StripeFake {
             .route("/v1/billing/meter_events", post(meter_event))
             .route("/v1/billing/meters", get(meters))
             .route("/v1/billing/meters/{id}/event_summaries", get(summaries))
+            .route("/v2/billing/meter_event_session", post(session))
+            .route("/v2/billing/meter_event_stream", post(stream))
             .with_state(inner.clone());
         rt.spawn(async move { axum::serve(listener, app).await });
         StripeFake { url, inner }
@@ -87,6 +93,20 @@ impl StripeFake {
                 .or_insert(0) += e.value;
         }
         out
+    }
+
+    /// Most v2 stream requests that arrived within any one second.
+    pub fn peak_stream_rate(&self) -> usize {
+        let times = &self.inner.lock().unwrap().stream_requests;
+        let mut peak = 0;
+        let mut first = 0;
+        for (i, t) in times.iter().enumerate() {
+            while t.duration_since(times[first]) >= Duration::from_secs(1) {
+                first += 1;
+            }
+            peak = peak.max(i + 1 - first);
+        }
+        peak
     }
 
     pub fn accepted_count(&self) -> usize {
@@ -188,7 +208,38 @@ fn handle(
 }
 
 fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
-    let Some(event_name) = form.get("event_name") else {
+    let timestamp = match form.get("timestamp").map(|t| t.parse::<i64>()) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => {
+            return error(
+                400,
+                "invalid_request_error",
+                "parameter_invalid",
+                "timestamp is not an integer",
+            );
+        }
+    };
+    accept(
+        s,
+        form.get("event_name").map(String::as_str),
+        form.get("payload[stripe_customer_id]").map(String::as_str),
+        form.get("payload[value]").map(String::as_str),
+        timestamp,
+        form.get("identifier").cloned(),
+    )
+}
+
+/// Checks one meter event as Stripe does and records it; the v1 answer.
+fn accept(
+    s: &mut Inner,
+    event_name: Option<&str>,
+    customer: Option<&str>,
+    value: Option<&str>,
+    timestamp: Option<i64>,
+    identifier: Option<String>,
+) -> (u16, String) {
+    let Some(event_name) = event_name else {
         return error(
             400,
             "invalid_request_error",
@@ -196,7 +247,7 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
             "Missing required param: event_name.",
         );
     };
-    let Some(customer) = form.get("payload[stripe_customer_id]") else {
+    let Some(customer) = customer else {
         return error(
             400,
             "invalid_request_error",
@@ -212,10 +263,7 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
             "No such customer",
         );
     }
-    let Some(value) = form
-        .get("payload[value]")
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
+    let Some(value) = value.and_then(|v| v.parse::<u64>().ok()) else {
         return error(
             400,
             "invalid_request_error",
@@ -227,18 +275,7 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let timestamp = match form.get("timestamp").map(|t| t.parse::<i64>()) {
-        None => now,
-        Some(Ok(t)) => t,
-        Some(Err(_)) => {
-            return error(
-                400,
-                "invalid_request_error",
-                "parameter_invalid",
-                "timestamp is not an integer",
-            );
-        }
-    };
+    let timestamp = timestamp.unwrap_or(now);
     if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
         return error(
             400,
@@ -247,10 +284,7 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
             "timestamp must be within the past 35 days and at most 5 minutes in the future",
         );
     }
-    let identifier = form
-        .get("identifier")
-        .cloned()
-        .unwrap_or_else(|| format!("gen_{}", s.accepted.len()));
+    let identifier = identifier.unwrap_or_else(|| format!("gen_{}", s.accepted.len()));
     if !s.identifiers.insert(identifier.clone()) {
         return error(
             400,
@@ -260,8 +294,8 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
         );
     }
     s.accepted.push(MeterEvent {
-        event_name: event_name.clone(),
-        customer: customer.clone(),
+        event_name: event_name.to_owned(),
+        customer: customer.to_owned(),
         value,
         identifier: identifier.clone(),
         timestamp,
@@ -279,6 +313,142 @@ fn validate(s: &mut Inner, form: &HashMap<String, String>) -> (u16, String) {
         })
         .to_string(),
     )
+}
+
+async fn session(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
+    if !authorized(&headers) {
+        return reply(error(
+            401,
+            "invalid_request_error",
+            "api_key_invalid",
+            "Invalid API Key provided",
+        ));
+    }
+    let mut s = inner.lock().unwrap();
+    let token = format!("mes_tok_{}", s.tokens.len());
+    s.tokens.insert(token.clone());
+    let expires = tally_schemas::period::rfc3339(
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 900)
+            * 1000,
+    );
+    reply((
+        200,
+        json!({"id": "mes_1", "object": "v2.billing.meter_event_session",
+        "authentication_token": token, "expires_at": expires, "livemode": false})
+        .to_string(),
+    ))
+}
+
+/// The v2 stream: up to 100 events, all valid or none recorded; repeated identifiers ignored.
+async fn stream(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let (answer, stall) = {
+        let mut s = inner.lock().unwrap();
+        s.stream_requests.push(std::time::Instant::now());
+        if !s.tokens.contains(&token) {
+            (
+                error(
+                    401,
+                    "invalid_request_error",
+                    "authentication_failed",
+                    "invalid session token",
+                ),
+                None,
+            )
+        } else {
+            match s.faults.pop_front() {
+                Some(Fault::Status(status)) => {
+                    (error(status, "api_error", "", "injected failure"), None)
+                }
+                fault => {
+                    let stall = match fault {
+                        Some(Fault::AcceptThenStall(d)) => Some(d),
+                        _ => None,
+                    };
+                    (stream_events(&mut s, &body), stall)
+                }
+            }
+        }
+    };
+    inner
+        .lock()
+        .unwrap()
+        .statuses
+        .entry(answer.0)
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
+    if let Some(d) = stall {
+        tokio::time::sleep(d).await;
+    }
+    reply(answer)
+}
+
+fn stream_events(s: &mut Inner, body: &[u8]) -> (u16, String) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_invalid",
+            "body is not JSON",
+        );
+    };
+    let Some(events) = v["events"].as_array() else {
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_missing",
+            "events is required",
+        );
+    };
+    if events.is_empty() || events.len() > 100 {
+        return error(
+            400,
+            "invalid_request_error",
+            "parameter_invalid",
+            "between 1 and 100 events",
+        );
+    }
+    // All or nothing: check every event on a copy first.
+    let mut trial = Inner {
+        identifiers: s.identifiers.clone(),
+        ..Inner::default()
+    };
+    for e in events {
+        let ts = e["timestamp"]
+            .as_str()
+            .and_then(tally_schemas::period::parse_rfc3339)
+            .map(|ms| ms / 1000);
+        let (status, body) = accept(
+            &mut trial,
+            e["event_name"].as_str(),
+            e["payload"]["stripe_customer_id"].as_str(),
+            e["payload"]["value"].as_str(),
+            ts,
+            e["identifier"].as_str().map(str::to_owned),
+        );
+        if body.contains("resource_already_exists") {
+            trial.replays += 1;
+        } else if status != 200 {
+            return (status, body);
+        }
+    }
+    s.replays += trial.replays;
+    s.identifiers = trial.identifiers;
+    s.accepted.extend(trial.accepted);
+    (200, "{}".to_owned())
 }
 
 /// The meters this Stripe account has: one per Tally meter, `event_name` = meter name.

@@ -604,6 +604,11 @@ impl UsageStore for ClickHouseStore {
     }
 
     async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()> {
+        self.put_billing_marks(&[(customer.to_owned(), meter.to_owned(), mark.to_owned())])
+            .await
+    }
+
+    async fn put_billing_marks(&self, marks: &[(String, String, String)]) -> Result<()> {
         let version = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -612,15 +617,17 @@ impl UsageStore for ClickHouseStore {
             .insert::<MarkRow>("billing_marks")
             .await
             .map_err(ch)?;
-        insert
-            .write(&MarkRow {
-                customer: customer.to_owned(),
-                meter: meter.to_owned(),
-                mark: mark.to_owned(),
-                version,
-            })
-            .await
-            .map_err(ch)?;
+        for (customer, meter, mark) in marks {
+            insert
+                .write(&MarkRow {
+                    customer: customer.clone(),
+                    meter: meter.clone(),
+                    mark: mark.clone(),
+                    version,
+                })
+                .await
+                .map_err(ch)?;
+        }
         insert.end().await.map_err(ch)
     }
 

@@ -112,6 +112,14 @@ pub trait UsageStore: Send + Sync + 'static {
 
     /// Stores billing-sync's state of one (customer, meter); durable when this returns.
     async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()>;
+
+    /// [`UsageStore::put_billing_mark`] for many at once, in one write where the store can.
+    async fn put_billing_marks(&self, marks: &[(String, String, String)]) -> Result<()> {
+        for (customer, meter, mark) in marks {
+            self.put_billing_mark(customer, meter, mark).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Compares a batch's positions with the `stored` ones (next offset per partition): `Replay`

@@ -331,13 +331,24 @@ impl UsageStore for SqliteStore {
     }
 
     async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()> {
-        let (customer, meter, mark) = (customer.to_owned(), meter.to_owned(), mark.to_owned());
+        self.put_billing_marks(&[(customer.to_owned(), meter.to_owned(), mark.to_owned())])
+            .await
+    }
+
+    async fn put_billing_marks(&self, marks: &[(String, String, String)]) -> Result<()> {
+        let marks = marks.to_vec();
         Self::with(&self.writer, move |c| {
-            c.prepare_cached(
-                "INSERT INTO billing_marks (customer, meter, mark) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (customer, meter) DO UPDATE SET mark = excluded.mark",
-            )?
-            .execute(params![customer, meter, mark])?;
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO billing_marks (customer, meter, mark) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (customer, meter) DO UPDATE SET mark = excluded.mark",
+                )?;
+                for (customer, meter, mark) in &marks {
+                    stmt.execute(params![customer, meter, mark])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
