@@ -458,7 +458,10 @@ pub async fn run(
             .map_err(Error::Stripe)?,
     );
     let rps = NonZeroU32::new(stripe.requests_per_second.max(1)).expect("at least 1");
-    let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rps).allow_burst(rps)));
+    // No burst: requests are spaced evenly, so no one-second window holds more than the limit.
+    let limiter = Arc::new(RateLimiter::direct(
+        Quota::per_second(rps).allow_burst(NonZeroU32::MIN),
+    ));
     let stream = match stripe.api {
         MeterApi::V1 => None,
         MeterApi::V2 => Some(Arc::new(

@@ -21,6 +21,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+/// Most events Stripe takes in one v2 stream request.
+pub const STREAM_BATCH_LIMIT: usize = 100;
+
 /// A failure to inject into the next request.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
@@ -413,7 +416,7 @@ fn stream_events(s: &mut Inner, body: &[u8]) -> (u16, String) {
             "events is required",
         );
     };
-    if events.is_empty() || events.len() > 100 {
+    if events.is_empty() || events.len() > STREAM_BATCH_LIMIT {
         return error(
             400,
             "invalid_request_error",
@@ -421,33 +424,37 @@ fn stream_events(s: &mut Inner, body: &[u8]) -> (u16, String) {
             "between 1 and 100 events",
         );
     }
-    // All or nothing: check every event on a copy first.
-    let mut trial = Inner {
-        identifiers: s.identifiers.clone(),
-        ..Inner::default()
-    };
+    // All or nothing: check every event first (on a scratch record with no identifiers, so
+    // that duplicates are told apart here), then record the new ones.
+    let mut fresh = Vec::with_capacity(events.len());
     for e in events {
         let ts = e["timestamp"]
             .as_str()
             .and_then(tally_schemas::period::parse_rfc3339)
             .map(|ms| ms / 1000);
+        let identifier = e["identifier"].as_str().map(str::to_owned);
+        let mut scratch = Inner::default();
         let (status, body) = accept(
-            &mut trial,
+            &mut scratch,
             e["event_name"].as_str(),
             e["payload"]["stripe_customer_id"].as_str(),
             e["payload"]["value"].as_str(),
             ts,
-            e["identifier"].as_str().map(str::to_owned),
+            identifier.clone(),
         );
-        if body.contains("resource_already_exists") {
-            trial.replays += 1;
-        } else if status != 200 {
+        if status != 200 {
             return (status, body);
         }
+        fresh.push((identifier, scratch.accepted.pop().expect("accepted")));
     }
-    s.replays += trial.replays;
-    s.identifiers = trial.identifiers;
-    s.accepted.extend(trial.accepted);
+    for (identifier, event) in fresh {
+        let new = identifier.is_none_or(|id| s.identifiers.insert(id));
+        if new {
+            s.accepted.push(event);
+        } else {
+            s.replays += 1;
+        }
+    }
     (200, "{}".to_owned())
 }
 
