@@ -317,6 +317,7 @@ impl App {
                     store: store.clone(),
                     clock: clock.clone(),
                     on_change,
+                    status: status.clone(),
                 },
             )));
             let run = tally_billing_sync::run(
@@ -324,7 +325,7 @@ impl App {
                 catalog.clone(),
                 store.clone(),
                 clock.clone(),
-                status,
+                status.clone(),
                 stop.clone(),
             );
             spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());

@@ -344,6 +344,16 @@ fn stripe_webhooks_set_plans_periods_and_payment_state_once_and_in_order() {
     );
     assert_eq!(signed(&p, &deleted).1["outcome"], "applied");
     assert_eq!(customer()["plan"], "free");
+    // Stripe's meter error reports are recorded and shown.
+    let report = json!({"id": "evt_6", "type": "v1.billing.meter.error_report_triggered",
+        "created": 1_300, "data": {"object": {"summary": "1 event failed",
+        "reason": {"error_types": [{"code": "meter_event_customer_not_found"}]}}}});
+    assert_eq!(signed(&p, &report).1["outcome"], "recorded");
+    let status: Value = reqwest::blocking::get(format!("{}/v1/billing/status", p.api))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(status["error_reports"][0]["event"], "evt_6");
     // Event types Tally does not use are acknowledged.
     let other = json!({"id": "evt_5", "type": "charge.succeeded", "created": 1_200, "data": {"object": {}}});
     assert_eq!(signed(&p, &other).1["outcome"], "ignored");

@@ -194,6 +194,8 @@ pub struct Status {
     /// Reports waiting for the next round after retryable failures.
     pub pending: u64,
     pub rejected: Vec<Rejected>,
+    /// Stripe's meter error reports received by webhook (the most recent 100).
+    pub error_reports: Vec<serde_json::Value>,
 }
 
 /// Shared status of this process's billing-sync.
@@ -205,6 +207,14 @@ impl StatusHandle {
         if let Ok(mut s) = self.0.lock() {
             f(&mut s);
         }
+    }
+
+    pub fn record_error_report(&self, report: serde_json::Value) {
+        self.update(|s| {
+            s.error_reports.push(report);
+            let excess = s.error_reports.len().saturating_sub(100);
+            s.error_reports.drain(..excess);
+        });
     }
 
     pub fn snapshot(&self) -> Status {

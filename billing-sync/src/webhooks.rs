@@ -16,6 +16,8 @@
 //!   the last one's anchor.
 //! - `invoice.payment_failed`: the 7-day payment grace starts at the event's time (if not
 //!   already running); `invoice.payment_succeeded` / `invoice.paid`: it ends.
+//! - `v1.billing.meter.error_report_triggered`: Stripe could not process some meter events;
+//!   the report is logged, counted and shown by `GET /v1/billing/status`.
 //!
 //! The Tally customer is the subscription's `metadata.tally_customer_id`, else the customer
 //! linked to the Stripe customer id. Stripe delivers at least once and in any order: each record
@@ -58,6 +60,8 @@ pub struct StripeWebhooks {
     pub store: Arc<dyn UsageStore>,
     pub clock: Arc<dyn Clock>,
     pub on_change: Option<OnChange>,
+    /// Where meter error reports are recorded for `GET /v1/billing/status`.
+    pub status: crate::StatusHandle,
 }
 
 pub fn router(hooks: Arc<StripeWebhooks>) -> Router {
@@ -151,6 +155,20 @@ async fn receive(
             hooks
                 .apply_invoice(id, created, kind == "invoice.payment_failed", object)
                 .await?
+        }
+        // Stripe's reports of meter events it could not process (sent asynchronously, as for
+        // the v2 stream): recorded for operators, and counted.
+        "v1.billing.meter.error_report_triggered" | "billing.meter.error_report_triggered" => {
+            crate::metrics::REPORTS
+                .with_label_values(&["error_report"])
+                .inc();
+            tracing::error!(event = id, report = %object, "Stripe reported meter event errors");
+            hooks.status.record_error_report(json!({
+                "event": id,
+                "created": created,
+                "report": object,
+            }));
+            "recorded"
         }
         _ => "ignored",
     };
