@@ -131,7 +131,7 @@ fn fault_run(api: &str) {
     assert_eq!(fake.totals(), want);
     let inner = fake.inner.lock().unwrap();
     assert!(inner.replays >= 1, "the pending report was not sent again");
-    assert!(inner.statuses.get(&429).is_some() && inner.statuses.get(&500).is_some());
+    assert!(inner.statuses.contains_key(&429) && inner.statuses.contains_key(&500));
     drop(inner);
 
     // `tally billing reconcile` finds no difference.
