@@ -409,3 +409,59 @@ fn stripe_refusals_are_recorded_shown_and_not_retried_forever() {
     assert_eq!(fake.inner.lock().unwrap().statuses[&400], refused);
     assert_eq!(fake.accepted_count(), 0);
 }
+
+/// An operator lowers a customer's usage (here straight in the embedded store): the report
+/// Stripe accepted minutes ago is cancelled with a meter event adjustment and the corrected
+/// usage is reported again, under a new identifier.
+#[test]
+fn a_downward_correction_cancels_the_recent_report_and_reports_again() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = StripeFake::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
+        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
+        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
+        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
+    ];
+    let p = start_with_env("run", dir.path(), free_port(), free_port(), "50ms", &env);
+    put_customer(&p, "d-1", "cus_d1");
+    let event = json!({"specversion": "1.0", "id": "corr-1", "source": "edge-billing",
+        "type": "api_requests", "subject": "d-1", "time": now_rfc3339_minus(10),
+        "data": {"value": 10}});
+    assert_eq!(
+        p.post_batch(json!([event]).to_string()).status().as_u16(),
+        202
+    );
+    let key = ("cus_d1".to_owned(), "api_requests".to_owned());
+    wait_for(
+        "the first report never arrived",
+        Duration::from_secs(30),
+        || fake.totals().get(&key) == Some(&10),
+    );
+    let db = rusqlite::Connection::open(dir.path().join("usage.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE usage_minute SET value = 4 WHERE customer = 'd-1' AND meter = 'api_requests'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    wait_for(
+        "the correction never reached Stripe",
+        Duration::from_secs(30),
+        || fake.totals().get(&key) == Some(&4),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let inner = fake.inner.lock().unwrap();
+    assert_eq!(inner.cancelled.len(), 1);
+    assert_eq!(inner.cancelled[0].value, 10);
+    let ids: Vec<&str> = inner
+        .accepted
+        .iter()
+        .map(|e| e.identifier.as_str())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert!(ids[0].ends_with(":4:g1"), "{ids:?}");
+}

@@ -25,11 +25,15 @@
 //! the pending report is sent again first, unchanged.
 //!
 //! # Corrections
-//! Usage only grows in Tally (events add; duplicates are dropped before counting), so a period
-//! total below what was reported can only come from a replaced catalogue or an operator's
-//! change. Such a shortfall is carried: nothing is reported for that meter until the period
-//! total passes what was reported, and only the excess is sent. Stripe meter event adjustments
-//! (`type=cancel`) are not sent.
+//! Usage only grows through events (duplicates are dropped before counting), so a period total
+//! below what was reported comes from an operator's correction or a replaced catalogue. The
+//! rule: if the latest accepted report of that period was received by Stripe less than 24
+//! hours ago (with ten minutes of margin), it is cancelled with a meter event adjustment
+//! (`type=cancel`, recorded as pending before it is sent, like a report), the reported total
+//! goes back by its value, and the next round reports the difference again, under a new
+//! identifier (the mark's generation is part of it). Otherwise the shortfall is carried as a
+//! negative delta: nothing is reported for that meter until the period total passes what was
+//! reported, and only the excess is sent.
 //!
 //! # Limits and failures
 //! Requests are paced by a token bucket (`requests_per_second`, governor) and at most one call
@@ -168,7 +172,30 @@ pub struct Mark {
     /// The most recent refusals (at most 10).
     #[serde(default)]
     pub rejected: Vec<Rejected>,
+    /// Reports Stripe accepted in the last 24 hours: what can still be cancelled.
+    #[serde(default)]
+    pub recent: Vec<Accepted>,
+    /// A cancellation written before it is sent, cleared once Stripe accepted it.
+    #[serde(default)]
+    pub pending_cancel: Option<Accepted>,
+    /// Bumped by every cancellation, so that later identifiers differ from cancelled ones.
+    #[serde(default)]
+    pub generation: u32,
 }
+
+/// A report Stripe accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub identifier: String,
+    pub event_name: String,
+    pub value: u64,
+    pub period_start_ms: i64,
+    pub period_total: u64,
+    pub accepted_at_ms: i64,
+}
+
+/// How long after Stripe received an event billing-sync still cancels it (Stripe allows 24 h).
+const CANCEL_WINDOW_MS: i64 = 24 * 3_600_000 - 600_000;
 
 impl Mark {
     /// Records `report` as done (accepted, or set aside after a refusal).
@@ -180,6 +207,41 @@ impl Mark {
             self.reported.pop_first();
         }
     }
+
+    /// Records `report` as accepted by Stripe at `now_ms`.
+    fn accepted(&mut self, report: &Report, now_ms: i64) {
+        self.settle(report);
+        self.recent
+            .retain(|a| now_ms - a.accepted_at_ms < CANCEL_WINDOW_MS);
+        self.recent.push(Accepted {
+            identifier: report.identifier.clone(),
+            event_name: report.event_name.clone(),
+            value: report.value,
+            period_start_ms: report.period_start_ms,
+            period_total: report.period_total,
+            accepted_at_ms: now_ms,
+        });
+        let excess = self.recent.len().saturating_sub(10);
+        self.recent.drain(..excess);
+    }
+
+    /// Records `cancelled` as cancelled by Stripe: its value is no longer reported.
+    fn cancelled(&mut self, cancelled: &Accepted) {
+        if let Some(done) = self.reported.get_mut(&cancelled.period_start_ms) {
+            *done = done.saturating_sub(cancelled.value);
+        }
+        self.recent.retain(|a| a.identifier != cancelled.identifier);
+        self.pending_cancel = None;
+        self.generation += 1;
+    }
+}
+
+/// What one customer's meter needs next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Due {
+    Report(Report),
+    /// Reported usage went down: cancel this accepted report.
+    Cancel(Accepted),
 }
 
 /// Counters of the running billing-sync, for `GET /v1/billing/status`.
@@ -239,8 +301,18 @@ const STRIPE_MAX_AGE_MS: i64 = 35 * 86_400_000 - 3_600_000;
 /// Longest identifier sent as is; longer ones (long customer ids) are hashed.
 const MAX_IDENTIFIER: usize = 100;
 
-fn identifier(customer: &str, meter: &str, period_start_ms: i64, period_total: u64) -> String {
-    let id = format!("tally:{customer}:{meter}:{period_start_ms}:{period_total}");
+fn identifier(
+    customer: &str,
+    meter: &str,
+    period_start_ms: i64,
+    period_total: u64,
+    generation: u32,
+) -> String {
+    let id = if generation == 0 {
+        format!("tally:{customer}:{meter}:{period_start_ms}:{period_total}")
+    } else {
+        format!("tally:{customer}:{meter}:{period_start_ms}:{period_total}:g{generation}")
+    };
     if id.len() <= MAX_IDENTIFIER {
         return id;
     }
@@ -265,7 +337,7 @@ async fn due(
     mark: &Mark,
     until: i64,
     now_ms: i64,
-) -> Result<Option<Report>> {
+) -> Result<Option<Due>> {
     let aggregation = catalog
         .meter(meter)
         .map_or(tally_schemas::Aggregation::Sum, |m| m.aggregation);
@@ -286,14 +358,26 @@ async fn due(
             .total(customer, meter, aggregation, period.start_ms, upto)
             .await?;
         let done = mark.reported.get(&period.start_ms).copied().unwrap_or(0);
-        if total <= done {
+        if total < done {
+            // A correction: cancel the latest report of the period while Stripe still can.
+            let latest = mark.recent.iter().rev().find(|a| {
+                a.period_start_ms == period.start_ms
+                    && a.period_total == done
+                    && now_ms - a.accepted_at_ms < CANCEL_WINDOW_MS
+            });
+            if let Some(a) = latest {
+                return Ok(Some(Due::Cancel(a.clone())));
+            }
+            continue;
+        }
+        if total == done {
             continue;
         }
         let timestamp_ms = (upto - 1_000)
             .max(period.start_ms)
             .max(now_ms - STRIPE_MAX_AGE_MS)
             .min(now_ms);
-        return Ok(Some(Report {
+        return Ok(Some(Due::Report(Report {
             customer: customer.to_owned(),
             meter: meter.to_owned(),
             stripe_customer_id: stripe_id.to_owned(),
@@ -303,8 +387,8 @@ async fn due(
             period_total: total,
             counted_until_ms: upto,
             timestamp_s: timestamp_ms.div_euclid(1000),
-            identifier: identifier(customer, meter, period.start_ms, total),
-        }));
+            identifier: identifier(customer, meter, period.start_ms, total, mark.generation),
+        })));
     }
     Ok(None)
 }
@@ -330,13 +414,23 @@ pub async fn plan_round(
             .filter(|(_, m)| m.aggregation.is_additive())
         {
             let mark = marks.entry((customer.clone(), meter.clone())).or_default();
-            if let Some(r) = due(
+            match due(
                 store, catalog, &customer, meter, &stripe_id, meter, &record, mark, until, now_ms,
             )
             .await?
             {
-                mark.settle(&r);
-                out.push(r);
+                Some(Due::Report(r)) => {
+                    mark.accepted(&r, now_ms);
+                    out.push(r);
+                }
+                Some(Due::Cancel(a)) => {
+                    tracing::info!(
+                        customer = %customer, meter = %meter, identifier = %a.identifier,
+                        "dry-run: would cancel a meter event"
+                    );
+                    mark.cancelled(&a);
+                }
+                None => {}
             }
         }
     }
@@ -617,13 +711,16 @@ impl Syncer {
         until: i64,
         now: i64,
     ) -> Result<bool> {
+        if mark.pending_cancel.is_some() {
+            return self.send_cancel(customer, meter, mark).await;
+        }
         if mark.pending.is_none() {
             let event_name = self
                 .settings
                 .event_names
                 .get(meter)
                 .map_or(meter, String::as_str);
-            let Some(report) = due(
+            match due(
                 self.store.as_ref(),
                 &self.catalog,
                 customer,
@@ -636,13 +733,54 @@ impl Syncer {
                 now,
             )
             .await?
-            else {
-                return Ok(false);
-            };
-            mark.pending = Some(report);
-            self.save(customer, meter, &mark).await?;
+            {
+                None => return Ok(false),
+                Some(Due::Cancel(a)) => {
+                    mark.pending_cancel = Some(a);
+                    self.save(customer, meter, &mark).await?;
+                    return self.send_cancel(customer, meter, mark).await;
+                }
+                Some(Due::Report(report)) => {
+                    mark.pending = Some(report);
+                    self.save(customer, meter, &mark).await?;
+                }
+            }
         }
         self.send_v1(customer, meter, mark).await
+    }
+
+    /// Sends `mark`'s pending cancellation (one attempt a round); `true` while it is pending.
+    async fn send_cancel(&self, customer: &str, meter: &str, mut mark: Mark) -> Result<bool> {
+        let cancel = mark.pending_cancel.clone().expect("a pending cancellation");
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(true),
+            _ = self.limiter.until_ready() => {}
+        }
+        match self
+            .client
+            .cancel(&cancel.event_name, &cancel.identifier)
+            .await
+        {
+            Outcome::Accepted => {
+                tracing::info!(customer, meter, identifier = %cancel.identifier, value = cancel.value,
+                    "meter event cancelled after a downward correction");
+                mark.cancelled(&cancel);
+                metrics::REPORTS.with_label_values(&["cancelled"]).inc();
+            }
+            Outcome::Rejected { status, message } => {
+                // Too late or unknown to Stripe: the shortfall is carried instead.
+                tracing::warn!(customer, meter, identifier = %cancel.identifier, status, %message,
+                    "meter event not cancelled; the correction is carried");
+                mark.recent.retain(|a| a.identifier != cancel.identifier);
+                mark.pending_cancel = None;
+            }
+            Outcome::Retryable(why) => {
+                tracing::warn!(customer, meter, reason = %why, "cancellation not accepted yet");
+                return Ok(true);
+            }
+        }
+        self.save(customer, meter, &mark).await?;
+        Ok(false)
     }
 
     /// Sends `mark`'s pending report as a v1 meter event, retrying within the round; `true`
@@ -657,7 +795,7 @@ impl Syncer {
             }
             match self.client.send(&report).await {
                 Outcome::Accepted => {
-                    mark.settle(&report);
+                    mark.accepted(&report, self.clock.now_ms());
                     self.save(customer, meter, &mark).await?;
                     metrics::REPORTS.with_label_values(&["accepted"]).inc();
                     self.status.update(|s| {
@@ -721,6 +859,12 @@ impl Syncer {
             let this = self.clone();
             tokio::spawn(async move {
                 for (customer, meter, stripe_id, record, mut mark) in jobs {
+                    if mark.pending_cancel.is_some() {
+                        if let Err(e) = this.send_cancel(&customer, &meter, mark).await {
+                            tracing::warn!(%customer, %meter, error = %e, "cancellation failed");
+                        }
+                        continue;
+                    }
                     let report = match mark.pending.clone() {
                         Some(r) => r,
                         None => {
@@ -744,7 +888,18 @@ impl Syncer {
                             )
                             .await
                             {
-                                Ok(Some(r)) => r,
+                                Ok(Some(Due::Report(r))) => r,
+                                Ok(Some(Due::Cancel(a))) => {
+                                    mark.pending_cancel = Some(a);
+                                    let sent = match this.save(&customer, &meter, &mark).await {
+                                        Ok(()) => this.send_cancel(&customer, &meter, mark).await,
+                                        Err(e) => Err(e),
+                                    };
+                                    if let Err(e) = sent {
+                                        tracing::warn!(%customer, %meter, error = %e, "cancellation failed");
+                                    }
+                                    continue;
+                                }
                                 Ok(None) => continue,
                                 Err(e) => {
                                     tracing::warn!(%customer, %meter, error = %e, "usage not read");
@@ -798,8 +953,9 @@ impl Syncer {
             }
             match stream.send(&reports).await {
                 Outcome::Accepted => {
+                    let now = self.clock.now_ms();
                     for ((_, _, mark), report) in batch.iter_mut().zip(&reports) {
-                        mark.settle(report);
+                        mark.accepted(report, now);
                     }
                     self.save_all(&batch).await?;
                     metrics::REPORTS
@@ -864,13 +1020,17 @@ mod tests {
 
     #[test]
     fn long_identifiers_are_hashed_and_stay_deterministic() {
-        let short = identifier("c", "api_requests", 0, 5);
+        let short = identifier("c", "api_requests", 0, 5, 0);
         assert_eq!(short, "tally:c:api_requests:0:5");
+        assert_eq!(
+            identifier("c", "api_requests", 0, 5, 1),
+            "tally:c:api_requests:0:5:g1"
+        );
         let long_customer = "x".repeat(128);
-        let a = identifier(&long_customer, "api_requests", 0, 5);
+        let a = identifier(&long_customer, "api_requests", 0, 5, 0);
         assert!(a.len() <= MAX_IDENTIFIER, "{a}");
-        assert_eq!(a, identifier(&long_customer, "api_requests", 0, 5));
-        assert_ne!(a, identifier(&long_customer, "api_requests", 0, 6));
+        assert_eq!(a, identifier(&long_customer, "api_requests", 0, 5, 0));
+        assert_ne!(a, identifier(&long_customer, "api_requests", 0, 6, 0));
     }
 
     #[tokio::test]

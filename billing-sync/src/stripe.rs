@@ -14,7 +14,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError};
+use stripe_billing::BillingMeterEventAdjustmentType;
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+use stripe_billing::billing_meter_event_adjustment::{
+    CreateBillingMeterEventAdjustment, CreateBillingMeterEventAdjustmentCancel,
+};
 
 use crate::Report;
 
@@ -137,6 +141,39 @@ impl StripeMeters {
                 (Some(true), Some(last)) => after = last["id"].as_str().map(str::to_owned),
                 _ => return Ok(total),
             }
+        }
+    }
+
+    /// Cancels a meter event Stripe accepted (within 24 hours of receiving it) with a meter
+    /// event adjustment, idempotently.
+    pub async fn cancel(&self, event_name: &str, identifier: &str) -> Outcome {
+        let key = match IdempotencyKey::new(format!("cancel:{identifier}")) {
+            Ok(k) => k,
+            Err(e) => {
+                return Outcome::Rejected {
+                    status: 0,
+                    message: format!("identifier unusable as an idempotency key: {e}"),
+                };
+            }
+        };
+        let mut cancel = CreateBillingMeterEventAdjustmentCancel::new();
+        cancel.identifier = Some(identifier.to_owned());
+        let request = CreateBillingMeterEventAdjustment::new(
+            event_name,
+            BillingMeterEventAdjustmentType::Cancel,
+        )
+        .cancel(cancel);
+        let sent = tokio::time::timeout(
+            self.timeout,
+            stripe::StripeRequest::customize(&request)
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&self.client),
+        )
+        .await;
+        match sent {
+            Err(_) => Outcome::Retryable("timed out".into()),
+            Ok(Ok(_)) => Outcome::Accepted,
+            Ok(Err(e)) => classify(e),
         }
     }
 

@@ -53,6 +53,8 @@ pub struct Inner {
     pub statuses: BTreeMap<u16, u64>,
     /// Requests answered from the idempotency store (v1), or events already held (v2).
     pub replays: u64,
+    /// Events cancelled by adjustments.
+    pub cancelled: Vec<MeterEvent>,
     /// v2 session tokens handed out.
     tokens: HashSet<String>,
     /// When each v2 stream request arrived.
@@ -77,6 +79,7 @@ impl StripeFake {
             .route("/v1/billing/meter_events", post(meter_event))
             .route("/v1/billing/meters", get(meters))
             .route("/v1/billing/meters/{id}/event_summaries", get(summaries))
+            .route("/v1/billing/meter_event_adjustments", post(adjustment))
             .route("/v2/billing/meter_event_session", post(session))
             .route("/v2/billing/meter_event_stream", post(stream))
             .with_state(inner.clone());
@@ -316,6 +319,70 @@ fn accept(
         })
         .to_string(),
     )
+}
+
+/// `POST /v1/billing/meter_event_adjustments` with `type=cancel`: the event with
+/// `cancel[identifier]` stops counting; its identifier stays taken.
+async fn adjustment(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&headers) {
+        return reply(error(
+            401,
+            "invalid_request_error",
+            "api_key_invalid",
+            "Invalid API Key provided",
+        ));
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut s = inner.lock().unwrap();
+    if let Some(answer) = key.as_ref().and_then(|k| s.answers.get(k).cloned()) {
+        s.replays += 1;
+        return reply(answer);
+    }
+    let answer = match (
+        form.get("event_name"),
+        form.get("type").map(String::as_str),
+        form.get("cancel[identifier]"),
+    ) {
+        (Some(event_name), Some("cancel"), Some(identifier)) => {
+            match s
+                .accepted
+                .iter()
+                .position(|e| &e.identifier == identifier && &e.event_name == event_name)
+            {
+                Some(i) => {
+                    let e = s.accepted.remove(i);
+                    s.cancelled.push(e);
+                    (200, json!({"object": "billing.meter_event_adjustment", "event_name": event_name,
+                        "livemode": false, "status": "pending", "type": "cancel",
+                        "cancel": {"identifier": identifier}}).to_string())
+                }
+                None => error(
+                    400,
+                    "invalid_request_error",
+                    "resource_missing",
+                    "No such meter event",
+                ),
+            }
+        }
+        _ => error(
+            400,
+            "invalid_request_error",
+            "parameter_missing",
+            "event_name, type=cancel and cancel[identifier] are required",
+        ),
+    };
+    if let Some(k) = key {
+        s.answers.insert(k, answer.clone());
+    }
+    reply(answer)
 }
 
 async fn session(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap) -> Response {
