@@ -98,6 +98,14 @@ pub fn clickhouse_config(config: &Config) -> Option<ClickHouseConfig> {
     Some(c)
 }
 
+/// `name=value` settings (checked at load time) as a map.
+fn name_value_pairs(list: &[String]) -> std::collections::HashMap<String, String> {
+    list.iter()
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 /// Billing-sync's settings from the configuration.
 pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings {
     tally_billing_sync::BillingSettings {
@@ -114,12 +122,7 @@ pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings 
                 api: config.stripe_meter_api,
                 events_base: config.stripe_meter_events_base.clone(),
             }),
-        event_names: config
-            .stripe_event_names
-            .iter()
-            .filter_map(|p| p.split_once('='))
-            .map(|(m, e)| (m.to_owned(), e.to_owned()))
-            .collect(),
+        event_names: name_value_pairs(&config.stripe_event_names),
         ..Default::default()
     }
 }
@@ -307,12 +310,7 @@ impl App {
             router = router.merge(tally_billing_sync::webhooks::router(Arc::new(
                 tally_billing_sync::webhooks::StripeWebhooks {
                     secret: config.stripe_webhook_secret.clone(),
-                    plans: config
-                        .stripe_plans
-                        .iter()
-                        .filter_map(|p| p.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
+                    plans: name_value_pairs(&config.stripe_plans),
                     catalog: catalog.clone(),
                     store: store.clone(),
                     clock: clock.clone(),

@@ -63,6 +63,17 @@ fn add(into: &mut BTreeMap<(String, String), u64>, from: BTreeMap<(String, Strin
     }
 }
 
+/// `tally run` reporting to `fake` every 200 ms through v1 meter events.
+fn reporting_to(fake: &StripeFake, dir: &std::path::Path) -> Proc {
+    let env = [
+        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
+        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
+        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
+        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
+    ];
+    start_with_env("run", dir, free_port(), free_port(), "50ms", &env)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -364,13 +375,7 @@ fn stripe_refusals_are_recorded_shown_and_not_retried_forever() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = StripeFake::start(&rt);
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
-        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
-        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
-        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
-    ];
-    let p = start_with_env("run", dir.path(), free_port(), free_port(), "50ms", &env);
+    let p = reporting_to(&fake, dir.path());
     // Stripe does not know this customer: its reports are refused.
     put_customer(&p, "b-bad", "acct_unknown");
     let event = json!({"specversion": "1.0", "id": "bad-1", "source": "edge-billing",
@@ -418,13 +423,7 @@ fn a_downward_correction_cancels_the_recent_report_and_reports_again() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = StripeFake::start(&rt);
     let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
-        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
-        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
-        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
-    ];
-    let p = start_with_env("run", dir.path(), free_port(), free_port(), "50ms", &env);
+    let p = reporting_to(&fake, dir.path());
     put_customer(&p, "d-1", "cus_d1");
     let event = json!({"specversion": "1.0", "id": "corr-1", "source": "edge-billing",
         "type": "api_requests", "subject": "d-1", "time": now_rfc3339_minus(10),

@@ -393,6 +393,33 @@ async fn due(
     Ok(None)
 }
 
+/// Every (customer, record, Stripe customer id, meter) to report: customers linked to Stripe,
+/// with each additive meter.
+async fn linked(
+    store: &dyn UsageStore,
+    catalog: &Catalog,
+) -> Result<Vec<(String, Customer, String, String)>> {
+    let mut out = Vec::new();
+    for (customer, record) in store.customers_since(0).await? {
+        let Some(stripe_id) = record.stripe_customer_id.clone() else {
+            continue;
+        };
+        for (meter, _) in catalog
+            .meters
+            .iter()
+            .filter(|(_, m)| m.aggregation.is_additive())
+        {
+            out.push((
+                customer.clone(),
+                record.clone(),
+                stripe_id.clone(),
+                meter.clone(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Plans the reports of one round against in-memory marks (the dry run's bookkeeping), and
 /// records them as done there.
 pub async fn plan_round(
@@ -404,34 +431,25 @@ pub async fn plan_round(
 ) -> Result<Vec<Report>> {
     let until = minute_of(now_ms - settle.as_millis() as i64);
     let mut out = Vec::new();
-    for (customer, record) in store.customers_since(0).await? {
-        let Some(stripe_id) = record.stripe_customer_id.clone() else {
-            continue;
-        };
-        for (meter, _) in catalog
-            .meters
-            .iter()
-            .filter(|(_, m)| m.aggregation.is_additive())
+    for (customer, record, stripe_id, meter) in linked(store, catalog).await? {
+        let mark = marks.entry((customer.clone(), meter.clone())).or_default();
+        match due(
+            store, catalog, &customer, &meter, &stripe_id, &meter, &record, mark, until, now_ms,
+        )
+        .await?
         {
-            let mark = marks.entry((customer.clone(), meter.clone())).or_default();
-            match due(
-                store, catalog, &customer, meter, &stripe_id, meter, &record, mark, until, now_ms,
-            )
-            .await?
-            {
-                Some(Due::Report(r)) => {
-                    mark.accepted(&r, now_ms);
-                    out.push(r);
-                }
-                Some(Due::Cancel(a)) => {
-                    tracing::info!(
-                        customer = %customer, meter = %meter, identifier = %a.identifier,
-                        "dry-run: would cancel a meter event"
-                    );
-                    mark.cancelled(&a);
-                }
-                None => {}
+            Some(Due::Report(r)) => {
+                mark.accepted(&r, now_ms);
+                out.push(r);
             }
+            Some(Due::Cancel(a)) => {
+                tracing::info!(
+                    customer = %customer, meter = %meter, identifier = %a.identifier,
+                    "dry-run: would cancel a meter event"
+                );
+                mark.cancelled(&a);
+            }
+            None => {}
         }
     }
     Ok(out)
@@ -467,46 +485,40 @@ pub async fn reconcile(
         .map_err(Error::Stripe)?;
     let meters = client.meters().await.map_err(Error::Stripe)?;
     let mut out = Vec::new();
-    for (customer, record) in store.customers_since(0).await? {
-        let Some(stripe_id) = record.stripe_customer_id.clone() else {
-            continue;
+    for (customer, _, stripe_id, meter) in linked(store, catalog).await? {
+        let aggregation = catalog
+            .meter(&meter)
+            .map_or(tally_schemas::Aggregation::Sum, |m| m.aggregation);
+        let event_name = settings
+            .event_names
+            .get(&meter)
+            .map_or(meter.as_str(), String::as_str);
+        let tally = store
+            .total(&customer, &meter, aggregation, from_ms, to_ms)
+            .await?;
+        let stripe_total = match meters.get(event_name) {
+            Some(id) => Some(
+                client
+                    .summary(
+                        id,
+                        &stripe_id,
+                        from_ms.div_euclid(1000),
+                        to_ms.div_euclid(1000),
+                    )
+                    .await
+                    .map_err(Error::Stripe)?,
+            ),
+            None if tally == 0 => continue,
+            None => None,
         };
-        for (meter, m) in catalog
-            .meters
-            .iter()
-            .filter(|(_, m)| m.aggregation.is_additive())
-        {
-            let event_name = settings
-                .event_names
-                .get(meter)
-                .map_or(meter.as_str(), String::as_str);
-            let tally = store
-                .total(&customer, meter, m.aggregation, from_ms, to_ms)
-                .await?;
-            let stripe_total = match meters.get(event_name) {
-                Some(id) => Some(
-                    client
-                        .summary(
-                            id,
-                            &stripe_id,
-                            from_ms.div_euclid(1000),
-                            to_ms.div_euclid(1000),
-                        )
-                        .await
-                        .map_err(Error::Stripe)?,
-                ),
-                None if tally == 0 => continue,
-                None => None,
-            };
-            if stripe_total != Some(tally as f64) {
-                out.push(Difference {
-                    customer: customer.clone(),
-                    stripe_customer_id: stripe_id.clone(),
-                    meter: meter.clone(),
-                    tally,
-                    stripe: stripe_total,
-                });
-            }
+        if stripe_total != Some(tally as f64) {
+            out.push(Difference {
+                customer,
+                stripe_customer_id: stripe_id,
+                meter,
+                tally,
+                stripe: stripe_total,
+            });
         }
     }
     Ok(out)
@@ -633,27 +645,13 @@ impl Syncer {
             }
         }
         let mut jobs = Vec::new();
-        for (customer, record) in self.store.customers_since(0).await? {
-            let Some(stripe_id) = record.stripe_customer_id.clone() else {
-                continue;
-            };
-            for (meter, _) in self
-                .catalog
-                .meters
-                .iter()
-                .filter(|(_, m)| m.aggregation.is_additive())
-            {
-                let mark = marks
-                    .remove(&(customer.clone(), meter.clone()))
-                    .unwrap_or_default();
-                jobs.push((
-                    customer.clone(),
-                    meter.clone(),
-                    stripe_id.clone(),
-                    record.clone(),
-                    mark,
-                ));
-            }
+        for (customer, record, stripe_id, meter) in
+            linked(self.store.as_ref(), &self.catalog).await?
+        {
+            let mark = marks
+                .remove(&(customer.clone(), meter.clone()))
+                .unwrap_or_default();
+            jobs.push((customer, meter, stripe_id, record, mark));
         }
         Ok(jobs)
     }
