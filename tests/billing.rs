@@ -110,12 +110,12 @@ fn fault_run(api: &str) {
     for c in 0..10 {
         put_customer(&p, &format!("b-{c}"), &format!("cus_{c}"));
     }
-    // The first requests fail as Stripe can, and one is accepted but its reply never arrives
-    // before the process is killed.
+    // The first requests fail as Stripe can (429, 500, a connection closed without an answer,
+    // 503), and one is accepted but its reply never arrives before the process is killed.
     fake.inject(&[
         Fault::Status(429),
         Fault::Status(500),
-        Fault::Status(429),
+        Fault::DropConnection,
         Fault::Status(503),
         Fault::AcceptThenStall(Duration::from_secs(20)),
     ]);

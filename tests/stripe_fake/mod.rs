@@ -21,6 +21,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+/// Internal status meaning: drop the connection.
+const DROP: u16 = 0;
+
 /// Most events Stripe takes in one v2 stream request.
 pub const STREAM_BATCH_LIMIT: usize = 100;
 
@@ -31,6 +34,8 @@ pub enum Fault {
     Status(u16),
     /// Accept the event, then wait this long before answering.
     AcceptThenStall(Duration),
+    /// Close the connection without answering (and without accepting the event).
+    DropConnection,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +147,10 @@ async fn meter_event(
     body: Bytes,
 ) -> Response {
     let (answer, stall) = handle(&inner, &headers, &body);
+    if answer.0 == DROP {
+        // Unwinding out of the handler makes the server close the connection unanswered.
+        std::panic::resume_unwind(Box::new("stripe fake: connection dropped on purpose"));
+    }
     inner
         .lock()
         .unwrap()
@@ -193,6 +202,9 @@ fn handle(
         return (answer, None);
     }
     let fault = s.faults.pop_front();
+    if let Some(Fault::DropConnection) = fault {
+        return ((DROP, String::new()), None);
+    }
     if let Some(Fault::Status(status)) = fault {
         let (kind, code) = if status == 429 {
             ("invalid_request_error", "rate_limit")
@@ -443,6 +455,7 @@ async fn stream(
                 Some(Fault::Status(status)) => {
                     (error(status, "api_error", "", "injected failure"), None)
                 }
+                Some(Fault::DropConnection) => ((DROP, String::new()), None),
                 fault => {
                     let stall = match fault {
                         Some(Fault::AcceptThenStall(d)) => Some(d),
@@ -453,6 +466,9 @@ async fn stream(
             }
         }
     };
+    if answer.0 == DROP {
+        std::panic::resume_unwind(Box::new("stripe fake: connection dropped on purpose"));
+    }
     inner
         .lock()
         .unwrap()
