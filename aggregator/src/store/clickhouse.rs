@@ -7,7 +7,8 @@
 //! and a partition whose records produced no usage (all duplicates) gets a marker row
 //! (`customer = ''`), so the stored position always moves with the data:
 //! - the resume position of a partition is `max(batch_next_offset)` of its rows, read from
-//!   `usage_cells` itself (no second table to get out of step);
+//!   `usage_cells` itself (no second table to get out of step) when a partition is assigned;
+//!   the check before each write reads the small `batch_offsets` view instead;
 //! - a batch written again after an ambiguous failure has the same keys and collapses (reads use
 //!   `FINAL`);
 //! - before writing, the stored position is read: a batch entirely below it is a replay and
@@ -198,6 +199,21 @@ impl ClickHouseStore {
         Ok(done)
     }
 
+    /// Positions from the `batch_offsets` view: a few rows, cheap on every flush. The view is
+    /// filled by the same INSERT as the cells; if it ever lags (its write failed after the
+    /// cells'), a replay it does not recognise is written again with the same batch keys and
+    /// collapses, so it is safe for the check before a write, not for resuming.
+    async fn recorded_offsets(&self) -> Result<BTreeMap<u32, u64>> {
+        let rows: Vec<(u32, u64)> = self
+            .client
+            .query("SELECT partition, maxMerge(next_offset) FROM batch_offsets GROUP BY partition")
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Positions read from the cells themselves: the truth, for resuming and snapshots.
     async fn stored_offsets(&self) -> Result<BTreeMap<u32, u64>> {
         let rows: Vec<(u32, u64)> = self
             .client
@@ -343,7 +359,7 @@ impl UsageStore for ClickHouseStore {
     }
 
     async fn apply(&self, rollup: &Rollup) -> Result<Applied> {
-        if super::check_positions(rollup, &self.stored_offsets().await?)? == Applied::Replay {
+        if super::check_positions(rollup, &self.recorded_offsets().await?)? == Applied::Replay {
             return Ok(Applied::Replay);
         }
         let mut insert = self
