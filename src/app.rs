@@ -143,7 +143,7 @@ pub async fn reconcile(
         to_ms,
     )
     .await
-    .map_err(|e| Error::Failed(e.to_string()))
+    .map_err(Error::from)
 }
 
 /// `tally migrate`: creates or upgrades the Kafka topics and the ClickHouse schema that the

@@ -26,6 +26,8 @@ pub enum Error {
     Log(#[from] tally_ingest::Error),
     #[error(transparent)]
     Store(#[from] tally_aggregator::Error),
+    #[error(transparent)]
+    Billing(#[from] tally_billing_sync::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("a pipeline task failed: {0}")]
