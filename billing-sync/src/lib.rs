@@ -271,6 +271,16 @@ impl StatusHandle {
         }
     }
 
+    /// Records a finished round, with the reports left pending (none in a dry run).
+    fn round_done(&self, now_ms: i64, pending: Option<u64>) {
+        self.update(|s| {
+            s.rounds += 1;
+            s.last_round_at = Some(rfc3339(now_ms));
+            s.pending = pending.unwrap_or(0);
+        });
+        metrics::PENDING.set(pending.unwrap_or(0) as i64);
+    }
+
     pub fn record_error_report(&self, report: serde_json::Value) {
         self.update(|s| {
             s.error_reports.push(report);
@@ -559,10 +569,7 @@ pub async fn run(
                             "dry-run: would send a meter event"
                         );
                     }
-                    status.update(|s| {
-                        s.rounds += 1;
-                        s.last_round_at = Some(rfc3339(now));
-                    });
+                    status.round_done(now, None);
                 }
                 Err(e) => tracing::warn!(error = %e, "billing round failed"),
             }
@@ -688,12 +695,7 @@ impl Syncer {
                 Err(e) => tracing::error!(error = %e, "billing task panicked"),
             }
         }
-        self.status.update(|s| {
-            s.rounds += 1;
-            s.last_round_at = Some(rfc3339(now));
-            s.pending = pending;
-        });
-        metrics::PENDING.set(pending as i64);
+        self.status.round_done(now, Some(pending));
         Ok(())
     }
 
@@ -827,16 +829,9 @@ impl Syncer {
                     return Ok(false);
                 }
                 Outcome::Retryable(why) => {
-                    metrics::REPORTS.with_label_values(&["retry"]).inc();
-                    self.status.update(|s| s.retries += 1);
                     tracing::warn!(customer, meter, attempt, reason = %why, "meter event not accepted yet");
-                    if attempt < self.settings.attempts_per_round {
-                        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return Ok(true),
-                            _ = tokio::time::sleep(jittered) => {}
-                        }
-                        wait = (wait * 2).min(Duration::from_secs(30));
+                    if !self.pause_before_retry(attempt, &mut wait).await {
+                        return Ok(true);
                     }
                 }
             }
@@ -927,12 +922,7 @@ impl Syncer {
             }
         }
         let _ = producer.await;
-        self.status.update(|s| {
-            s.rounds += 1;
-            s.last_round_at = Some(rfc3339(now));
-            s.pending = pending;
-        });
-        metrics::PENDING.set(pending as i64);
+        self.status.round_done(now, Some(pending));
         Ok(())
     }
 
@@ -974,21 +964,31 @@ impl Syncer {
                     return Ok(left);
                 }
                 Outcome::Retryable(why) => {
-                    metrics::REPORTS.with_label_values(&["retry"]).inc();
-                    self.status.update(|s| s.retries += 1);
                     tracing::warn!(attempt, reason = %why, "stream batch not accepted yet");
-                    if attempt < self.settings.attempts_per_round {
-                        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return Ok(batch.len() as u64),
-                            _ = tokio::time::sleep(jittered) => {}
-                        }
-                        wait = (wait * 2).min(Duration::from_secs(30));
+                    if !self.pause_before_retry(attempt, &mut wait).await {
+                        return Ok(batch.len() as u64);
                     }
                 }
             }
         }
         Ok(batch.len() as u64)
+    }
+
+    /// Counts a retryable failure and, unless it was the round's last attempt, waits the
+    /// jittered backoff `wait` (then doubles it, up to 30 s). `false` if shutdown came first.
+    async fn pause_before_retry(&self, attempt: u32, wait: &mut Duration) -> bool {
+        metrics::REPORTS.with_label_values(&["retry"]).inc();
+        self.status.update(|s| s.retries += 1);
+        if attempt >= self.settings.attempts_per_round {
+            return true;
+        }
+        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        *wait = (*wait * 2).min(Duration::from_secs(30));
+        true
     }
 
     async fn save_all(&self, batch: &[Item]) -> Result<()> {

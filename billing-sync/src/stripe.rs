@@ -82,31 +82,49 @@ impl StripeMeters {
         Ok(body)
     }
 
-    /// Stripe meter id per `event_name` (`GET /v1/billing/meters`, every page).
-    pub async fn meters(&self) -> Result<HashMap<String, String>, String> {
-        let mut out = HashMap::new();
-        let mut after: Option<String> = None;
+    /// Every item of a Stripe list endpoint, following `has_more` / `starting_after`.
+    async fn list_all(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let mut items = Vec::new();
         loop {
-            let mut q = vec![("limit", "100".to_owned())];
-            if let Some(a) = &after {
-                q.push(("starting_after", a.clone()));
+            let mut q = query.to_vec();
+            q.push(("limit", "100".to_owned()));
+            if let Some(last) = items
+                .last()
+                .and_then(|v: &serde_json::Value| v["id"].as_str())
+            {
+                q.push(("starting_after", last.to_owned()));
             }
-            let page = self.get("/v1/billing/meters", &q).await?;
+            let page = self.get(path, &q).await?;
             let data = page["data"].as_array().cloned().unwrap_or_default();
-            for m in &data {
-                if let (Some(id), Some(name)) = (m["id"].as_str(), m["event_name"].as_str()) {
-                    out.insert(name.to_owned(), id.to_owned());
-                }
-            }
-            match (page["has_more"].as_bool(), data.last()) {
-                (Some(true), Some(last)) => after = last["id"].as_str().map(str::to_owned),
-                _ => return Ok(out),
+            let more = page["has_more"].as_bool() == Some(true) && !data.is_empty();
+            items.extend(data);
+            if !more {
+                return Ok(items);
             }
         }
     }
 
+    /// Stripe meter id per `event_name` (`GET /v1/billing/meters`).
+    pub async fn meters(&self) -> Result<HashMap<String, String>, String> {
+        Ok(self
+            .list_all("/v1/billing/meters", &[])
+            .await?
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m["event_name"].as_str()?.to_owned(),
+                    m["id"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
     /// What Stripe aggregated for one customer on one meter over `[start_s, end_s)`
-    /// (`GET /v1/billing/meters/{id}/event_summaries`, every page).
+    /// (`GET /v1/billing/meters/{id}/event_summaries`).
     pub async fn summary(
         &self,
         meter_id: &str,
@@ -114,34 +132,20 @@ impl StripeMeters {
         start_s: i64,
         end_s: i64,
     ) -> Result<f64, String> {
-        let mut total = 0.0;
-        let mut after: Option<String> = None;
-        loop {
-            let mut q = vec![
-                ("customer", stripe_customer_id.to_owned()),
-                ("start_time", start_s.to_string()),
-                ("end_time", end_s.to_string()),
-                ("limit", "100".to_owned()),
-            ];
-            if let Some(a) = &after {
-                q.push(("starting_after", a.clone()));
-            }
-            let page = self
-                .get(
-                    &format!("/v1/billing/meters/{meter_id}/event_summaries"),
-                    &q,
-                )
-                .await?;
-            let data = page["data"].as_array().cloned().unwrap_or_default();
-            total += data
-                .iter()
-                .filter_map(|s| s["aggregated_value"].as_f64())
-                .sum::<f64>();
-            match (page["has_more"].as_bool(), data.last()) {
-                (Some(true), Some(last)) => after = last["id"].as_str().map(str::to_owned),
-                _ => return Ok(total),
-            }
-        }
+        let query = [
+            ("customer", stripe_customer_id.to_owned()),
+            ("start_time", start_s.to_string()),
+            ("end_time", end_s.to_string()),
+        ];
+        Ok(self
+            .list_all(
+                &format!("/v1/billing/meters/{meter_id}/event_summaries"),
+                &query,
+            )
+            .await?
+            .iter()
+            .filter_map(|s| s["aggregated_value"].as_f64())
+            .sum())
     }
 
     /// Cancels a meter event Stripe accepted (within 24 hours of receiving it) with a meter
