@@ -204,23 +204,23 @@ impl ClickHouseStore {
     /// cells'), a replay it does not recognise is written again with the same batch keys and
     /// collapses, so it is safe for the check before a write, not for resuming.
     async fn recorded_offsets(&self) -> Result<BTreeMap<u32, u64>> {
-        let rows: Vec<(u32, u64)> = self
-            .client
-            .query("SELECT partition, maxMerge(next_offset) FROM batch_offsets GROUP BY partition")
-            .fetch_all()
-            .await
-            .map_err(ch)?;
-        Ok(rows.into_iter().collect())
+        self.offsets_by(
+            "SELECT partition, maxMerge(next_offset) FROM batch_offsets GROUP BY partition",
+        )
+        .await
     }
 
     /// Positions read from the cells themselves: the truth, for resuming and snapshots.
     async fn stored_offsets(&self) -> Result<BTreeMap<u32, u64>> {
-        let rows: Vec<(u32, u64)> = self
-            .client
-            .query("SELECT partition, max(batch_next_offset) FROM usage_cells GROUP BY partition")
-            .fetch_all()
-            .await
-            .map_err(ch)?;
+        self.offsets_by(
+            "SELECT partition, max(batch_next_offset) FROM usage_cells GROUP BY partition",
+        )
+        .await
+    }
+
+    /// Runs a `(partition, next offset)` query.
+    async fn offsets_by(&self, sql: &str) -> Result<BTreeMap<u32, u64>> {
+        let rows: Vec<(u32, u64)> = self.client.query(sql).fetch_all().await.map_err(ch)?;
         Ok(rows.into_iter().collect())
     }
 
