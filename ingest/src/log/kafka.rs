@@ -109,7 +109,9 @@ pub struct KafkaLog {
     producer: Arc<Mutex<(Producer_, Option<std::time::Instant>)>>,
     /// Set by the producer when every broker is unreachable.
     down: Arc<AtomicBool>,
-    claims: Claims,
+    /// The notifications follower, started by the first notification call: processes that
+    /// never publish one (ingest, aggregators) never read that topic.
+    claims: Mutex<Option<Arc<Claims>>>,
     /// Events this process delivered recently, to answer a client's retry as a duplicate.
     delivered: Mutex<RecentIds>,
 }
@@ -120,13 +122,12 @@ impl KafkaLog {
     pub fn connect(config: KafkaLogConfig) -> Result<KafkaLog> {
         let down = Arc::new(AtomicBool::new(false));
         let producer = Self::new_producer(&config, &down)?;
-        let claims = Claims::start(&config)?;
         let delivered = Mutex::new(RecentIds::new(config.reader_dedup_window));
         let log = KafkaLog {
             config,
             producer: Arc::new(Mutex::new((producer, None))),
             down: down.clone(),
-            claims,
+            claims: Mutex::new(None),
             delivered,
         };
         // Renew the producer as soon as every broker is lost (see `renew_producer`).
@@ -142,6 +143,16 @@ impl KafkaLog {
             }
         });
         Ok(log)
+    }
+
+    fn claims(&self) -> Result<Arc<Claims>> {
+        let mut claims = self.claims.lock().expect("claims lock");
+        if let Some(c) = &*claims {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Claims::start(&self.config)?);
+        *claims = Some(c.clone());
+        Ok(c)
     }
 
     fn producer(&self) -> Producer_ {
@@ -313,12 +324,13 @@ impl EventLog for KafkaLog {
         // A retry of what this process already delivered is acknowledged without sending it
         // again. Ids are remembered only once delivered: a failed append is retried in full.
         let total = events.len();
-        let events: Vec<UsageEvent> = {
+        let (keys, events): (Vec<u128>, Vec<UsageEvent>) = {
             let delivered = self.delivered.lock().expect("delivered lock");
             events
                 .into_iter()
-                .filter(|e| !delivered.contains(e))
-                .collect()
+                .map(|e| (digest(&e), e))
+                .filter(|(key, _)| !delivered.contains(*key))
+                .unzip()
         };
         let duplicates = total - events.len();
         let producer = self.producer();
@@ -377,8 +389,8 @@ impl EventLog for KafkaLog {
         match failure {
             None => {
                 let mut delivered = self.delivered.lock().expect("delivered lock");
-                for e in &events {
-                    delivered.remember(e);
+                for (key, e) in keys.iter().zip(&events) {
+                    delivered.remember(*key, e.received_ms);
                 }
                 Ok(AppendOutcome {
                     accepted: events.len(),
@@ -438,14 +450,15 @@ impl EventLog for KafkaLog {
     }
 
     async fn publish_notification(&self, n: &Notification) -> Result<bool> {
-        self.claims
+        self.claims()?
             .claim(&self.producer(), &self.config.notifications_topic(), n)
             .await
     }
 
     async fn notifications_since(&self, since_ms: i64) -> Result<Vec<Notification>> {
-        self.claims.wait_caught_up().await;
-        let state = self.claims.state.lock().expect("claims lock");
+        let claims = self.claims()?;
+        claims.wait_caught_up().await;
+        let state = claims.state.lock().expect("claims lock");
         Ok(state
             .first
             .values()
@@ -525,12 +538,13 @@ impl RecentIds {
         }
     }
 
-    fn contains(&self, e: &UsageEvent) -> bool {
-        self.set.contains(&digest(e))
+    fn contains(&self, key: u128) -> bool {
+        self.set.contains(&key)
     }
 
-    fn remember(&mut self, e: &UsageEvent) {
-        let horizon = e.received_ms - self.window.as_millis() as i64;
+    /// Remembers `key` of an event received at `received_ms`.
+    fn remember(&mut self, key: u128, received_ms: i64) {
+        let horizon = received_ms - self.window.as_millis() as i64;
         while let Some(&(t, key)) = self.order.front() {
             if t >= horizon && self.order.len() < RECENT_IDS_MAX {
                 break;
@@ -538,18 +552,18 @@ impl RecentIds {
             self.order.pop_front();
             self.set.remove(&key);
         }
-        let key = digest(e);
         if self.set.insert(key) {
-            self.order.push_back((e.received_ms, key));
+            self.order.push_back((received_ms, key));
         }
     }
 
     /// Whether `e` is the first of its (source, id) within the window; remembers it.
     fn first(&mut self, e: &UsageEvent) -> bool {
-        if self.contains(e) {
+        let key = digest(e);
+        if self.contains(key) {
             return false;
         }
-        self.remember(e);
+        self.remember(key, e.received_ms);
         true
     }
 }
