@@ -147,21 +147,37 @@ async fn meter_event(
     body: Bytes,
 ) -> Response {
     let (answer, stall) = handle(&inner, &headers, &body);
+    finish(&inner, answer, stall).await
+}
+
+/// Counts the answer, stalls if asked to, and answers (or drops the connection).
+async fn finish(inner: &Mutex<Inner>, answer: (u16, String), stall: Option<Duration>) -> Response {
     if answer.0 == DROP {
         // Unwinding out of the handler makes the server close the connection unanswered.
         std::panic::resume_unwind(Box::new("stripe fake: connection dropped on purpose"));
     }
-    inner
-        .lock()
-        .unwrap()
-        .statuses
-        .entry(answer.0)
-        .and_modify(|n| *n += 1)
-        .or_insert(1);
+    *inner.lock().unwrap().statuses.entry(answer.0).or_insert(0) += 1;
     if let Some(d) = stall {
         tokio::time::sleep(d).await;
     }
     reply(answer)
+}
+
+/// What an injected fault does to a request: answer at once (`Err`), or go on and then stall
+/// for the returned time, if any.
+fn injected(fault: Option<Fault>) -> Result<Option<Duration>, (u16, String)> {
+    match fault {
+        None => Ok(None),
+        Some(Fault::AcceptThenStall(d)) => Ok(Some(d)),
+        Some(Fault::DropConnection) => Err((DROP, String::new())),
+        Some(Fault::Status(429)) => Err(error(
+            429,
+            "invalid_request_error",
+            "rate_limit",
+            "injected failure",
+        )),
+        Some(Fault::Status(status)) => Err(error(status, "api_error", "", "injected failure")),
+    }
 }
 
 fn handle(
@@ -170,7 +186,7 @@ fn handle(
     body: &[u8],
 ) -> ((u16, String), Option<Duration>) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if !header("authorization").is_some_and(|a| a.starts_with("Bearer sk_test_")) {
+    if !authorized(headers) {
         return (
             error(
                 401,
@@ -201,27 +217,15 @@ fn handle(
         s.replays += 1;
         return (answer, None);
     }
-    let fault = s.faults.pop_front();
-    if let Some(Fault::DropConnection) = fault {
-        return ((DROP, String::new()), None);
-    }
-    if let Some(Fault::Status(status)) = fault {
-        let (kind, code) = if status == 429 {
-            ("invalid_request_error", "rate_limit")
-        } else {
-            ("api_error", "")
-        };
-        return (error(status, kind, code, "injected failure"), None);
-    }
+    let stall = match injected(s.faults.pop_front()) {
+        Ok(stall) => stall,
+        Err(answer) => return (answer, None),
+    };
     let answer = validate(&mut s, &form);
     if let Some(k) = key {
         // Stripe stores the answer of any request that reached it, success or 400.
         s.answers.insert(k, answer.clone());
     }
-    let stall = match fault {
-        Some(Fault::AcceptThenStall(d)) => Some(d),
-        _ => None,
-    };
     (answer, stall)
 }
 
@@ -451,35 +455,13 @@ async fn stream(
                 None,
             )
         } else {
-            match s.faults.pop_front() {
-                Some(Fault::Status(status)) => {
-                    (error(status, "api_error", "", "injected failure"), None)
-                }
-                Some(Fault::DropConnection) => ((DROP, String::new()), None),
-                fault => {
-                    let stall = match fault {
-                        Some(Fault::AcceptThenStall(d)) => Some(d),
-                        _ => None,
-                    };
-                    (stream_events(&mut s, &body), stall)
-                }
+            match injected(s.faults.pop_front()) {
+                Ok(stall) => (stream_events(&mut s, &body), stall),
+                Err(answer) => (answer, None),
             }
         }
     };
-    if answer.0 == DROP {
-        std::panic::resume_unwind(Box::new("stripe fake: connection dropped on purpose"));
-    }
-    inner
-        .lock()
-        .unwrap()
-        .statuses
-        .entry(answer.0)
-        .and_modify(|n| *n += 1)
-        .or_insert(1);
-    if let Some(d) = stall {
-        tokio::time::sleep(d).await;
-    }
-    reply(answer)
+    finish(&inner, answer, stall).await
 }
 
 fn stream_events(s: &mut Inner, body: &[u8]) -> (u16, String) {
