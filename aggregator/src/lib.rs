@@ -144,12 +144,7 @@ pub async fn run(
             .collect();
         floors.extend(positions.iter().map(|(&p, &n)| (p, n)));
         if let Err(e) = reader.commit(&positions).await {
-            tracing::warn!(error = %e, "could not commit positions to the log");
-        }
-        for (&partition, &next) in &positions {
-            if let Err(e) = log.commit(&settings.group, partition, next).await {
-                tracing::warn!(partition, error = %e, "could not report position to the log");
-            }
+            tracing::warn!(error = %e, "could not report positions to the log");
         }
     }
     tracing::info!("aggregator stopped");

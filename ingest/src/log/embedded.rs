@@ -9,6 +9,7 @@
 //! window), `consumer_offsets` (positions consumers reported, for retention), `notifications`
 //! (threshold crossings, unique per customer, meter, period and threshold).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -130,6 +131,19 @@ impl EmbeddedLog {
         })
     }
 
+    fn open_reader(&self, group: Option<String>) -> Result<EmbeddedReader> {
+        Ok(EmbeddedReader {
+            conn: Arc::new(Mutex::new(open(&self.path)?)),
+            group,
+            next: 0,
+            high: self.high.clone(),
+            cross_process: false,
+            last_stored_check: None,
+            pending: Vec::new(),
+            pending_since: None,
+        })
+    }
+
     async fn with_side<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -243,28 +257,12 @@ impl EventLog for EmbeddedLog {
     }
 
     fn reader(&self) -> Result<Box<dyn LogReader>> {
-        Ok(Box::new(EmbeddedReader {
-            conn: Arc::new(Mutex::new(open(&self.path)?)),
-            next: 0,
-            high: self.high.clone(),
-            cross_process: false,
-            last_stored_check: None,
-            pending: Vec::new(),
-            pending_since: None,
-        }))
+        Ok(Box::new(self.open_reader(None)?))
     }
 
-    async fn commit(&self, group: &str, partition: u32, next_offset: u64) -> Result<()> {
-        let group = group.to_owned();
-        self.with_side(move |c| {
-            c.execute(
-                "INSERT INTO consumer_offsets (consumer, partition, next_offset) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (consumer, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                params![group, partition, next_offset as i64],
-            )?;
-            Ok(())
-        })
-        .await
+    /// One partition, so a group has one member; its commits are kept for retention.
+    fn group_reader(&self, group: &str) -> Result<Box<dyn LogReader>> {
+        Ok(Box::new(self.open_reader(Some(group.to_owned()))?))
     }
 
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>> {
@@ -324,6 +322,8 @@ const STORED_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 struct EmbeddedReader {
     conn: Arc<Mutex<Connection>>,
+    /// The consumer group whose positions `commit` records (none: commits are not kept).
+    group: Option<String>,
     next: u64,
     high: watch::Receiver<u64>,
     /// Set once records were found that this process did not write: from then on the stored
@@ -381,6 +381,26 @@ impl EmbeddedReader {
 
 #[async_trait]
 impl LogReader for EmbeddedReader {
+    async fn commit(&mut self, positions: &BTreeMap<u32, u64>) -> Result<()> {
+        let Some(group) = self.group.clone() else {
+            return Ok(());
+        };
+        let positions = positions.clone();
+        crate::sqlite::with_connection(&self.conn, move |c| {
+            for (partition, next_offset) in positions {
+                c.execute(
+                    "INSERT INTO consumer_offsets (consumer, partition, next_offset)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (consumer, partition)
+                     DO UPDATE SET next_offset = excluded.next_offset",
+                    params![group, partition, next_offset as i64],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     fn seek(&mut self, partition: u32, next_offset: u64) {
         if partition == 0 {
             self.next = next_offset;
@@ -587,7 +607,11 @@ mod tests {
         log.append(vec![event("a", "c", 1), event("b", "c", 1)])
             .await
             .unwrap();
-        log.commit("aggregator", 0, 2).await.unwrap();
+        log.group_reader("aggregator")
+            .unwrap()
+            .commit(&BTreeMap::from([(0, 2)]))
+            .await
+            .unwrap();
         {
             let side = log.side.lock().unwrap();
             maintain(&side, &cfg, 20_000).unwrap();

@@ -426,11 +426,6 @@ impl EventLog for KafkaLog {
         )))
     }
 
-    async fn commit(&self, _group: &str, _partition: u32, _next_offset: u64) -> Result<()> {
-        // Kafka offsets are committed by the group member that read them (LogReader::commit).
-        Ok(())
-    }
-
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>> {
         let mut out = Vec::new();
         for p in self.partitions().await? {

@@ -11,7 +11,7 @@
 //! - Events with a (`source`, `id`) already appended within the de-duplication window are dropped
 //!   and reported as duplicates.
 //! - Records carry a partition and an offset; offsets only grow within a partition. A consumer
-//!   keeps its own position ([`LogReader::seek`]) and may report it with [`EventLog::commit`] so
+//!   keeps its own position ([`LogReader::seek`]) and may report it with [`LogReader::commit`] so
 //!   the log can drop what every consumer has passed.
 
 pub mod embedded;
@@ -57,9 +57,6 @@ pub trait EventLog: Send + Sync + 'static {
         self.reader()
     }
 
-    /// Records that consumer `group` has durably processed everything below `next_offset`.
-    async fn commit(&self, group: &str, partition: u32, next_offset: u64) -> Result<()>;
-
     /// Next offset to be written, per partition (the high watermark).
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>>;
 
@@ -90,7 +87,9 @@ pub trait LogReader: Send {
         0
     }
 
-    /// Reports positions durably processed downstream (a consumer group's committed offsets).
+    /// Reports positions durably processed downstream: a consumer group's committed offsets
+    /// (Kafka), or the positions the embedded log keeps for retention. Readers that are not
+    /// group members keep nothing.
     async fn commit(&mut self, _positions: &BTreeMap<u32, u64>) -> Result<()> {
         Ok(())
     }
