@@ -30,7 +30,6 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
-use smallvec::SmallVec;
 use tally_schemas::period::{Period, calendar_month};
 use tally_schemas::quota::{self, Verdict};
 use tally_schemas::{
@@ -103,11 +102,40 @@ pub struct RateOutcome {
 
 /// A customer: counters for the meters it used and, for customers with a stored record, that
 /// record resolved against the catalogue. Customers without a record (most of them, on the
-/// default plan and calendar months) cost a key and their counters.
-#[derive(Debug, Default)]
+/// default plan and calendar months) and with one meter cost a key and 32 bytes: the first
+/// counter is inline, everything else is behind one optional pointer.
+#[derive(Debug)]
 pub struct CustomerState {
+    /// The first meter used; `meter == NO_METER` while the customer has no counter.
+    first: Counter,
+    tail: Option<Box<Tail>>,
+}
+
+/// Marks an unused inline counter.
+const NO_METER: u8 = u8::MAX;
+
+// The memory goal (<= 100 bytes per counter at 10M counters) rests on these sizes.
+const _: () = assert!(std::mem::size_of::<Counter>() == 24);
+const _: () = assert!(std::mem::size_of::<CustomerState>() == 32);
+
+impl Default for CustomerState {
+    fn default() -> Self {
+        CustomerState {
+            first: Counter {
+                meter: NO_METER,
+                ..Counter::default()
+            },
+            tail: None,
+        }
+    }
+}
+
+/// What few customers have: more than one meter, or a stored record. Kept small (32 bytes)
+/// and allocated exactly, for customers using every meter.
+#[derive(Debug, Default)]
+struct Tail {
     extra: Option<Box<CustomerExtra>>,
-    counters: SmallVec<[Counter; 1]>,
+    counters: Vec<Counter>,
 }
 
 /// What a stored customer record adds.
@@ -125,27 +153,55 @@ struct CustomerExtra {
 }
 
 impl CustomerState {
+    fn extra(&self) -> Option<&CustomerExtra> {
+        self.tail.as_ref().and_then(|t| t.extra.as_deref())
+    }
+
+    fn extra_mut(&mut self) -> Option<&mut CustomerExtra> {
+        self.tail.as_mut().and_then(|t| t.extra.as_deref_mut())
+    }
+
+    /// Replaces the stored record's part; returns the previous one.
+    fn set_extra(&mut self, extra: CustomerExtra) -> Option<Box<CustomerExtra>> {
+        self.tail
+            .get_or_insert_default()
+            .extra
+            .replace(Box::new(extra))
+    }
+
     /// The counter of meter `i` (a zero counter if the customer never used it).
     fn counter(&self, i: usize) -> Counter {
-        self.counters
-            .iter()
-            .find(|c| usize::from(c.meter) == i)
+        if usize::from(self.first.meter) == i {
+            return self.first;
+        }
+        self.tail
+            .as_ref()
+            .and_then(|t| t.counters.iter().find(|c| usize::from(c.meter) == i))
             .copied()
             .unwrap_or_default()
     }
 
     fn counter_mut(&mut self, i: usize) -> &mut Counter {
-        let at = match self.counters.iter().position(|c| usize::from(c.meter) == i) {
+        let fresh = Counter {
+            meter: i as u8,
+            ..Counter::default()
+        };
+        if self.first.meter == NO_METER {
+            self.first = fresh;
+        }
+        if usize::from(self.first.meter) == i {
+            return &mut self.first;
+        }
+        let rest = &mut self.tail.get_or_insert_default().counters;
+        let at = match rest.iter().position(|c| usize::from(c.meter) == i) {
             Some(at) => at,
             None => {
-                self.counters.push(Counter {
-                    meter: i as u8,
-                    ..Counter::default()
-                });
-                self.counters.len() - 1
+                rest.reserve_exact(1);
+                rest.push(fresh);
+                rest.len() - 1
             }
         };
-        &mut self.counters[at]
+        &mut rest[at]
     }
 }
 
@@ -243,8 +299,8 @@ impl State {
             .map(|(i, id)| (id.clone(), i))
             .collect();
         assert!(
-            meters.len() <= usize::from(u8::MAX) + 1,
-            "the catalogue is checked to hold at most 256 meters"
+            meters.len() < usize::from(NO_METER),
+            "the catalogue is checked to hold at most 255 meters"
         );
         let default_plan = plan_index[&catalog.policy.default_plan];
         let unseen = CustomerState::default();
@@ -302,13 +358,12 @@ impl State {
     pub fn customer(&self, id: &str) -> Arc<Customer> {
         self.customers
             .get(id)
-            .and_then(|c| c.extra.as_ref().map(|x| x.record.clone()))
+            .and_then(|c| c.extra().map(|x| x.record.clone()))
             .unwrap_or_else(|| self.default_customer.clone())
     }
 
     fn record_of(&self, c: &CustomerState) -> Arc<Customer> {
-        c.extra
-            .as_ref()
+        c.extra()
             .map(|x| x.record.clone())
             .unwrap_or_else(|| self.default_customer.clone())
     }
@@ -331,15 +386,14 @@ impl State {
             .payment_grace_until(&self.catalog)
             .unwrap_or(i64::MAX);
         let mut e = self.entry(id);
-        let old = e.extra.take().map(|x| x.record);
-        e.extra = Some(Box::new(CustomerExtra {
+        e.set_extra(CustomerExtra {
             record: Arc::new(record),
             plan,
             overrides,
             fallback_from_ms,
             period: NO_PERIOD,
-        }));
-        old
+        })
+        .map(|x| x.record)
     }
 
     /// Sets a counter from the store at start-up or after a period change.
@@ -427,7 +481,7 @@ impl State {
             return;
         };
         let mut e = self.entry(&event.customer);
-        let period = match &e.extra {
+        let period = match e.extra() {
             None => self.calendar_month(event.time_ms),
             Some(x) if x.period.contains(event.time_ms) => x.period,
             Some(x) => x.record.period_at(event.time_ms),
@@ -485,7 +539,7 @@ impl State {
 
     /// The plan in force for a customer at `now_ms`.
     fn plan_of(&self, c: &CustomerState, now_ms: i64) -> &ResolvedPlan {
-        match &c.extra {
+        match c.extra() {
             None => &self.plans[self.default_plan],
             Some(x) if now_ms >= x.fallback_from_ms => &self.plans[self.fallback_plan],
             Some(x) => &self.plans[x.plan],
@@ -494,7 +548,7 @@ impl State {
 
     /// The limit on meter `i` for a customer at `now_ms`.
     fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
-        if let Some(x) = &c.extra
+        if let Some(x) = c.extra()
             && now_ms < x.fallback_from_ms
             && let Some(l) = x.overrides.as_ref().and_then(|o| o[i])
         {
@@ -603,7 +657,7 @@ impl State {
         }
         let now = self.clock.now_ms();
         if let Some(c) = self.customers.get(q.customer) {
-            match &c.extra {
+            match c.extra() {
                 None => {
                     let period = self.calendar_month(now);
                     return Ok(self.answer(&c, period, i, agg, &q, now, ready));
@@ -616,7 +670,7 @@ impl State {
             drop(c);
             // The clock left the cached period (once a month): recompute it.
             if let Some(mut c) = self.customers.get_mut(q.customer)
-                && let Some(x) = c.extra.as_mut()
+                && let Some(x) = c.extra_mut()
             {
                 x.period = x.record.period_at(now);
                 let period = x.period;

@@ -230,9 +230,9 @@ impl Catalog {
     }
 
     fn check(&self) -> Result<()> {
-        if self.meters.is_empty() || self.meters.len() > 256 {
+        if self.meters.is_empty() || self.meters.len() > 255 {
             return Err(Error::Catalog(
-                "the catalogue must define between 1 and 256 meters".into(),
+                "the catalogue must define between 1 and 255 meters".into(),
             ));
         }
         for name in self.meters.keys() {
