@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 use tally::{Component, Config};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the request paths allocate small, short-lived buffers; measured in
+/// benches/README.md (HTTP checks).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tally",

@@ -104,7 +104,7 @@ pub async fn handle(
         quantity,
     };
     let (reply, a) = answer(&s.state, req, gateway.protocol())?;
-    let headers = quota_headers(&a, s.state.clock().now_ms());
+    let headers = quota_headers(&a);
     Ok(match (a.verdict.decision, gateway) {
         (Decision::Block, Gateway::Nginx) => (StatusCode::FORBIDDEN, headers).into_response(),
         (Decision::Block, _) => blocked(&reply, headers),

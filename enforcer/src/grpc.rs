@@ -140,7 +140,7 @@ impl RateLimitService for RateLimitGrpc {
                 out.overall_code = Code::OverLimit as i32;
             }
             if out.response_headers_to_add.is_empty() {
-                out.response_headers_to_add = header_pairs(&quota_headers(&a, now))
+                out.response_headers_to_add = header_pairs(&quota_headers(&a))
                     .map(|(key, value)| rls::HeaderValue { key, value })
                     .collect();
             }
@@ -229,7 +229,7 @@ impl Authorization for AuthzGrpc {
             quantity,
         };
         let (reply, a) = answer(&self.state, check, "envoy_ext_authz").map_err(to_status)?;
-        let h = quota_headers(&a, self.state.clock().now_ms());
+        let h = quota_headers(&a);
         if a.verdict.decision == Decision::Block {
             let body = serde_json::to_string(&reply).unwrap_or_default();
             let mut hs = options(&h);

@@ -2,6 +2,9 @@
 
 use std::sync::LazyLock;
 
+use tally_schemas::Decision;
+
+use crate::http::decision_name;
 use prometheus::{
     IntCounter, IntCounterVec, IntGauge, Opts, register_int_counter, register_int_counter_vec,
     register_int_gauge,
@@ -17,6 +20,38 @@ pub static DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// The protocols that answer checks, as labelled in [`DECISIONS`].
+const PROTOCOLS: [&str; 6] = [
+    "http",
+    "nginx",
+    "traefik",
+    "envoy_http",
+    "envoy_rls",
+    "envoy_ext_authz",
+];
+
+/// [`DECISIONS`]' counters, resolved once per (protocol, decision): counting a decision is then
+/// one atomic add instead of a labelled lookup.
+static DECISION_COUNTERS: LazyLock<Vec<[IntCounter; 3]>> = LazyLock::new(|| {
+    PROTOCOLS
+        .iter()
+        .map(|p| {
+            [Decision::Allow, Decision::Warn, Decision::Block]
+                .map(|d| DECISIONS.with_label_values(&[decision_name(d), p]))
+        })
+        .collect()
+});
+
+/// Counts one decision.
+pub fn decision(d: Decision, protocol: &'static str) {
+    match PROTOCOLS.iter().position(|p| *p == protocol) {
+        Some(i) => DECISION_COUNTERS[i][d as usize].inc(),
+        None => DECISIONS
+            .with_label_values(&[decision_name(d), protocol])
+            .inc(),
+    }
+}
 
 pub static EVENTS_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(

@@ -225,6 +225,8 @@ pub struct Answer {
     pub rate: Option<RateOutcome>,
     /// The state was not loaded yet and the enforcer fails open.
     pub degraded: bool,
+    /// The clock when the decision was taken, milliseconds since the epoch.
+    pub now_ms: i64,
 }
 
 impl Answer {
@@ -635,6 +637,7 @@ impl State {
             plan: plan.id.clone(),
             rate,
             degraded: !ready,
+            now_ms: now,
         }
     }
 
