@@ -272,6 +272,7 @@ impl App {
                     secret: config.webhook_secret.clone(),
                     max_attempts: config.webhook_max_attempts,
                     retry_base: config.webhook_retry_base,
+                    timeout: config.webhook_timeout,
                     ..Default::default()
                 },
                 ..EnforcerSettings::default()

@@ -81,6 +81,10 @@ pub struct Config {
     /// `TALLY_WEBHOOK_RETRY_BASE`.
     #[serde(with = "duration")]
     pub webhook_retry_base: Duration,
+    /// Timeout of one webhook attempt; a delivery's lease in the outbox is its next attempt's
+    /// time plus twice this. `TALLY_WEBHOOK_TIMEOUT`.
+    #[serde(with = "duration")]
+    pub webhook_timeout: Duration,
     /// How long a shutdown may take to drain requests and flush. `TALLY_SHUTDOWN_TIMEOUT`.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -171,6 +175,7 @@ impl Default for Config {
             webhook_secret: None,
             webhook_max_attempts: 8,
             webhook_retry_base: Duration::from_secs(1),
+            webhook_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             kafka_brokers: None,
             kafka_topic: "tally.usage-events".into(),

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 use servers::{Backends, ClickHouse, Kafka, unique_name};
 use tally_aggregator::rollup::Rollup;
 use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
-use tally_aggregator::store::{Applied, SnapshotRequest, UsageStore};
+use tally_aggregator::store::sqlite::SqliteStore;
+use tally_aggregator::store::{Applied, SnapshotRequest, UsageStore, WebhookDelivery};
 use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Catalog, UsageEvent};
 
@@ -303,7 +304,10 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
         .build()
         .unwrap();
     rt.block_on(async {
-        assert_eq!(ClickHouseStore::migrate(&config).await.unwrap(), vec![1, 2]);
+        assert_eq!(
+            ClickHouseStore::migrate(&config).await.unwrap(),
+            vec![1, 2, 3]
+        );
         assert!(ClickHouseStore::migrate(&config).await.unwrap().is_empty());
         let store = ClickHouseStore::new(&config);
         let catalog = Catalog::builtin();
@@ -396,6 +400,63 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
     let store = ClickHouseStore::new(&config);
     rt.block_on(store.maintain(1_795_255_200_000)).unwrap();
     assert_eq!(count().trim(), "81");
+}
+
+/// The webhook outbox keeps the latest state of each (notification, URL) and forgets finished
+/// deliveries, in both stores.
+#[test]
+fn the_webhook_outbox_keeps_the_latest_state_until_done() {
+    let ch = ClickHouse::shared();
+    let config = ClickHouseConfig::new(ch.http.clone(), unique_name("outbox"));
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        ClickHouseStore::migrate(&config).await.unwrap();
+        let clickhouse = ClickHouseStore::new(&config);
+        let sqlite = SqliteStore::open(dir.path().join("store.db")).unwrap();
+        for store in [&clickhouse as &dyn UsageStore, &sqlite] {
+            let d = |id: &str, url: &str, attempts: u32, done: bool| WebhookDelivery {
+                id: id.into(),
+                url: url.into(),
+                body: format!(r#"{{"id":"{id}","q":"it's"}}"#),
+                attempts,
+                next_attempt_ms: 1_000 * i64::from(attempts),
+                owner: "r1".into(),
+                lease_until_ms: 2_000 * i64::from(attempts),
+                done,
+            };
+            assert!(store.pending_webhooks().await.unwrap().is_empty());
+            store
+                .put_webhook(&d("n1", "http://a", 0, false))
+                .await
+                .unwrap();
+            store
+                .put_webhook(&d("n1", "http://b", 0, false))
+                .await
+                .unwrap();
+            store
+                .put_webhook(&d("n2", "http://a", 0, false))
+                .await
+                .unwrap();
+            store
+                .put_webhook(&d("n1", "http://a", 3, false))
+                .await
+                .unwrap();
+            store
+                .put_webhook(&d("n2", "http://a", 1, true))
+                .await
+                .unwrap();
+            let mut pending = store.pending_webhooks().await.unwrap();
+            pending.sort_by(|x, y| (&x.id, &x.url).cmp(&(&y.id, &y.url)));
+            assert_eq!(
+                pending,
+                vec![d("n1", "http://a", 3, false), d("n1", "http://b", 0, false)]
+            );
+        }
+    });
 }
 
 #[test]

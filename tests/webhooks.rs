@@ -178,3 +178,92 @@ fn two_replicas(backends: &[(&str, &str)]) {
         (json!("block"), json!(11000))
     );
 }
+
+/// A receiver that refuses every delivery while `refusing` is set.
+#[derive(Default)]
+struct Flaky {
+    refusing: bool,
+    /// Ids of the attempts, in order, and whether each was accepted.
+    attempts: Vec<(String, bool)>,
+}
+
+async fn flaky(State(r): State<Arc<Mutex<Flaky>>>, headers: HeaderMap) -> StatusCode {
+    let id = headers["tally-webhook-id"].to_str().unwrap().to_owned();
+    let mut r = r.lock().unwrap();
+    let accepted = !r.refusing;
+    r.attempts.push((id, accepted));
+    if accepted {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// A delivery being retried when the process is SIGKILLed is resumed from the outbox after the
+/// restart, and delivered once the receiver accepts it.
+#[test]
+fn a_delivery_interrupted_by_a_crash_resumes_after_the_restart() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Arc::new(Mutex::new(Flaky {
+        refusing: true,
+        ..Flaky::default()
+    }));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hook", post(flaky))
+        .with_state(receiver.clone());
+    rt.spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("TALLY_WEBHOOK_URLS", url.as_str()),
+        ("TALLY_WEBHOOK_RETRY_BASE", "200ms"),
+        ("TALLY_WEBHOOK_TIMEOUT", "1s"),
+        ("TALLY_WEBHOOK_MAX_ATTEMPTS", "50"),
+    ];
+    let (api, admin) = (free_port(), free_port());
+    let mut first = start_with_env("run", dir.path(), api, admin, "50ms", &env);
+    let r = first.post_batch(
+        json!([{"specversion": "1.0", "id": "c1", "source": "edge", "type": "api_requests",
+                "subject": "crashy", "data": {"value": 8500}}])
+        .to_string(),
+    );
+    assert_eq!(r.status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.lock().unwrap().attempts.len() < 2 {
+        assert!(Instant::now() < deadline, "no retried delivery");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let refused_before_crash = {
+        let mut r = receiver.lock().unwrap();
+        r.refusing = false;
+        r.attempts.len()
+    };
+    assert!(receiver.lock().unwrap().attempts.iter().all(|(_, ok)| !ok));
+
+    let _second = start_with_env("run", dir.path(), api, admin, "50ms", &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !receiver.lock().unwrap().attempts.iter().any(|(_, ok)| *ok) {
+        assert!(Instant::now() < deadline, "the delivery was not resumed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Time for a second, wrong, resumption to show up.
+    std::thread::sleep(Duration::from_secs(3));
+    let r = receiver.lock().unwrap();
+    let id = "crashy:api_requests:";
+    assert!(
+        r.attempts
+            .iter()
+            .all(|(i, _)| i.starts_with(id) && i.ends_with(":80"))
+    );
+    let after: Vec<bool> = r.attempts[refused_before_crash..]
+        .iter()
+        .map(|(_, ok)| *ok)
+        .collect();
+    assert_eq!(after, vec![true], "one attempt after the restart, accepted");
+}

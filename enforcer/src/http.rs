@@ -14,10 +14,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -234,7 +234,11 @@ pub fn write_quota_headers(a: &Answer, h: &mut HeaderMap) {
             "rate",
             [("q", u64::from(rate.per_second)), ("w", 1)],
         );
-        sf_item(&mut limits, "rate", [("r", u64::from(rate.remaining)), ("t", t)]);
+        sf_item(
+            &mut limits,
+            "rate",
+            [("r", u64::from(rate.remaining)), ("t", t)],
+        );
     }
     if !policy.is_empty() {
         if let Ok(v) = HeaderValue::try_from(policy) {

@@ -211,7 +211,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let (notes_tx, notes_rx) = mpsc::unbounded_channel();
-    let hooks = webhooks::Webhooks::new(settings.webhooks.clone());
+    let hooks = webhooks::Webhooks::new(settings.webhooks.clone(), store.clone());
+    if hooks.is_enabled() {
+        tokio::spawn(hooks.clone().sweep(shutdown.clone()));
+    }
     let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
     let (offsets, mut last_update) = load(&state, log.as_ref(), store.as_ref(), &notes_tx).await?;
     let mut reader = log.reader()?;

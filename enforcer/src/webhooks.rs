@@ -10,17 +10,26 @@
 //!   when `webhook_secret` is set.
 //!
 //! A delivery that fails (connection error, timeout, any status but 2xx) is retried with
-//! exponential backoff and jitter, up to `max_attempts` times. Pending retries live in memory: a
-//! replica that stops while retrying drops them (the notification stays on the log).
+//! exponential backoff and jitter, up to `max_attempts` times. Deliveries are durable: each one
+//! is written to the usage store's webhook outbox before its first attempt and after every
+//! attempt, with the replica delivering it and a lease (the next attempt's time plus twice the
+//! request timeout). Every replica reads the outbox at start-up and every `sweep` interval and
+//! takes over the deliveries whose lease ran out, so a delivery interrupted by a crash or a
+//! restart resumes where it stopped, on the same replica or another one. Delivery is therefore
+//! at least once: a replica that stalls past its lease and then sends, or two replicas taking
+//! over the same delivery, send it twice, with the same `Tally-Webhook-Id` and body.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
+use tally_aggregator::store::{UsageStore, WebhookDelivery};
 use tally_schemas::Notification;
 use tally_schemas::period::rfc3339;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 
@@ -37,6 +46,8 @@ pub struct WebhookSettings {
     pub retry_base: Duration,
     /// Per-attempt timeout.
     pub timeout: Duration,
+    /// How often the outbox is read for deliveries whose replica stopped.
+    pub sweep: Duration,
 }
 
 impl Default for WebhookSettings {
@@ -47,6 +58,7 @@ impl Default for WebhookSettings {
             max_attempts: 8,
             retry_base: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
+            sweep: Duration::from_secs(30),
         }
     }
 }
@@ -88,15 +100,24 @@ pub fn signature(secret: &str, unix_secs: i64, body: &[u8]) -> String {
     )
 }
 
-/// Delivers notifications to the configured URLs.
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Delivers notifications to the configured URLs, through the store's outbox.
 #[derive(Clone)]
 pub struct Webhooks {
     settings: Arc<WebhookSettings>,
     client: reqwest::Client,
+    store: Arc<dyn UsageStore>,
+    /// This replica, as written in the outbox.
+    owner: Arc<str>,
+    /// (id, url) of the deliveries this replica is running.
+    running: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
 impl Webhooks {
-    pub fn new(settings: WebhookSettings) -> Webhooks {
+    pub fn new(settings: WebhookSettings, store: Arc<dyn UsageStore>) -> Webhooks {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .build()
@@ -104,11 +125,42 @@ impl Webhooks {
         Webhooks {
             settings: Arc::new(settings),
             client,
+            store,
+            owner: format!("{:016x}", rand::random::<u64>()).into(),
+            running: Arc::default(),
         }
     }
 
     pub fn is_enabled(&self) -> bool {
         !self.settings.urls.is_empty()
+    }
+
+    /// Until `shutdown`: at once and then every `sweep` interval, takes over the outbox's
+    /// deliveries whose lease ran out.
+    pub async fn sweep(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.sweep);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.store.pending_webhooks().await {
+                Ok(pending) => {
+                    let now = now_ms();
+                    for mut d in pending {
+                        if d.lease_until_ms > now || self.is_running(&d) {
+                            continue;
+                        }
+                        tracing::info!(webhook_id = %d.id, url = %d.url, attempts = d.attempts,
+                            "resuming a webhook delivery from the outbox");
+                        d.next_attempt_ms = d.next_attempt_ms.max(now);
+                        self.spawn(d);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the webhook outbox failed"),
+            }
+        }
     }
 
     /// Starts delivering `n` to every URL in the background.
@@ -125,33 +177,83 @@ impl Webhooks {
             period_end: rfc3339(n.period_end_ms),
             crossed_at: rfc3339(n.crossed_ms),
         };
-        let Ok(bytes) = serde_json::to_vec(&body) else {
+        let Ok(json) = serde_json::to_string(&body) else {
             return;
         };
         for url in &self.settings.urls {
-            let this = self.clone();
-            let (url, bytes, id) = (url.clone(), bytes.clone(), body.id.clone());
-            tokio::spawn(async move { this.deliver(url, id, bytes).await });
+            self.spawn(WebhookDelivery {
+                id: body.id.clone(),
+                url: url.clone(),
+                body: json.clone(),
+                attempts: 0,
+                next_attempt_ms: now_ms(),
+                owner: String::new(),
+                lease_until_ms: 0,
+                done: false,
+            });
         }
     }
 
-    async fn deliver(&self, url: String, id: String, body: Vec<u8>) {
+    fn is_running(&self, d: &WebhookDelivery) -> bool {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.contains(&(d.id.clone(), d.url.clone()))
+    }
+
+    fn spawn(&self, d: WebhookDelivery) {
+        let key = (d.id.clone(), d.url.clone());
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.deliver(d).await;
+            this.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        });
+    }
+
+    /// Writes the delivery's state to the outbox, under this replica's lease.
+    async fn record(&self, d: &mut WebhookDelivery) {
+        d.owner = self.owner.to_string();
+        d.lease_until_ms = d.next_attempt_ms + 2 * self.settings.timeout.as_millis() as i64;
+        if let Err(e) = self.store.put_webhook(d).await {
+            // Delivery goes on; only its resumption after a crash is at stake.
+            tracing::warn!(error = %e, webhook_id = %d.id, "writing the webhook outbox failed");
+        }
+    }
+
+    async fn deliver(&self, mut d: WebhookDelivery) {
         let s = &self.settings;
-        let mut wait = s.retry_base;
-        for attempt in 1..=s.max_attempts {
+        self.record(&mut d).await;
+        loop {
+            let wait = d.next_attempt_ms - now_ms();
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+            d.attempts += 1;
             let mut req = self
                 .client
-                .post(&url)
+                .post(&d.url)
                 .header("content-type", "application/json")
-                .header("tally-webhook-id", &id);
+                .header("tally-webhook-id", &d.id);
             if let Some(secret) = &s.secret {
                 let now = chrono::Utc::now().timestamp();
-                req = req.header("tally-signature", signature(secret, now, &body));
+                req = req.header("tally-signature", signature(secret, now, d.body.as_bytes()));
             }
-            let outcome = req.body(body.clone()).send().await;
-            match outcome {
+            let url = &d.url;
+            let attempt = d.attempts;
+            match req.body(d.body.clone()).send().await {
                 Ok(r) if r.status().is_success() => {
                     metrics::WEBHOOKS.with_label_values(&["delivered"]).inc();
+                    d.done = true;
+                    self.record(&mut d).await;
                     return;
                 }
                 Ok(r) => {
@@ -159,17 +261,24 @@ impl Webhooks {
                 }
                 Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
             }
-            metrics::WEBHOOKS.with_label_values(&["retried"]).inc();
-            if attempt == s.max_attempts {
-                break;
+            if d.attempts >= s.max_attempts {
+                metrics::WEBHOOKS.with_label_values(&["abandoned"]).inc();
+                tracing::error!(%url, webhook_id = %d.id, "webhook abandoned after every attempt");
+                d.done = true;
+                self.record(&mut d).await;
+                return;
             }
-            // Jitter: somewhere in the second half of the current backoff step.
-            let jitter = wait.mul_f64(rand::random_range(0.5..1.0));
-            tokio::time::sleep(jitter).await;
-            wait = (wait * 2).min(Duration::from_secs(300));
+            metrics::WEBHOOKS.with_label_values(&["retried"]).inc();
+            // Doubling from `retry_base`, at most 5 minutes; jitter: somewhere in the second
+            // half of the step.
+            let step = s
+                .retry_base
+                .saturating_mul(1 << (d.attempts - 1).min(20))
+                .min(Duration::from_secs(300));
+            let pause = step.mul_f64(rand::random_range(0.5..1.0));
+            d.next_attempt_ms = now_ms() + pause.as_millis() as i64;
+            self.record(&mut d).await;
         }
-        metrics::WEBHOOKS.with_label_values(&["abandoned"]).inc();
-        tracing::error!(%url, webhook_id = %id, "webhook abandoned after every attempt");
     }
 }
 

@@ -23,6 +23,8 @@
 //!   dropped with `ALTER TABLE ... DROP PARTITION`.
 //! - `customers`: JSON customer records, latest `updated_ms` wins.
 //! - `notifications`: threshold crossings, one per (customer, meter, period, threshold).
+//! - `webhook_outbox` (version 3): the enforcer's notification webhooks not yet delivered, one
+//!   row per (notification, URL) and state; the latest version wins.
 //! - `billing_marks` (version 2): billing-sync's reported-until position and pending report per
 //!   (customer, meter), latest `version` wins.
 
@@ -100,6 +102,17 @@ pub const MIGRATIONS: &[Migration] = &[
             mark String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY (customer, meter)"],
+    },
+    Migration {
+        version: 3,
+        name: "webhook outbox",
+        statements: &["CREATE TABLE IF NOT EXISTS {db}.webhook_outbox (
+            id String,
+            url String,
+            done UInt8,
+            delivery String,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version) ORDER BY (id, url)"],
     },
 ];
 

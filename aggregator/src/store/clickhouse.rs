@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
-use super::{Applied, Snapshot, SnapshotRequest, UsageStore};
+use super::{Applied, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::rollup::{Cell, Rollup};
 use crate::{Error, Result};
 
@@ -91,6 +91,24 @@ struct IdRow {
     source: String,
     id: String,
     offset: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct OutboxRow {
+    id: String,
+    url: String,
+    done: u8,
+    /// The delivery as JSON.
+    delivery: String,
+    /// Nanoseconds since the epoch when written: the latest write wins.
+    version: u64,
+}
+
+/// Nanoseconds since the epoch: the version of a row in a ReplacingMergeTree of states.
+fn version_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[derive(Row, Serialize, Deserialize)]
@@ -624,10 +642,42 @@ impl UsageStore for ClickHouseStore {
             .await
     }
 
+    async fn pending_webhooks(&self) -> Result<Vec<WebhookDelivery>> {
+        let rows: Vec<(String, u8)> = self
+            .client
+            .query(
+                "SELECT argMax(delivery, version), argMax(done, version) AS d FROM webhook_outbox
+                 GROUP BY id, url HAVING d = 0",
+            )
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        rows.into_iter()
+            .map(|(json, _)| Ok(serde_json::from_str(&json)?))
+            .collect()
+    }
+
+    async fn put_webhook(&self, d: &WebhookDelivery) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<OutboxRow>("webhook_outbox")
+            .await
+            .map_err(ch)?;
+        insert
+            .write(&OutboxRow {
+                id: d.id.clone(),
+                url: d.url.clone(),
+                done: u8::from(d.done),
+                delivery: serde_json::to_string(d)?,
+                version: version_now(),
+            })
+            .await
+            .map_err(ch)?;
+        insert.end().await.map_err(ch)
+    }
+
     async fn put_billing_marks(&self, marks: &[(String, String, String)]) -> Result<()> {
-        let version = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let version = version_now();
         let mut insert = self
             .client
             .insert::<MarkRow>("billing_marks")

@@ -16,6 +16,7 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
@@ -120,6 +121,33 @@ pub trait UsageStore: Send + Sync + 'static {
         }
         Ok(())
     }
+
+    /// The enforcer's webhook outbox: deliveries not yet finished.
+    async fn pending_webhooks(&self) -> Result<Vec<WebhookDelivery>>;
+
+    /// Records a delivery's state; durable when this returns. A finished one (`done`) leaves
+    /// the outbox.
+    async fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<()>;
+}
+
+/// One notification webhook to one URL, as the enforcer's outbox keeps it between attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    /// The notification's stable id (`Tally-Webhook-Id`).
+    pub id: String,
+    pub url: String,
+    /// The JSON body, sent unchanged on every attempt.
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due, milliseconds since the epoch.
+    pub next_attempt_ms: i64,
+    /// The replica delivering it, and until when: another replica takes a delivery over once
+    /// its lease has run out.
+    pub owner: String,
+    pub lease_until_ms: i64,
+    /// Delivered or given up.
+    pub done: bool,
 }
 
 /// Compares a batch's positions with the `stored` ones (next offset per partition): `Replay`

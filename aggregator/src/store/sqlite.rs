@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tally_schemas::{Aggregation, Customer, Window};
 
-use super::{Applied, Snapshot, SnapshotRequest, UsageStore};
+use super::{Applied, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::rollup::{Cell, Rollup};
 use crate::{Error, Result};
 
@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS billing_marks (
     meter TEXT NOT NULL,
     mark TEXT NOT NULL,
     PRIMARY KEY (customer, meter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    delivery TEXT NOT NULL,
+    PRIMARY KEY (id, url)
 ) WITHOUT ROWID;
 ";
 
@@ -349,6 +355,38 @@ impl UsageStore for SqliteStore {
                 }
             }
             tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending_webhooks(&self) -> Result<Vec<WebhookDelivery>> {
+        Self::with(&self.reader, |c| {
+            let mut stmt = c.prepare_cached("SELECT delivery FROM webhook_outbox")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<()> {
+        let d = delivery.clone();
+        let json = serde_json::to_string(&d)?;
+        Self::with(&self.writer, move |c| {
+            if d.done {
+                c.prepare_cached("DELETE FROM webhook_outbox WHERE id = ?1 AND url = ?2")?
+                    .execute(params![d.id, d.url])?;
+            } else {
+                c.prepare_cached(
+                    "INSERT INTO webhook_outbox (id, url, delivery) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (id, url) DO UPDATE SET delivery = excluded.delivery",
+                )?
+                .execute(params![d.id, d.url, json])?;
+            }
             Ok(())
         })
         .await
