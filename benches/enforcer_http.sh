@@ -18,7 +18,8 @@ OHA="${OHA:-oha}"
 command -v "$OHA" >/dev/null || { echo "oha not found: cargo install oha --locked" >&2; exit 1; }
 
 command -v redis-server >/dev/null || { echo "redis-server not found: apt-get install redis-server" >&2; exit 1; }
-cargo build --release --quiet --bin tally --example baseline_axum --example baseline_redis
+cargo build --release --quiet --bin tally --example baseline_axum --example baseline_redis \
+    --example baseline_grpc --example grpc_load
 TARGET="${CARGO_TARGET_DIR:-target}/release"
 WORK="$(mktemp -d)"
 PIDS=()
@@ -27,6 +28,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 TALLY_PORT=$(free_port); ADMIN_PORT=$(free_port); BASE_PORT=$(free_port); REDIS_PORT=$(free_port); RBASE_PORT=$(free_port)
+GBASE_PORT=$(free_port)
 
 # The bench catalogue lifts the plans' request-rate limits so that every check runs the whole
 # decision, token bucket included, without being refused.
@@ -45,6 +47,9 @@ PIDS+=($!)
 for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 "$TARGET/examples/baseline_redis" "127.0.0.1:$RBASE_PORT" "redis://127.0.0.1:$REDIS_PORT" &
 RBASE_PID=$!
+PIDS+=($!)
+"$TARGET/examples/baseline_grpc" "127.0.0.1:$GBASE_PORT" &
+GBASE_PID=$!
 PIDS+=($!)
 for _ in $(seq 100); do curl -sf "127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && break; sleep 0.1; done
 
@@ -65,59 +70,90 @@ cpu_ticks() { # pids -> user + system clock ticks, summed
     echo "$t"
 }
 
-run() { # port rate pids... -> "rps p50 p99 p999 ok cpu_us_per_check" (latencies in microseconds)
-    local port=$1 rate=$2 q=() before
-    shift 2
-    [ "$rate" = max ] || q=(-q "$rate" --latency-correction)
+run() { # http|grpc port rate pids... -> "rps p50 p99 p999 ok cpu_us_per_check" (latencies in us)
+    local proto=$1 port=$2 rate=$3 q=() before
+    shift 3
     before=$(cpu_ticks "$@")
-    "$OHA" --no-tui --output-format json -z "${SECS}s" -c 64 "${q[@]}" --rand-regex-url \
-        "http://127.0.0.1:$port/v1/check\?customer=bench-[0-9]{3}&meter=api_requests&quantity=1" > "$WORK/oha.json"
-    python3 - "$WORK/oha.json" "$(( $(cpu_ticks "$@") - before ))" "$(getconf CLK_TCK)" <<'PY'
+    if [ "$proto" = grpc ]; then
+        # 4 HTTP/2 connections of 16 streams: 64 calls in flight, like oha's 64 connections.
+        "$TARGET/examples/grpc_load" "http://127.0.0.1:$port" "$rate" "$SECS" 4 > "$WORK/load.json"
+    else
+        [ "$rate" = max ] || q=(-q "$rate" --latency-correction)
+        "$OHA" --no-tui --output-format json -z "${SECS}s" -c 64 "${q[@]}" --rand-regex-url \
+            "http://127.0.0.1:$port/v1/check\?customer=bench-[0-9]{3}&meter=api_requests&quantity=1" > "$WORK/load.json"
+    fi
+    python3 - "$proto" "$WORK/load.json" "$(( $(cpu_ticks "$@") - before ))" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))
-p = d["latencyPercentiles"]
-codes = d.get("statusCodeDistribution", {})
-ok = sum(v for k, v in codes.items() if k.startswith("2"))
-cpu_us = int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / max(1, sum(codes.values()))
-print(d["summary"]["requestsPerSec"], p["p50"] * 1e6, p["p99"] * 1e6, p["p99.9"] * 1e6, ok, cpu_us)
+proto, path, ticks, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+d = json.load(open(path))
+if proto == "grpc":
+    rps, p50, p99, p999, ok, n = d["rps"], d["p50_us"], d["p99_us"], d["p999_us"], d["ok"], d["ok"] + d["errors"]
+else:
+    p = d["latencyPercentiles"]
+    codes = d.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    n = sum(codes.values())
+    rps, p50, p99, p999 = d["summary"]["requestsPerSec"], p["p50"] * 1e6, p["p99"] * 1e6, p["p99.9"] * 1e6
+print(rps, p50, p99, p999, ok, ticks / hz * 1e6 / max(1, n))
 PY
 }
 
+TARGETS="baseline tally redis grpc-baseline tally-grpc"
 declare -A RESULTS
 for rate in 10000 50000 max; do
     for r in $(seq "$RUNS"); do
-        for target in baseline tally redis; do
+        for target in $TARGETS; do
             case $target in
-                baseline) args=("$BASE_PORT" "$rate" "$BASE_PID") ;;
-                tally) args=("$TALLY_PORT" "$rate" "$TALLY_PID") ;;
-                redis) args=("$RBASE_PORT" "$rate" "$RBASE_PID" "$REDIS_PID") ;;
+                baseline) args=(http "$BASE_PORT" "$rate" "$BASE_PID") ;;
+                tally) args=(http "$TALLY_PORT" "$rate" "$TALLY_PID") ;;
+                redis) args=(http "$RBASE_PORT" "$rate" "$RBASE_PID" "$REDIS_PID") ;;
+                grpc-baseline) args=(grpc "$GBASE_PORT" "$rate" "$GBASE_PID") ;;
+                tally-grpc) args=(grpc "$TALLY_PORT" "$rate" "$TALLY_PID") ;;
             esac
             RESULTS[$target,$rate]+="$(run "${args[@]}")"$'\n'
         done
     done
 done
 
-echo "| target | offered load | achieved checks/s | p50 | p99 | p99.9 | server CPU per check |"
-echo "|---|---|---|---|---|---|---|"
 for rate in 10000 50000 max; do
-    for target in baseline tally redis; do
-        printf '%s' "${RESULTS[$target,$rate]}" | python3 -c '
-import statistics, sys
-rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
-med = lambda i: statistics.median(r[i] for r in rows)
-target, rate = sys.argv[1], sys.argv[2]
-print(f"| {target} | {rate}/s | {med(0):,.0f} | {med(1):.0f} us | {med(2):.0f} us | {med(3):.0f} us | {med(5):.1f} us |")' "$target" "$rate"
+    for target in $TARGETS; do
+        printf '%s' "${RESULTS[$target,$rate]}" | sed "s/^/$target $rate /"
     done
-done
-echo
-# Ratios per run (each run interleaves the three targets), then their median.
-printf '%s\n---\n%s\n---\n%s' "${RESULTS[baseline,max]}" "${RESULTS[tally,max]}" "${RESULTS[redis,max]}" | python3 -c '
-import statistics, sys
-b, t, r = ([list(map(float, l.split())) for l in part.splitlines() if l.strip()]
-           for part in sys.stdin.read().split("---"))
-med = lambda xs: statistics.median(xs)
-print(f"- flat out, checks/s: Tally / empty handler {med([x[0] / y[0] for x, y in zip(t, b)]):.2f}x, "
-      f"Tally / Redis check {med([x[0] / y[0] for x, y in zip(t, r)]):.2f}x (medians of per-run ratios)")
-print(f"- flat out, server CPU per check: empty handler / Tally {med([y[5] / x[5] for x, y in zip(t, b)]):.2f}x, "
-      f"Redis check / Tally {med([y[5] / x[5] for x, y in zip(t, r)]):.2f}x (higher is better for Tally)")'
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); oha and the servers share these cores; ${RUNS} runs of ${SECS}s each, interleaved"
+done > "$WORK/results.txt"
+
+# The table (medians over the runs) and the ratios (per run, each run interleaving the targets,
+# then their median). With BENCH_RESULTS set, the figures are also appended to that file as
+# `key<TAB>value` lines for benches/run.sh.
+python3 - "$WORK/results.txt" "${BENCH_RESULTS:-}" <<'PY'
+import collections, statistics, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    target, rate, *v = line.split()
+    rows[target, rate].append(list(map(float, v)))
+med = statistics.median
+out = open(sys.argv[2], "a") if sys.argv[2] else None
+def result(key, value):
+    if out:
+        out.write(f"{key}\t{value}\n")
+print("| target | offered load | achieved checks/s | p50 | p99 | p99.9 | server CPU per check |")
+print("|---|---|---|---|---|---|---|")
+for rate in ["10000", "50000", "max"]:
+    for target in ["baseline", "tally", "redis", "grpc-baseline", "tally-grpc"]:
+        r = rows[target, rate]
+        m = [med(x[i] for x in r) for i in range(6)]
+        print(f"| {target} | {rate}/s | {m[0]:,.0f} | {m[1]:.0f} us | {m[2]:.0f} us | {m[3]:.0f} us | {m[5]:.1f} us |")
+        for i, name in [(0, "rps"), (1, "p50_us"), (2, "p99_us"), (3, "p999_us"), (5, "cpu_us")]:
+            result(f"check.{target}.{rate}.{name}", f"{m[i]:.1f}")
+def ratio(a, b, i, invert=False):
+    xs = [(y[i] / x[i]) if invert else (x[i] / y[i]) for x, y in zip(rows[a, "max"], rows[b, "max"])]
+    return med(xs)
+print()
+pairs = [("tally", "baseline", "Tally / empty axum handler"), ("tally", "redis", "Tally / Redis check"),
+         ("tally-grpc", "grpc-baseline", "Tally gRPC / empty gRPC handler")]
+for a, b, name in pairs:
+    t, c = ratio(a, b, 0), ratio(a, b, 5, invert=True)
+    print(f"- flat out, {name}: {t:.2f}x checks/s, {c:.2f}x CPU per check (theirs / ours; higher is better for Tally)")
+    result(f"check.ratio.{a}.{b}.rps", f"{t:.2f}")
+    result(f"check.ratio.{a}.{b}.cpu", f"{c:.2f}")
+PY
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); the load generators and the servers share these cores; ${RUNS} runs of ${SECS}s each, interleaved"

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use tally_enforcer::state::State;
 use tally_schemas::{Catalog, ManualClock, UsageEvent};
 
+/// The allocator of the `tally` binary, so the figures are the ones it has.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NOW: i64 = 1_795_255_200_000;
 const COUNTERS: usize = 10_000_000;
 
@@ -62,6 +66,21 @@ fn scenario(meters_per_customer: usize) {
         grown as f64 / counters as f64,
         started.elapsed().as_secs_f64()
     );
+    if let Ok(path) = std::env::var("BENCH_RESULTS") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("results file");
+        writeln!(
+            f,
+            "memory.bytes_per_counter.{}\t{:.1}",
+            meters.len(),
+            grown as f64 / counters as f64
+        )
+        .expect("results file");
+    }
     assert_eq!(state.customers_len(), customers);
 }
 

@@ -11,6 +11,10 @@ use tally_ingest::log::Record;
 use tally_schemas::event::{decode_batch, decode_event};
 use tally_schemas::{Catalog, ManualClock, TimePolicy, UsageEvent, wire};
 
+/// The allocator of the `tally` binary, so the figures are the ones it has.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NOW: i64 = 1_795_255_200_000; // 2026-11-21T10:00:00Z
 
 fn event_json(i: usize) -> String {

@@ -11,7 +11,14 @@
 //!    series of one customer through `GET /v1/usage` (p50 / p99).
 //! 4. freshness: under a steady background load, single events for fresh customers; the time
 //!    from the 202 until ClickHouse and until the enforcer show them (p50 / p99).
+//! 5. growth: how costs grow with customers (1k to 1M, 1M events each: ingest events/s,
+//!    aggregator events/s and peak memory, enforcer memory, period-summary latency) and with
+//!    stored events (1M to 100M: period-summary latency and aggregator events/s over that many
+//!    stored per-minute cells and retained de-duplication ids).
 //!
+//! The ingest section also runs `tally ingest` on the embedded default (no broker). With
+//! `BENCH_RESULTS` set, every figure is also appended to that file as `key<TAB>value` lines
+//! (`benches/run.sh` builds its table from them).
 //! Environment: `BENCH_KAFKA_FAST` (a broker for produce-only runs), `BENCH_KAFKA` (a broker
 //! for runs that consume), `BENCH_CLICKHOUSE` (HTTP URL), `TALLY_BIN` (the release binary).
 
@@ -32,6 +39,29 @@ const CLIENTS: usize = 8;
 const AGGREGATOR_EVENTS: usize = 200_000;
 const PROBES: usize = 60;
 const QUERY_CELLS: usize = 10_000_000;
+
+/// Appends one figure to `BENCH_RESULTS`, when set.
+fn result(key: &str, value: f64) {
+    use std::io::Write as _;
+    if let Ok(path) = std::env::var("BENCH_RESULTS")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(f, "{key}\t{value:.3}");
+    }
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run benches/pipeline.sh"))
@@ -152,30 +182,43 @@ fn migrate(env: &[(&str, String)]) {
     );
 }
 
-fn event_json(tag: &str, i: usize) -> Value {
+fn event_json(tag: &str, i: usize, customers: usize) -> Value {
     json!({"specversion": "1.0", "id": format!("{tag}-{i}"), "source": "edge-bench",
-           "type": "api_requests", "subject": format!("cust-{}", i % 10_000),
+           "type": "api_requests", "subject": format!("cust-{}", i % customers),
            "data": {"value": 1}})
 }
 
-/// `n` events as batch bodies of [`BATCH`].
+/// `n` events over 10,000 customers as batch bodies of [`BATCH`].
 fn bodies(tag: &str, n: usize) -> Vec<String> {
+    bodies_for(tag, n, 10_000)
+}
+
+fn bodies_for(tag: &str, n: usize, customers: usize) -> Vec<String> {
     (0..n / BATCH)
         .map(|b| {
-            Value::Array((0..BATCH).map(|i| event_json(tag, b * BATCH + i)).collect()).to_string()
+            Value::Array(
+                (0..BATCH)
+                    .map(|i| event_json(tag, b * BATCH + i, customers))
+                    .collect(),
+            )
+            .to_string()
         })
         .collect()
 }
 
 /// The same events as the log holds them: (customer key, protobuf bytes).
 fn encoded(tag: &str, n: usize) -> Vec<(String, Vec<u8>)> {
-    let now = 1_795_255_200_000;
+    encoded_for(tag, n, 10_000)
+}
+
+fn encoded_for(tag: &str, n: usize, customers: usize) -> Vec<(String, Vec<u8>)> {
+    let now = now_ms();
     (0..n)
         .map(|i| {
             let e = UsageEvent {
                 id: format!("{tag}-{i}"),
                 source: "edge-bench".into(),
-                customer: format!("cust-{}", i % 10_000),
+                customer: format!("cust-{}", i % customers),
                 meter: "api_requests".into(),
                 value: 1,
                 time_ms: now,
@@ -254,6 +297,154 @@ fn clickhouse(sql: &str) -> String {
         .unwrap_or_default()
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits until ClickHouse holds `events` events in `db`.
+fn wait_for_total(db: &str, events: usize) {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let n = clickhouse(&format!(
+            "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer != '' AND partition < 1000"
+        ));
+        if n.trim().parse::<usize>().unwrap_or(0) >= events {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the aggregator did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// p99 of a customer's current-period total through `GET /v1/usage` (100 requests over
+/// `customers` customers), in ms.
+fn period_summary_p99(api: &str, customers: usize) -> f64 {
+    let client = reqwest::blocking::Client::new();
+    let mut lat = Vec::new();
+    for q in 0..100 {
+        let url = format!(
+            "{api}/v1/usage?customer=cust-{}&meter=api_requests",
+            (q * 7919) % customers
+        );
+        let t = Instant::now();
+        let r = client.get(url).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.bytes().unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    percentile(&mut lat, 0.99)
+}
+
+/// Resident memory of a process now, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+const GROWTH_EVENTS: usize = 1_000_000;
+
+/// Costs against the number of customers, each step with [`GROWTH_EVENTS`] events.
+fn growth_with_customers(rt: &tokio::runtime::Runtime, fast: &str, durable: &str) {
+    println!("## growth with customers ({GROWTH_EVENTS} events per step)");
+    println!(
+        "| customers | ingest events/s | aggregator events/s | aggregator peak memory | enforcer memory | period summary p99 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for customers in [1_000, 10_000, 100_000, 1_000_000] {
+        let topic = unique("bench_grow_in");
+        let env = settings(fast, &topic, "bench");
+        migrate(&env[..3]);
+        let ingest = Tally::start("ingest", &env[..3]);
+        let tag = format!("gi{customers}");
+        let ingest_rate = post_all(&ingest.api, bodies_for(&tag, INGEST_EVENTS, customers));
+        drop(ingest);
+
+        let topic = unique("bench_grow");
+        let db = unique("bench");
+        let env = settings(durable, &topic, &db);
+        migrate(&env);
+        let events = encoded_for(&format!("g{customers}"), GROWTH_EVENTS, customers);
+        rt.block_on(raw_produce(durable, &topic, &events));
+        drop(events);
+        let started = Instant::now();
+        let aggregator = Tally::start("aggregator", &env);
+        wait_for_total(&db, GROWTH_EVENTS);
+        let agg_rate = GROWTH_EVENTS as f64 / started.elapsed().as_secs_f64();
+        let agg_mem = peak_rss_mib(aggregator.child.id());
+        // The enforcer loads every customer's period total from ClickHouse; ready once loaded
+        // and caught up with the topic.
+        let enforcer = Tally::start("enforcer", &env);
+        let enf_mem = rss_mib(enforcer.child.id());
+        let p99 = period_summary_p99(&aggregator.api, customers);
+        println!(
+            "| {customers} | {ingest_rate:.0} | {agg_rate:.0} | {agg_mem:.0} MiB | {enf_mem:.0} MiB | {p99:.1} ms |"
+        );
+        for (key, v) in [
+            ("ingest_rps", ingest_rate),
+            ("aggregator_rps", agg_rate),
+            ("aggregator_peak_mib", agg_mem),
+            ("enforcer_mib", enf_mem),
+            ("period_p99_ms", p99),
+        ] {
+            result(&format!("growth.customers.{customers}.{key}"), v);
+        }
+        clickhouse(&format!("DROP DATABASE IF EXISTS {db}"));
+    }
+}
+
+/// Costs against the number of stored events: 1,000 customers' per-minute cells (one event per
+/// cell, the worst case for roll-up) and as many retained de-duplication ids, grown to 1M, 10M
+/// and 100M; at each size the period summary's latency and the aggregator's rate on 200,000
+/// new events. The synthetic rows sit on partition 1000, which the topic does not have, so they
+/// cost space and lookups but never positions.
+fn growth_with_events(rt: &tokio::runtime::Runtime, durable: &str) {
+    println!("## growth with stored events (1,000 customers)");
+    println!("| stored events | period summary p99 | aggregator events/s on top |");
+    println!("|---|---|---|");
+    let topic = unique("bench_grow_ev");
+    let db = unique("bench");
+    let env = settings(durable, &topic, &db);
+    migrate(&env);
+    let now_s = now_ms() / 1000 / 60 * 60;
+    let (mut stored, mut on_topic) = (0usize, 0usize);
+    for size in [1_000_000usize, 10_000_000, 100_000_000] {
+        let add = size - stored;
+        // 20 days of minutes per customer, then again with the next batch key.
+        clickhouse(&format!(
+            "INSERT INTO {db}.usage_cells SELECT concat('cust-', toString(number % 1000)),
+             'api_requests', toDateTime({now_s} - (intDiv(number, 1000) % 28800) * 60), 1, 0,
+             toUInt32(1000), intDiv(number, 28800000) * 1000, intDiv(number, 28800000) * 1000 + 1000
+             FROM system.numbers LIMIT {stored}, {add}"
+        ));
+        clickhouse(&format!(
+            "INSERT INTO {db}.event_ids SELECT today(), toUInt32(1000), 'edge-bench',
+             concat('synthetic-', toString(number)), number
+             FROM system.numbers LIMIT {stored}, {add}"
+        ));
+        stored = size;
+        let events = encoded_for(&format!("ge{size}"), AGGREGATOR_EVENTS, 1000);
+        rt.block_on(raw_produce(durable, &topic, &events));
+        on_topic += AGGREGATOR_EVENTS;
+        let started = Instant::now();
+        let aggregator = Tally::start("aggregator", &env);
+        // The topic's events are on partitions below 1000; wait for all of them.
+        wait_for_total(&db, on_topic);
+        let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
+        let p99 = period_summary_p99(&aggregator.api, 1000);
+        println!("| {size} | {p99:.1} ms | {rate:.0} |");
+        result(&format!("growth.events.{size}.period_p99_ms"), p99);
+        result(&format!("growth.events.{size}.aggregator_rps"), rate);
+    }
+    clickhouse(&format!("DROP DATABASE IF EXISTS {db}"));
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -283,6 +474,7 @@ fn main() {
         );
         let (mut raw, mut tally, mut cpu, mut raw_cpu) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut emb, mut emb_cpu) = (Vec::new(), Vec::new());
         for run in 0..RUNS {
             let topic = unique("bench_raw");
             let env = settings(&fast, &topic, "bench");
@@ -300,32 +492,57 @@ fn main() {
             let before = ingest.cpu_seconds();
             tally.push(post_all(&ingest.api, bodies));
             cpu.push((ingest.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
+            drop(ingest);
+
+            // The embedded default: the same bodies into `tally ingest` with no broker.
+            let embedded = Tally::start("ingest", &[]);
+            let bodies = self::bodies(&format!("embedded{run}"), INGEST_EVENTS);
+            let before = embedded.cpu_seconds();
+            emb.push(post_all(&embedded.api, bodies));
+            emb_cpu.push((embedded.cpu_seconds() - before) / (INGEST_EVENTS as f64 / 1e6));
             println!(
-                "run {}: raw producer {:.0} events/s ({:.2} CPU s per million), tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million",
+                "run {}: raw producer {:.0} events/s ({:.2} CPU s per million), tally ingest {:.0} events/s ({:.2}x), ingest CPU {:.2} s per million; embedded {:.0} events/s, CPU {:.2} s per million",
                 run + 1,
                 raw[run],
                 raw_cpu[run],
                 tally[run],
                 tally[run] / raw[run],
-                cpu[run]
+                cpu[run],
+                emb[run],
+                emb_cpu[run]
             );
         }
         let ratios: Vec<f64> = tally.iter().zip(&raw).map(|(t, r)| t / r).collect();
+        let m = |v: &[f64]| median(&mut v.to_vec());
         println!(
-            "median: raw {:.0}/s ({:.2} CPU s per million), tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events",
-            median(&mut raw.clone()),
-            median(&mut raw_cpu.clone()),
-            median(&mut tally.clone()),
-            median(&mut ratios.clone()),
-            median(&mut cpu.clone())
+            "median: raw {:.0}/s ({:.2} CPU s per million), tally {:.0}/s, ratio {:.2}x, ingest CPU {:.2} s per million events; embedded {:.0}/s, CPU {:.2} s per million",
+            m(&raw),
+            m(&raw_cpu),
+            m(&tally),
+            m(&ratios),
+            m(&cpu),
+            m(&emb),
+            m(&emb_cpu)
         );
+        for (key, v) in [
+            ("ingest.raw.rps", &raw),
+            ("ingest.raw.cpu_s_per_m", &raw_cpu),
+            ("ingest.kafka.rps", &tally),
+            ("ingest.kafka.cpu_s_per_m", &cpu),
+            ("ingest.ratio", &ratios),
+            ("ingest.embedded.rps", &emb),
+            ("ingest.embedded.cpu_s_per_m", &emb_cpu),
+        ] {
+            result(key, m(v));
+        }
     }
 
     // 2. Aggregator throughput from a preloaded topic.
     if wants("aggregator") {
         println!("## aggregator ({AGGREGATOR_EVENTS} events preloaded)");
-        let mut rates = Vec::new();
-        let mut agg_cpu = Vec::new();
+        let (mut rates, mut agg_cpu, mut cell_rows, mut id_rows) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut enf_rates, mut enf_cpu) = (Vec::new(), Vec::new());
         for run in 0..RUNS {
             let topic = unique("bench_agg");
             let db = unique("bench");
@@ -348,6 +565,17 @@ fn main() {
             }
             let rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
             let cpu = aggregator.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
+            // Rows written per million events: usage cells (with the batches' marker rows) and
+            // de-duplication ids.
+            let per_million = |table: &str| {
+                let n: f64 = clickhouse(&format!("SELECT count() FROM {db}.{table}"))
+                    .trim()
+                    .parse()
+                    .unwrap_or(0.0);
+                n / (AGGREGATOR_EVENTS as f64 / 1e6)
+            };
+            cell_rows.push(per_million("usage_cells"));
+            id_rows.push(per_million("event_ids"));
             // An enforcer on the same topic, with an empty store of its own so that it reads
             // the topic from the start.
             let empty = settings(&durable, &topic, &unique("bench"));
@@ -365,17 +593,36 @@ fn main() {
             let enforcer_rate = AGGREGATOR_EVENTS as f64 / started.elapsed().as_secs_f64();
             let enforcer_cpu = enforcer.cpu_seconds() / (AGGREGATOR_EVENTS as f64 / 1e6);
             println!(
-                "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million; enforcer following the topic {enforcer_rate:.0} events/s, CPU {enforcer_cpu:.2} s per million",
-                run + 1
+                "run {}: {rate:.0} events/s, aggregator CPU {cpu:.2} s per million, {:.0} cell rows and {:.0} id rows per million events; enforcer following the topic {enforcer_rate:.0} events/s, CPU {enforcer_cpu:.2} s per million",
+                run + 1,
+                cell_rows[run],
+                id_rows[run]
             );
             rates.push(rate);
             agg_cpu.push(cpu);
+            enf_rates.push(enforcer_rate);
+            enf_cpu.push(enforcer_cpu);
         }
+        let m = |v: &[f64]| median(&mut v.to_vec());
         println!(
-            "median: {:.0} events/s, {:.2} CPU s per million events",
-            median(&mut rates),
-            median(&mut agg_cpu)
+            "median: {:.0} events/s, {:.2} CPU s per million events, {:.0} cell rows and {:.0} id rows per million; enforcer {:.0} events/s, {:.2} CPU s per million",
+            m(&rates),
+            m(&agg_cpu),
+            m(&cell_rows),
+            m(&id_rows),
+            m(&enf_rates),
+            m(&enf_cpu)
         );
+        for (key, v) in [
+            ("aggregator.rps", &rates),
+            ("aggregator.cpu_s_per_m", &agg_cpu),
+            ("aggregator.cell_rows_per_m", &cell_rows),
+            ("aggregator.id_rows_per_m", &id_rows),
+            ("enforcer.follow.rps", &enf_rates),
+            ("enforcer.follow.cpu_s_per_m", &enf_cpu),
+        ] {
+            result(key, m(v));
+        }
     }
 
     // 3. Queries on 10M stored cells (query-time roll-up by ClickHouse).
@@ -427,13 +674,23 @@ fn main() {
                     r.bytes().unwrap();
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
-                println!(
-                    "{name}: p50 {:.1} ms, p99 {:.1} ms",
-                    percentile(&mut lat, 0.5),
-                    percentile(&mut lat, 0.99)
-                );
+                let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+                println!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms");
+                let key = if name.starts_with("current") {
+                    "period"
+                } else {
+                    "hourly"
+                };
+                result(&format!("query.{key}.p50_ms"), p50);
+                result(&format!("query.{key}.p99_ms"), p99);
             }
         }
+    }
+
+    // 5. Growth (before freshness, which ends the run).
+    if wants("growth") {
+        growth_with_customers(&rt, &fast, &durable);
+        growth_with_events(&rt, &durable);
     }
 
     // 4. Freshness under load.
@@ -457,7 +714,7 @@ fn main() {
             while !stop.load(Ordering::Relaxed) {
                 let body = Value::Array(
                     (0..100)
-                        .map(|i| event_json(&format!("load{k}"), i))
+                        .map(|i| event_json(&format!("load{k}"), i, 10_000))
                         .collect(),
                 )
                 .to_string();
@@ -518,11 +775,23 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
+    let figures = [
+        ("freshness.clickhouse.p50_ms", percentile(&mut to_ch, 0.5)),
+        ("freshness.clickhouse.p99_ms", percentile(&mut to_ch, 0.99)),
+        (
+            "freshness.enforcer.p50_ms",
+            percentile(&mut to_enforcer, 0.5),
+        ),
+        (
+            "freshness.enforcer.p99_ms",
+            percentile(&mut to_enforcer, 0.99),
+        ),
+    ];
     println!(
         "202 -> ClickHouse: p50 {:.0} ms, p99 {:.0} ms; 202 -> enforcer: p50 {:.0} ms, p99 {:.0} ms",
-        percentile(&mut to_ch, 0.5),
-        percentile(&mut to_ch, 0.99),
-        percentile(&mut to_enforcer, 0.5),
-        percentile(&mut to_enforcer, 0.99)
+        figures[0].1, figures[1].1, figures[2].1, figures[3].1
     );
+    for (key, v) in figures {
+        result(key, v);
+    }
 }
