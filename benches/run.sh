@@ -27,6 +27,10 @@ mkdir -p "$OUT"
 export BENCH_RESULTS="$OUT/results.tsv"
 : > "$BENCH_RESULTS"
 started=$(date +%s)
+# CPU time the hypervisor gave to others while this VM wanted it: a noisy-neighbour gauge.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
+total() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t}' /proc/stat; }
+steal0=$(steal); total0=$(total)
 
 echo "== hot paths (criterion)" >&2
 cargo bench --locked --bench hot_paths > "$OUT/hot_paths.txt" 2>&1
@@ -62,13 +66,14 @@ else
 fi
 
 python3 - "$BENCH_RESULTS" "$(nproc)" "$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
-    "$(( ($(date +%s) - started) / 60 ))" <<'PY'
+    "$(( ($(date +%s) - started) / 60 ))" \
+    "$(python3 -c "print(f'{100 * ($(steal) - $steal0) / max(1, $(total) - $total0):.1f}')")" <<'PY'
 import sys
 r = {}
 for line in open(sys.argv[1]):
     k, v = line.rstrip("\n").split("\t")
     r[k] = float(v)
-cores, mem, minutes = sys.argv[2], sys.argv[3], sys.argv[4]
+cores, mem, minutes, steal = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 def g(k):
     return r.get(k)
 def fmt(v, unit="", digits=0):
@@ -154,7 +159,7 @@ for where in ["clickhouse", "enforcer"]:
         f"{fmt(g(f'freshness.{where}.p50_ms'))} / {fmt(p99, ' ms')}", "", "", "p99 < 1 s", None if p99 is None else p99 < 1000)
 
 print(f"Machine: {cores} cores, {mem} GiB; load generators, broker, ClickHouse and Tally share them. "
-      f"{minutes} minutes for the whole run.")
+      f"{minutes} minutes for the whole run; CPU time taken by the hypervisor's other guests (steal): {steal} %.")
 print()
 print("| area | measure | Tally | baseline (same run) | ratio | goal | met |")
 print("|---|---|---|---|---|---|---|")
