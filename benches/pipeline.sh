@@ -3,7 +3,7 @@
 # engine (produce-only throughput), one on its sqlite engine (runs that consume) and a ClickHouse
 # server, each in a private directory on free ports, runs the benchmark against them with the
 # release binary, and stops them. Arguments pick sections (default all):
-# `benches/pipeline.sh ingest,aggregator,queries,growth,freshness`. Needs what tests/run.sh installs
+# `benches/pipeline.sh ingest,aggregator,queries,growth,freshness` (growth = growth-customers,growth-events). Needs what tests/run.sh installs
 # (tansu, clickhouse-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
