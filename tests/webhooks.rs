@@ -45,6 +45,18 @@ async fn hook(
     StatusCode::NO_CONTENT
 }
 
+/// Serves `route` at `/hook` on a free port; the runtime keeps it running.
+fn serve_hook(route: axum::routing::MethodRouter) -> (tokio::runtime::Runtime, String) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = Router::new().route("/hook", route);
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (rt, url)
+}
+
 #[test]
 fn each_notification_is_delivered_once_by_one_of_two_replicas() {
     two_replicas(&[]);
@@ -61,16 +73,8 @@ fn each_notification_is_delivered_once_on_kafka_and_clickhouse() {
 }
 
 fn two_replicas(backends: &[(&str, &str)]) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let receiver = Arc::new(Mutex::new(Receiver::default()));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(hook))
-        .with_state(receiver.clone());
-    rt.spawn(async move { axum::serve(listener, app).await });
+    let (_rt, url) = serve_hook(post(hook).with_state(receiver.clone()));
 
     let dir = tempfile::tempdir().unwrap();
     let mut env = vec![
@@ -203,19 +207,11 @@ async fn flaky(State(r): State<Arc<Mutex<Flaky>>>, headers: HeaderMap) -> Status
 /// restart, and delivered once the receiver accepts it.
 #[test]
 fn a_delivery_interrupted_by_a_crash_resumes_after_the_restart() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let receiver = Arc::new(Mutex::new(Flaky {
         refusing: true,
         ..Flaky::default()
     }));
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(flaky))
-        .with_state(receiver.clone());
-    rt.spawn(async move { axum::serve(listener, app).await });
+    let (_rt, url) = serve_hook(post(flaky).with_state(receiver.clone()));
 
     let dir = tempfile::tempdir().unwrap();
     let env = [

@@ -22,6 +22,14 @@ use stripe_billing::billing_meter_event_adjustment::{
 
 use crate::Report;
 
+/// An idempotency key, or the refusal a report gets when its identifier cannot be one.
+fn idempotency_key(raw: String) -> Result<IdempotencyKey, Outcome> {
+    IdempotencyKey::new(raw).map_err(|e| Outcome::Rejected {
+        status: 0,
+        message: format!("identifier unusable as an idempotency key: {e}"),
+    })
+}
+
 /// What Stripe made of one meter event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -148,17 +156,24 @@ impl StripeMeters {
             .sum())
     }
 
+    /// A request's answer within the timeout, classified.
+    async fn outcome<T>(
+        &self,
+        sent: impl std::future::Future<Output = Result<T, StripeError>>,
+    ) -> Outcome {
+        match tokio::time::timeout(self.timeout, sent).await {
+            Err(_) => Outcome::Retryable("timed out".into()),
+            Ok(Ok(_)) => Outcome::Accepted,
+            Ok(Err(e)) => classify(e),
+        }
+    }
+
     /// Cancels a meter event Stripe accepted (within 24 hours of receiving it) with a meter
     /// event adjustment, idempotently.
     pub async fn cancel(&self, event_name: &str, identifier: &str) -> Outcome {
-        let key = match IdempotencyKey::new(format!("cancel:{identifier}")) {
+        let key = match idempotency_key(format!("cancel:{identifier}")) {
             Ok(k) => k,
-            Err(e) => {
-                return Outcome::Rejected {
-                    status: 0,
-                    message: format!("identifier unusable as an idempotency key: {e}"),
-                };
-            }
+            Err(refused) => return refused,
         };
         let mut cancel = CreateBillingMeterEventAdjustmentCancel::new();
         cancel.identifier = Some(identifier.to_owned());
@@ -167,30 +182,17 @@ impl StripeMeters {
             BillingMeterEventAdjustmentType::Cancel,
         )
         .cancel(cancel);
-        let sent = tokio::time::timeout(
-            self.timeout,
-            stripe::StripeRequest::customize(&request)
-                .request_strategy(RequestStrategy::Idempotent(key))
-                .send(&self.client),
-        )
-        .await;
-        match sent {
-            Err(_) => Outcome::Retryable("timed out".into()),
-            Ok(Ok(_)) => Outcome::Accepted,
-            Ok(Err(e)) => classify(e),
-        }
+        let sent = stripe::StripeRequest::customize(&request)
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(&self.client);
+        self.outcome(sent).await
     }
 
     /// Sends one report as a v1 meter event.
     pub async fn send(&self, report: &Report) -> Outcome {
-        let key = match IdempotencyKey::new(&report.identifier) {
+        let key = match idempotency_key(report.identifier.clone()) {
             Ok(k) => k,
-            Err(e) => {
-                return Outcome::Rejected {
-                    status: 0,
-                    message: format!("identifier unusable as an idempotency key: {e}"),
-                };
-            }
+            Err(refused) => return refused,
         };
         let payload = HashMap::from([
             (
@@ -202,18 +204,10 @@ impl StripeMeters {
         let request = CreateBillingMeterEvent::new(report.event_name.clone(), payload)
             .identifier(report.identifier.clone())
             .timestamp(report.timestamp_s);
-        let sent = tokio::time::timeout(
-            self.timeout,
-            stripe::StripeRequest::customize(&request)
-                .request_strategy(RequestStrategy::Idempotent(key))
-                .send(&self.client),
-        )
-        .await;
-        match sent {
-            Err(_) => Outcome::Retryable("timed out".into()),
-            Ok(Ok(_)) => Outcome::Accepted,
-            Ok(Err(e)) => classify(e),
-        }
+        let sent = stripe::StripeRequest::customize(&request)
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(&self.client);
+        self.outcome(sent).await
     }
 }
 
