@@ -462,8 +462,8 @@ async fn usage_series_by_window_and_gauges() {
     assert_eq!(
         b["points"],
         json!([
-            {"start": "2026-11-21T08:00:00Z", "value": 5},
-            {"start": "2026-11-21T09:00:00Z", "value": 4}
+            {"start": "2026-11-21T08:00:00Z", "end": "2026-11-21T09:00:00Z", "value": 5},
+            {"start": "2026-11-21T09:00:00Z", "end": "2026-11-21T10:00:00Z", "value": 4}
         ])
     );
     let (_, b) = t
@@ -472,8 +472,8 @@ async fn usage_series_by_window_and_gauges() {
     assert_eq!(
         b["points"],
         json!([
-            {"start": "2026-11-20T00:00:00Z", "value": 8},
-            {"start": "2026-11-21T00:00:00Z", "value": 9}
+            {"start": "2026-11-20T00:00:00Z", "end": "2026-11-21T00:00:00Z", "value": 8},
+            {"start": "2026-11-21T00:00:00Z", "end": "2026-11-22T00:00:00Z", "value": 9}
         ])
     );
     let (_, b) = t
@@ -481,7 +481,7 @@ async fn usage_series_by_window_and_gauges() {
         .await;
     assert_eq!(
         b["points"],
-        json!([{"start": "2026-11-01T00:00:00Z", "value": 17}])
+        json!([{"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z", "value": 17}])
     );
     t.wait_stored("ser", "wasm_modules", 3).await;
     let (_, b) = t.get("/v1/usage?customer=ser&meter=wasm_modules").await;

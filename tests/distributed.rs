@@ -23,7 +23,7 @@ use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use tally_aggregator::store::sqlite::SqliteStore;
 use tally_aggregator::store::{Applied, SnapshotRequest, UsageStore, WebhookDelivery};
 use tally_ingest::log::Record;
-use tally_schemas::{Aggregation, Catalog, UsageEvent};
+use tally_schemas::{Aggregation, Catalog, UsageEvent, Window};
 
 /// One isolated pipeline: its own topic, consumer group and database.
 struct Pipeline {
@@ -400,6 +400,97 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
     let store = ClickHouseStore::new(&config);
     rt.block_on(store.maintain(1_795_255_200_000)).unwrap();
     assert_eq!(count().trim(), "81");
+}
+
+/// The analytics queries (summary totals, top customers, totals per meter, series) give the
+/// same answers on ClickHouse as on the embedded store, with a batch written twice.
+#[test]
+fn the_analytics_queries_agree_on_both_stores() {
+    let ch = ClickHouse::shared();
+    let config = ClickHouseConfig::new(ch.http.clone(), unique_name("analytics"));
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::builtin();
+    let at = |t: &str| common::ms(t);
+    let rec = |offset: u64, customer: &str, meter: &str, value: u64, t: &str| {
+        let mut r = record(0, offset, &format!("q{offset}"), customer, value);
+        r.event.meter = meter.into();
+        r.event.time_ms = at(t);
+        r
+    };
+    let first = [
+        rec(0, "a", "api_requests", 300, "2026-11-02T00:00:00Z"),
+        rec(1, "b", "api_requests", 100, "2026-11-03T00:00:00Z"),
+        rec(2, "c", "api_requests", 150, "2026-11-04T00:00:00Z"),
+        rec(3, "a", "wasm_modules", 5, "2026-11-02T00:00:00Z"),
+    ];
+    let second = [
+        rec(4, "c", "api_requests", 50, "2026-11-21T09:00:00Z"),
+        rec(5, "d", "api_requests", 50, "2026-10-25T00:00:00Z"),
+        rec(6, "a", "wasm_modules", 1, "2026-11-05T00:00:00Z"),
+        rec(7, "b", "wasm_modules", 3, "2026-11-05T00:00:00Z"),
+        rec(8, "a", "api_requests", 7, "2026-11-02T00:00:30Z"),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        ClickHouseStore::migrate(&config).await.unwrap();
+        let clickhouse = ClickHouseStore::new(&config);
+        let sqlite = SqliteStore::open(dir.path().join("store.db")).unwrap();
+        let (nov, now) = (at("2026-11-01T00:00:00Z"), at("2026-11-21T10:00:00Z"));
+        let mut answers = Vec::new();
+        for store in [&clickhouse as &dyn UsageStore, &sqlite] {
+            let one = Rollup::from_records(&first, &catalog);
+            assert_eq!(store.apply(&one).await.unwrap(), Applied::Written);
+            store
+                .apply(&Rollup::from_records(&second, &catalog))
+                .await
+                .unwrap();
+            // The first batch again, as after a crash before the offsets were committed.
+            assert_eq!(store.apply(&one).await.unwrap(), Applied::Replay);
+            let meters = [
+                ("api_requests".to_owned(), Aggregation::Count),
+                ("wasm_modules".to_owned(), Aggregation::Latest),
+                ("build_minutes".to_owned(), Aggregation::Sum),
+            ];
+            let totals = store.totals("a", &meters, nov, now).await.unwrap();
+            assert_eq!(totals, [307, 1, 0]);
+            let top = store
+                .top_customers("api_requests", Aggregation::Count, nov, now, 2)
+                .await
+                .unwrap();
+            assert_eq!(top, [("a".to_owned(), 307), ("c".to_owned(), 200)]);
+            let top_gauge = store
+                .top_customers("wasm_modules", Aggregation::Latest, nov, now, 10)
+                .await
+                .unwrap();
+            assert_eq!(top_gauge, [("b".to_owned(), 3), ("a".to_owned(), 1)]);
+            let all = store
+                .meter_total("api_requests", Aggregation::Count, 0, now)
+                .await
+                .unwrap();
+            assert_eq!((all.usage, all.customers), (657, 4));
+            let gauge = store
+                .meter_total("wasm_modules", Aggregation::Latest, nov, now)
+                .await
+                .unwrap();
+            assert_eq!((gauge.usage, gauge.customers), (4, 2));
+            let series = store
+                .series(
+                    "a",
+                    "api_requests",
+                    Aggregation::Count,
+                    nov,
+                    now,
+                    Window::Minute,
+                )
+                .await
+                .unwrap();
+            answers.push((totals, top, top_gauge, series));
+        }
+        assert_eq!(answers[0], answers[1], "ClickHouse and SQLite agree");
+    });
 }
 
 /// The webhook outbox keeps the latest state of each (notification, URL) and forgets finished

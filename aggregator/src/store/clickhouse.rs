@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
-use super::{Applied, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
+use super::{Applied, MeterTotal, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::rollup::{Cell, Rollup};
 use crate::{Error, Result};
 
@@ -520,6 +520,118 @@ impl UsageStore for ClickHouseStore {
             window,
             aggregation,
         ))
+    }
+
+    async fn totals(
+        &self,
+        customer: &str,
+        meters: &[(String, Aggregation)],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<u64>> {
+        // Two reads of the customer's rows (the primary key's prefix), whatever the meters.
+        let sums = self
+            .client
+            .query(
+                "SELECT meter, sum(value) FROM usage_cells FINAL
+                 WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 GROUP BY meter",
+            )
+            .bind(customer)
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms));
+        let latest = self
+            .client
+            .query(
+                "SELECT meter, argMax(value, (minute, last_ms, value)) FROM usage_cells
+                 WHERE customer = ? AND minute < toDateTime(?) GROUP BY meter",
+            )
+            .bind(customer)
+            .bind(seconds(to_ms));
+        let (sums, latest) = tokio::try_join!(
+            sums.fetch_all::<(String, u64)>(),
+            latest.fetch_all::<(String, u64)>()
+        )
+        .map_err(ch)?;
+        let find = |rows: &[(String, u64)], meter: &str| {
+            rows.iter().find(|(m, _)| m == meter).map_or(0, |(_, v)| *v)
+        };
+        Ok(meters
+            .iter()
+            .map(|(meter, aggregation)| {
+                if aggregation.is_additive() {
+                    find(&sums, meter)
+                } else {
+                    find(&latest, meter)
+                }
+            })
+            .collect())
+    }
+
+    async fn top_customers(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>> {
+        let query = if aggregation.is_additive() {
+            self.client
+                .query(
+                    "SELECT customer, sum(value) AS v FROM usage_cells FINAL
+                     WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                     GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
+                )
+                .bind(meter)
+                .bind(seconds(from_ms))
+        } else {
+            self.client
+                .query(
+                    "SELECT customer, argMax(value, (minute, last_ms, value)) AS v FROM usage_cells
+                     WHERE meter = ? AND minute < toDateTime(?)
+                     GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
+                )
+                .bind(meter)
+        };
+        query
+            .bind(seconds(to_ms))
+            .bind(limit as u64)
+            .fetch_all()
+            .await
+            .map_err(ch)
+    }
+
+    async fn meter_total(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<MeterTotal> {
+        let query = if aggregation.is_additive() {
+            self.client
+                .query(
+                    "SELECT sum(v), count() FROM (
+                         SELECT customer, sum(value) AS v FROM usage_cells FINAL
+                         WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                         GROUP BY customer HAVING v > 0)",
+                )
+                .bind(meter)
+                .bind(seconds(from_ms))
+        } else {
+            self.client
+                .query(
+                    "SELECT sum(v), count() FROM (
+                         SELECT customer, argMax(value, (minute, last_ms, value)) AS v
+                         FROM usage_cells WHERE meter = ? AND minute < toDateTime(?)
+                         GROUP BY customer HAVING v > 0)",
+                )
+                .bind(meter)
+        };
+        let (usage, customers): (u64, u64) =
+            query.bind(seconds(to_ms)).fetch_one().await.map_err(ch)?;
+        Ok(MeterTotal { usage, customers })
     }
 
     async fn snapshot(&self, req: SnapshotRequest) -> Result<Snapshot> {

@@ -97,6 +97,47 @@ pub trait UsageStore: Send + Sync + 'static {
         window: Window,
     ) -> Result<Vec<(i64, u64)>>;
 
+    /// [`UsageStore::total`] of several meters of one customer over the same range, in the
+    /// order asked (the current-period summary).
+    async fn totals(
+        &self,
+        customer: &str,
+        meters: &[(String, Aggregation)],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(meters.len());
+        for (meter, aggregation) in meters {
+            out.push(
+                self.total(customer, meter, *aggregation, from_ms, to_ms)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The `limit` customers with the most usage of one meter over `[from_ms, to_ms)` (for
+    /// gauges: the latest value before `to_ms`), highest first, ties by customer id. Customers
+    /// without usage are left out.
+    async fn top_customers(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>>;
+
+    /// One meter's usage across every customer over `[from_ms, to_ms)` (for gauges: the sum
+    /// of each customer's latest value before `to_ms`), and how many customers it covers.
+    async fn meter_total(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<MeterTotal>;
+
     /// Period-to-date usage for the enforcer, in one consistent read.
     async fn snapshot(&self, request: SnapshotRequest) -> Result<Snapshot>;
 
@@ -128,6 +169,14 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Records a delivery's state; durable when this returns. A finished one (`done`) leaves
     /// the outbox.
     async fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<()>;
+}
+
+/// A meter's usage across customers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeterTotal {
+    pub usage: u64,
+    /// Customers with usage of the meter in the range.
+    pub customers: u64,
 }
 
 /// One notification webhook to one URL, as the enforcer's outbox keeps it between attempts.

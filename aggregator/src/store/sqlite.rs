@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tally_schemas::{Aggregation, Customer, Window};
 
-use super::{Applied, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
+use super::{Applied, MeterTotal, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::rollup::{Cell, Rollup};
 use crate::{Error, Result};
 
@@ -232,6 +232,69 @@ impl UsageStore for SqliteStore {
             // Rows come in time order: the last one in a bucket is the latest.
             let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(super::bucket(rows, window, aggregation))
+        })
+        .await
+    }
+
+    async fn top_customers(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>> {
+        let meter = meter.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(if aggregation.is_additive() {
+                "SELECT customer, SUM(value) AS v FROM usage_minute
+                 WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                 GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?4"
+            } else {
+                "SELECT customer, value AS v FROM (
+                     SELECT customer, value, ROW_NUMBER() OVER
+                         (PARTITION BY customer ORDER BY minute_ms DESC) AS n
+                     FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
+                 WHERE n = 1 AND v > 0 ORDER BY v DESC, customer LIMIT ?4"
+            })?;
+            let rows = stmt.query_map(params![meter, from_ms, to_ms, limit], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn meter_total(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<MeterTotal> {
+        let meter = meter.to_owned();
+        Self::with(&self.reader, move |c| {
+            let (usage, customers): (Option<i64>, i64) = c
+                .prepare_cached(if aggregation.is_additive() {
+                    "SELECT SUM(v), COUNT(*) FROM (
+                         SELECT customer, SUM(value) AS v FROM usage_minute
+                         WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                         GROUP BY customer HAVING v > 0)"
+                } else {
+                    "SELECT SUM(value), COUNT(*) FROM (
+                         SELECT customer, value, ROW_NUMBER() OVER
+                             (PARTITION BY customer ORDER BY minute_ms DESC) AS n
+                         FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
+                     WHERE n = 1 AND value > 0"
+                })?
+                .query_row(params![meter, from_ms, to_ms], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            Ok(MeterTotal {
+                usage: usage.unwrap_or(0).max(0) as u64,
+                customers: customers.max(0) as u64,
+            })
         })
         .await
     }
