@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State as AxState};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -331,6 +331,7 @@ impl App {
         tasks.close();
 
         let router = router
+            .route("/openapi.json", get(crate::openapi::openapi_json))
             .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
             .layer(middleware::from_fn(track))
             .layer(CatchPanicLayer::custom(|_| {
@@ -417,35 +418,83 @@ async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    enforcer: Option<Arc<State>>,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+/// The body of `/healthz` and `/readyz`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, `failed`, `ready` or `loading`.
+    pub status: &'static str,
+    /// Why a pipeline task failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Liveness (admin listener): 503 once a pipeline task failed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Running", body = Health),
+        (status = 503, description = "A pipeline task failed; the process is stopping", body = Health),
+    )
+)]
+pub(crate) async fn health(AxState(s): AxState<AdminState>) -> (StatusCode, Json<Health>) {
+    let failed = s.fatal.lock().ok().and_then(|f| f.clone());
+    match failed {
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "failed",
+                reason: Some(reason),
+            }),
+        ),
+        None => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok",
+                reason: None,
+            }),
+        ),
+    }
+}
+
+/// Readiness (admin listener): 503 while the enforcer loads its state.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Ready to serve", body = Health),
+        (status = 503, description = "The enforcer is loading its state", body = Health),
+    )
+)]
+pub(crate) async fn ready(AxState(s): AxState<AdminState>) -> (StatusCode, Json<Health>) {
+    let (status, word) = match s.enforcer {
+        Some(e) if !e.is_ready() => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        _ => (StatusCode::OK, "ready"),
+    };
+    (
+        status,
+        Json(Health {
+            status: word,
+            reason: None,
+        }),
+    )
+}
+
 fn admin_router(enforcer: Option<Arc<State>>, fatal: Arc<Mutex<Option<String>>>) -> Router {
-    let ready = move || {
-        let enforcer = enforcer.clone();
-        async move {
-            match enforcer {
-                Some(s) if !s.is_ready() => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(serde_json::json!({"status": "loading"})),
-                ),
-                _ => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))),
-            }
-        }
-    };
-    let health = move || {
-        let failed = fatal.lock().ok().and_then(|f| f.clone());
-        async move {
-            match failed {
-                Some(reason) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(serde_json::json!({"status": "failed", "reason": reason})),
-                ),
-                None => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))),
-            }
-        }
-    };
     Router::new()
         .route("/metrics", get(metrics::render))
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
+        .with_state(AdminState { enforcer, fatal })
 }
 
 /// Runs `components` on the given listeners until `shutdown` is cancelled or a pipeline task

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod config;
 pub mod metrics;
+pub mod openapi;
 pub mod telemetry;
 
 pub use app::{App, Component, run};

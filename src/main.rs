@@ -44,6 +44,8 @@ enum Command {
     Config,
     /// Create or upgrade the Kafka topics and the ClickHouse schema (idempotent).
     Migrate,
+    /// Print the OpenAPI document of the HTTP API.
+    Openapi,
     /// Billing tools.
     #[command(subcommand)]
     Billing(BillingCommand),
@@ -73,6 +75,10 @@ fn main() -> anyhow::Result<()> {
         Command::Aggregator => &[Component::Aggregator],
         Command::Enforcer => &[Component::Enforcer],
         Command::BillingSync => &[Component::BillingSync],
+        Command::Openapi => {
+            print!("{}", tally::openapi::pretty());
+            return Ok(());
+        }
         Command::Config => {
             print!("{}", toml::to_string(&config)?);
             return Ok(());

@@ -35,6 +35,13 @@ pub static HTTP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Prometheus metrics (admin listener), text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "admin",
+    responses((status = 200, description = "Every metric of the process", body = String, content_type = "text/plain; version=0.0.4"))
+)]
 pub async fn render() -> Response {
     let mut buf = Vec::new();
     let encoder = TextEncoder::new();

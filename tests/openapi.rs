@@ -1,6 +1,7 @@
-//! The OpenAPI document (`schemas/openapi.json`) and the server agree: every documented
-//! operation is served and answers a probe with a status the document lists for it, and every
-//! event error code the decoder can produce is documented.
+//! The OpenAPI document and the server agree: the committed copy (`schemas/openapi.json`) is
+//! the document generated from the code, every documented operation is served and answers a
+//! probe with a status the document lists for it, and every event error code the decoder can
+//! produce is documented.
 
 mod common;
 
@@ -10,9 +11,40 @@ use common::Tally;
 use serde_json::Value;
 use tower::ServiceExt;
 
+const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/openapi.json");
+
 fn document() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/openapi.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("openapi.json")).expect("valid JSON")
+    serde_json::from_str(&tally::openapi::pretty()).expect("valid JSON")
+}
+
+#[test]
+fn the_committed_document_is_the_generated_one() {
+    let committed = std::fs::read_to_string(COMMITTED).expect("schemas/openapi.json");
+    assert!(
+        committed == tally::openapi::pretty(),
+        "schemas/openapi.json differs from the code's document; \
+         regenerate it with `cargo run -- openapi > schemas/openapi.json`"
+    );
+}
+
+#[tokio::test]
+async fn the_document_is_served() {
+    let t = Tally::start().await;
+    let resp = t
+        .app
+        .router
+        .clone()
+        .oneshot(probe("/openapi.json", "get"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let served: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(served, document());
+    assert_eq!(served["openapi"], "3.1.0");
 }
 
 fn probe(path: &str, method: &str) -> Request<Body> {
@@ -22,6 +54,8 @@ fn probe(path: &str, method: &str) -> Request<Body> {
     let uri = match uri.as_str() {
         "/v1/check" if method == "get" => "/v1/check?customer=probe&meter=api_requests".to_string(),
         "/v1/usage" => "/v1/usage?customer=probe&meter=api_requests".to_string(),
+        "/v1/usage/summary" => "/v1/usage/summary?customer=probe".to_string(),
+        "/v1/usage/top" => "/v1/usage/top?meter=api_requests".to_string(),
         u => u.to_string(),
     };
     let body = match (path, method) {
@@ -71,7 +105,7 @@ async fn every_documented_operation_is_served_with_a_documented_status() {
             probed += 1;
         }
     }
-    assert_eq!(probed, 12, "operations probed");
+    assert_eq!(probed, 16, "operations probed");
     // And an undocumented path is not served.
     let resp = t
         .app
@@ -88,7 +122,7 @@ fn every_event_error_code_is_documented() {
     use tally_schemas::EventError as E;
     let doc = document();
     let documented: Vec<&str> =
-        doc["components"]["schemas"]["EventError"]["properties"]["code"]["enum"]
+        doc["components"]["schemas"]["EventFault"]["properties"]["code"]["enum"]
             .as_array()
             .expect("enum")
             .iter()
@@ -136,4 +170,5 @@ fn every_event_error_code_is_documented() {
     }
     let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();
     assert_eq!(codes, documented);
+    assert_eq!(codes, E::CODES);
 }

@@ -20,6 +20,7 @@ const VOLATILE: &[&str] = &[
     "from",
     "to",
     "start",
+    "end",
 ];
 
 /// `want` with the volatile members of `got` copied over, for comparison.

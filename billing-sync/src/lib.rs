@@ -135,7 +135,7 @@ impl Default for BillingSettings {
 }
 
 /// One meter event: what is sent, and the usage it covers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
     pub customer: String,
     pub meter: String,
@@ -154,7 +154,7 @@ pub struct Report {
 }
 
 /// A report Stripe refused, kept for operators.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rejected {
     pub report: Report,
     pub status: u16,
@@ -245,8 +245,10 @@ enum Due {
 }
 
 /// Counters of the running billing-sync, for `GET /v1/billing/status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Status {
+    /// `stripe`, or `dry-run` without a Stripe key.
+    #[schema(value_type = String)]
     pub mode: &'static str,
     pub rounds: u64,
     pub last_round_at: Option<String>,
@@ -257,6 +259,7 @@ pub struct Status {
     pub pending: u64,
     pub rejected: Vec<Rejected>,
     /// Stripe's meter error reports received by webhook (the most recent 100).
+    #[schema(value_type = Vec<Object>)]
     pub error_reports: Vec<serde_json::Value>,
 }
 
@@ -301,6 +304,23 @@ pub fn router(status: StatusHandle) -> Router {
         .with_state(status)
 }
 
+/// Billing-sync's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(status_handler, webhooks::receive),
+    components(schemas(Status, Rejected, Report))
+)]
+pub struct BillingApi;
+
+/// Billing-sync's state: mode, rounds, accepted reports, retries, reports pending after
+/// retryable failures, reports Stripe refused (set aside, not retried), and Stripe's meter
+/// error reports.
+#[utoipa::path(
+    get,
+    path = "/v1/billing/status",
+    tag = "billing",
+    responses((status = 200, description = "This process's billing-sync", body = Status))
+)]
 async fn status_handler(State(status): State<StatusHandle>) -> Json<Status> {
     Json(status.snapshot())
 }

@@ -109,7 +109,23 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now_s: i64) -> Result<(),
     Ok(())
 }
 
-async fn receive(
+/// Stripe webhook endpoint: subscription and invoice events set plans, billing periods and
+/// payment state; meter error reports are recorded. Requires a valid `Stripe-Signature`
+/// (HMAC-SHA256, 300 s tolerance).
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/stripe",
+    tag = "billing",
+    params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"t.body\">")),
+    request_body(content = Object, description = "A Stripe event", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Handled, or ignored (`{\"received\": true, ...}`)", body = Object),
+        (status = 400, description = "missing_signature, invalid_signature, signature_expired or malformed_json", body = tally_ingest::problem::Problem),
+        (status = 404, description = "not_configured: no stripe_webhook_secret", body = tally_ingest::problem::Problem),
+        (status = 503, description = "The store is unavailable; Stripe retries", body = tally_ingest::problem::Problem),
+    )
+)]
+pub(crate) async fn receive(
     State(hooks): State<Arc<StripeWebhooks>>,
     headers: HeaderMap,
     body: Bytes,

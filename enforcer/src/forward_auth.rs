@@ -16,7 +16,7 @@
 //! Every answer carries `RateLimit-Policy`, `RateLimit`, `Tally-Quota-State`, `Tally-Decision`
 //! and, when blocked, `Retry-After`, for the gateway to pass on.
 
-use axum::extract::{Path, State as AxState};
+use axum::extract::{RawPathParams, State as AxState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tally_ingest::problem::ApiError;
@@ -59,19 +59,40 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Forward-auth check for gateways (any method; Envoy appends the original path).
+#[utoipa::path(
+    get,
+    path = "/v1/forward-auth/{gateway}",
+    tag = "enforcer",
+    params(
+        ("gateway" = String, Path, description = "nginx, traefik or envoy"),
+        ("X-Tally-Customer" = Option<String>, Header, description = "The customer (or the first path segment after the gateway, except for envoy)"),
+        ("X-Tally-Meter" = Option<String>, Header, description = "Default api_requests"),
+        ("X-Tally-Quantity" = Option<u64>, Header, description = "Default 1"),
+    ),
+    responses(
+        (status = 200, description = "Allowed"),
+        (status = 400, description = "Invalid meter or quantity", body = tally_ingest::problem::Problem),
+        (status = 401, description = "No customer given", body = tally_ingest::problem::Problem),
+        (status = 403, description = "Blocked (nginx: `Tally-Decision: block`)"),
+        (status = 404, description = "Unknown gateway or meter", body = tally_ingest::problem::Problem),
+        (status = 429, description = "Blocked (Traefik, Envoy)", body = tally_ingest::problem::Problem),
+    )
+)]
 pub async fn handle(
     AxState(s): AxState<EnforcerHttp>,
-    Path(params): Path<Vec<(String, String)>>,
+    params: RawPathParams,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let gateway_name = params.first().map(|(_, v)| v.as_str()).unwrap_or("");
+    let params: Vec<(&str, &str)> = params.iter().collect();
+    let gateway_name = params.first().map(|(_, v)| *v).unwrap_or("");
     let gateway = Gateway::parse(gateway_name).ok_or_else(|| {
         ApiError::not_found(
             "unknown_gateway",
             "use /v1/forward-auth/nginx, traefik or envoy",
         )
     })?;
-    let rest = params.get(1).map(|(_, v)| v.as_str()).unwrap_or("");
+    let rest = params.get(1).map(|(_, v)| *v).unwrap_or("");
     let mut segments = rest.split('/').filter(|p| !p.is_empty());
     let (path_customer, path_meter) = if gateway == Gateway::Envoy {
         (None, None)

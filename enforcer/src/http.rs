@@ -23,9 +23,11 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use tally_aggregator::store::UsageStore;
+use tally_ingest::problem::Problem;
 use tally_ingest::problem::{ApiError, from_rejection};
 use tally_schemas::period::{parse_rfc3339, rfc3339};
 use tally_schemas::{Customer, Decision, Limit, UsageState};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::metrics;
 use crate::state::{Answer, CheckError, Question, State};
@@ -52,13 +54,45 @@ pub fn router(s: EnforcerHttp) -> Router {
         .with_state(s)
 }
 
+/// The enforcer's part of the OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        post_check,
+        get_check,
+        get_customer,
+        put_customer,
+        crate::forward_auth::handle
+    ),
+    components(schemas(
+        CheckRequest,
+        CheckReply,
+        CustomerUpdate,
+        CustomerView,
+        Decision,
+        UsageState
+    ))
+)]
+pub struct EnforcerApi;
+
 /// A quota question as JSON or query string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CheckRequest {
+    /// Customer id.
+    #[param(required = true)]
+    #[schema(required = true)]
     pub customer: Option<String>,
+    /// Meter name from the catalogue.
+    #[param(required = true)]
+    #[schema(required = true)]
     pub meter: Option<String>,
+    /// Units the caller is about to use (default 1; a check never counts usage). JSON may give
+    /// it as a string of digits.
     #[serde(default, deserialize_with = "quantity")]
+    #[param(minimum = 0)]
+    #[schema(minimum = 0)]
     pub quantity: Option<u64>,
 }
 
@@ -90,12 +124,13 @@ fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 }
 
 /// The decision body of `/v1/check`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CheckReply {
     pub decision: Decision,
     pub state: UsageState,
     pub customer: String,
     pub meter: String,
+    #[schema(value_type = String)]
     pub plan: Arc<str>,
     pub quantity: u64,
     pub usage: u64,
@@ -108,7 +143,10 @@ pub struct CheckReply {
     pub grace_until: Option<String>,
     /// Why a check was blocked: `quota` or `rate_limit`; absent when allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub reason: Option<&'static str>,
+    /// Present (true) when the enforcer answered from possibly stale state (its log is
+    /// unreachable).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub degraded: bool,
 }
@@ -337,6 +375,24 @@ fn respond(reply: CheckReply, a: &Answer) -> Response {
     resp
 }
 
+/// May the customer use `quantity` more of the meter?
+///
+/// 200 with the decision (allow, or warn between 80 % and the block), or 429 with the same
+/// members and `Retry-After` when blocked. Finite limits carry the `RateLimit-Policy`,
+/// `RateLimit` and `Tally-Quota-State` headers.
+#[utoipa::path(
+    post,
+    path = "/v1/check",
+    tag = "enforcer",
+    request_body = CheckRequest,
+    responses(
+        (status = 200, description = "Allowed (decision allow or warn)", body = CheckReply),
+        (status = 429, description = "Blocked: quota (110 %, or 100 % after the grace) or the plan's rate limit", body = CheckReply, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid request", body = Problem),
+        (status = 404, description = "Unknown meter", body = Problem),
+        (status = 503, description = "The enforcer is loading its state", body = Problem),
+    )
+)]
 async fn post_check(
     AxState(s): AxState<EnforcerHttp>,
     body: Result<Json<CheckRequest>, JsonRejection>,
@@ -374,6 +430,20 @@ pub fn parse_check_query(query: &str) -> Result<CheckRequest, ApiError> {
     Ok(req)
 }
 
+/// The same check, by query string.
+#[utoipa::path(
+    get,
+    path = "/v1/check",
+    tag = "enforcer",
+    params(CheckRequest),
+    responses(
+        (status = 200, description = "Allowed (decision allow or warn)", body = CheckReply),
+        (status = 429, description = "Blocked", body = CheckReply, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid request", body = Problem),
+        (status = 404, description = "Unknown meter", body = Problem),
+        (status = 503, description = "The enforcer is loading its state", body = Problem),
+    )
+)]
 async fn get_check(
     AxState(s): AxState<EnforcerHttp>,
     RawQuery(query): RawQuery,
@@ -388,24 +458,31 @@ fn some<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T
 }
 
 /// Body of `PUT /v1/customers/{id}`: members left out keep their value; `null` clears.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerUpdate {
+    /// A plan id from the catalogue.
     #[serde(default)]
     pub plan: Option<String>,
-    /// Replaces every override when present.
+    /// Per-meter limits replacing the plan's; replaces every override when present.
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<BTreeMap<String, Limit>>)]
     pub limits: Option<Option<BTreeMap<String, Limit>>>,
+    /// Billing periods start on this day and time of each month (RFC 3339).
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub period_anchor: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub stripe_customer_id: Option<Option<String>>,
     /// Normally set from Stripe's `invoice.payment_failed`; settable for manual dunning.
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub payment_failed_at: Option<Option<String>>,
 }
 
-#[derive(Debug, Serialize)]
+/// A customer's plan, overrides and billing period.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CustomerView {
     pub id: String,
     /// Whether Tally has a record for this customer (otherwise it is on the default plan).
@@ -452,6 +529,19 @@ fn time_member(name: &str, v: Option<String>) -> Result<Option<i64>, ApiError> {
     .transpose()
 }
 
+/// A customer's plan, overrides and billing period (customers never seen are on the default
+/// plan).
+#[utoipa::path(
+    get,
+    path = "/v1/customers/{id}",
+    tag = "customers",
+    params(("id" = String, Path, description = "Customer id: 1 to 128 of A-Z a-z 0-9 . _ : @ -")),
+    responses(
+        (status = 200, description = "The customer", body = CustomerView),
+        (status = 400, description = "Invalid customer id", body = Problem),
+        (status = 503, description = "The store is unavailable", body = Problem),
+    )
+)]
 async fn get_customer(
     AxState(s): AxState<EnforcerHttp>,
     Path(id): Path<String>,
@@ -467,6 +557,20 @@ async fn get_customer(
     Ok(Json(view(&s.state, id, &c, known)))
 }
 
+/// Assign a plan, limit overrides, a period anchor or a Stripe customer id.
+#[utoipa::path(
+    put,
+    path = "/v1/customers/{id}",
+    tag = "customers",
+    params(("id" = String, Path, description = "Customer id")),
+    request_body = CustomerUpdate,
+    responses(
+        (status = 200, description = "The customer as stored", body = CustomerView),
+        (status = 400, description = "Invalid id, unknown plan or meter, invalid time", body = Problem),
+        (status = 422, description = "A member of the wrong type", body = Problem),
+        (status = 503, description = "The store is unavailable", body = Problem),
+    )
+)]
 async fn put_customer(
     AxState(s): AxState<EnforcerHttp>,
     Path(id): Path<String>,

@@ -24,10 +24,11 @@ use axum::routing::post;
 use serde::Serialize;
 use tally_schemas::event::{decode_batch, decode_event, split_ndjson};
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
+use utoipa::{OpenApi, ToSchema};
 
 use crate::log::EventLog;
 use crate::metrics;
-use crate::problem::{ApiError, from_rejection};
+use crate::problem::{ApiError, Problem, from_rejection};
 
 /// Limits and rules of the ingest endpoint.
 #[derive(Debug, Clone)]
@@ -103,21 +104,87 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// An invalid event of a request.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventFault {
+    /// Position in the batch or NDJSON line (blank lines skipped).
     pub index: usize,
+    /// The event's error code.
     pub code: &'static str,
     pub message: String,
 }
 
-#[derive(Debug, Serialize)]
+/// The reply once the request's valid events are durable.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct IngestReply {
+    /// Events written to the log.
     pub accepted: usize,
+    /// Events whose (source, id) was already counted: acknowledged, not counted again.
     pub duplicates: usize,
+    /// Invalid events, listed in `errors`.
     pub rejected: usize,
     pub errors: Vec<EventFault>,
+    /// Present (true) when more events were invalid than `errors` lists.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub errors_truncated: bool,
+}
+
+/// A usage event as CloudEvents 1.0 JSON (the wire format the decoder reads; described here for
+/// the OpenAPI document).
+#[derive(ToSchema)]
+#[schema(example = json!({"specversion": "1.0", "id": "e-1", "source": "edge-fra-1",
+    "type": "api_requests", "subject": "cust_42", "time": "2026-11-21T10:00:00Z",
+    "data": {"value": 1}}))]
+pub struct CloudEvent {
+    /// Must be "1.0".
+    pub specversion: String,
+    /// Unique per source: the same (source, id) is counted once.
+    pub id: String,
+    /// The emitting node.
+    pub source: String,
+    /// The meter (a name from the catalogue).
+    #[schema(rename = "type")]
+    pub type_: String,
+    /// The customer id: 1 to 128 of A-Z a-z 0-9 . _ : @ -.
+    pub subject: String,
+    /// Event time (RFC 3339); default the time of receipt. Decides the billing period.
+    pub time: Option<String>,
+    pub data: Option<CloudEventData>,
+}
+
+/// The event's quantity.
+#[derive(ToSchema)]
+pub struct CloudEventData {
+    /// A whole number >= 0 in the meter's unit (default 1); a string of digits is accepted.
+    pub value: Option<u64>,
+}
+
+/// The ingest endpoint's part of the OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    paths(post_events),
+    components(schemas(CloudEvent, CloudEventData, IngestReply, EventFault)),
+    modifiers(&EventCodes)
+)]
+pub struct IngestApi;
+
+/// Lists every event error code in `EventFault.code`, from [`EventError::CODES`]. Apply it
+/// again after merging documents that also carry `EventFault`.
+pub struct EventCodes;
+
+impl utoipa::Modify for EventCodes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::Schema;
+        let Some(components) = doc.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(fault))) = components.schemas.get_mut("EventFault")
+            && let Some(RefOr::T(Schema::Object(code))) = fault.properties.get_mut("code")
+        {
+            code.enum_values = Some(EventError::CODES.iter().map(|c| (*c).into()).collect());
+        }
+    }
 }
 
 /// The events of one request, decoded.
@@ -197,6 +264,32 @@ fn decode_body(
     Ok(out)
 }
 
+/// Ingest usage events (CloudEvents 1.0).
+///
+/// A 202 is sent once every accepted event is durable. The same (source, id) is counted once.
+/// Invalid events are reported by index and never block the valid ones of the same request;
+/// when every event is invalid the reply is 400.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "ingest",
+    request_body(
+        description = "One event, a JSON array of events, or NDJSON (one event per line)",
+        content(
+            (CloudEvent = "application/json"),
+            (CloudEvent = "application/cloudevents+json"),
+            (Vec<CloudEvent> = "application/cloudevents-batch+json"),
+            (String = "application/x-ndjson")
+        )
+    ),
+    responses(
+        (status = 202, description = "Accepted events are durable", body = IngestReply),
+        (status = 400, description = "Malformed body or every event invalid (code: malformed_json, invalid_type, invalid_events or the single event's code; `errors` lists each event's)", body = Problem),
+        (status = 413, description = "body_too_large or too_many_events", body = Problem),
+        (status = 415, description = "unsupported_media_type", body = Problem),
+        (status = 503, description = "The log cannot take events now; nothing of the request was acknowledged. Retry after Retry-After seconds.", body = Problem),
+    )
+)]
 async fn post_events(
     State(state): State<IngestState>,
     headers: HeaderMap,

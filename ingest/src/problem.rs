@@ -14,6 +14,10 @@ pub struct Problem {
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
+    /// Ingest: how many events were invalid.
+    pub rejected: Option<usize>,
+    /// Ingest: each invalid event's error.
+    pub errors: Option<Vec<crate::http::EventFault>>,
 }
 
 #[derive(Debug, Clone)]

@@ -102,6 +102,30 @@ impl<'de> Deserialize<'de> for Limit {
     }
 }
 
+/// In the OpenAPI document: a whole number, or `"unlimited"` (`"custom"` is read as unlimited).
+impl utoipa::PartialSchema for Limit {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, SchemaType, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::new(Type::Integer))
+                    .minimum(Some(0)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::new(Type::String))
+                    .enum_values(Some(["unlimited", "custom"])),
+            )
+            .description(Some(
+                "Units per billing period (gauges: at any time), or unlimited",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Limit {}
+
 /// What happens when usage passes the plan's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

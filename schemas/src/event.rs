@@ -85,6 +85,25 @@ pub enum EventError {
 
 impl EventError {
     /// Stable, machine-readable code of the error.
+    /// Every [`EventError::code`], in declaration order.
+    pub const CODES: &'static [&'static str] = &[
+        "malformed_json",
+        "not_an_object",
+        "missing_field",
+        "invalid_type",
+        "unsupported_specversion",
+        "empty_field",
+        "field_too_long",
+        "invalid_customer",
+        "unknown_meter",
+        "invalid_time",
+        "event_too_old",
+        "event_in_future",
+        "value_not_integer",
+        "negative_value",
+        "value_out_of_range",
+    ];
+
     pub fn code(&self) -> &'static str {
         match self {
             EventError::MalformedJson(_) => "malformed_json",

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Limit, OnLimit, QuotaPolicy};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     Allow,
@@ -29,7 +29,7 @@ pub enum Decision {
 }
 
 /// How a dashboard shows a meter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageState {
     Ok,
