@@ -242,6 +242,7 @@ impl App {
                 catalog: catalog.clone(),
                 clock: clock.clone(),
             }));
+            router = router.merge(crate::dashboard::router());
             let settings = AggregatorSettings {
                 max_batch_events: config.aggregator_batch_events,
                 flush_interval: config.flush_interval,
@@ -332,6 +333,7 @@ impl App {
 
         let router = router
             .route("/openapi.json", get(crate::openapi::openapi_json))
+            .route("/v1/operator/stats", get(crate::operator::stats))
             .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
             .layer(middleware::from_fn(track))
             .layer(CatchPanicLayer::custom(|_| {

@@ -9,8 +9,10 @@
 
 pub mod app;
 pub mod config;
+pub mod dashboard;
 pub mod metrics;
 pub mod openapi;
+pub mod operator;
 pub mod telemetry;
 
 pub use app::{App, Component, run};

@@ -19,8 +19,14 @@ use utoipa::OpenApi;
         (url = "http://127.0.0.1:8080", description = "public API (TALLY_LISTEN)"),
         (url = "http://127.0.0.1:9090", description = "admin endpoints (TALLY_ADMIN_LISTEN)")
     ),
-    paths(crate::metrics::render, crate::app::health, crate::app::ready, openapi_json),
-    components(schemas(tally_ingest::problem::Problem, crate::app::Health))
+    paths(
+        crate::metrics::render,
+        crate::app::health,
+        crate::app::ready,
+        openapi_json,
+        crate::operator::stats
+    ),
+    components(schemas(tally_ingest::problem::Problem, crate::app::Health, crate::operator::OperatorStats))
 )]
 struct TallyApi;
 

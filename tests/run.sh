@@ -4,8 +4,9 @@
 # binary, nginx in front of the enforcer, the distributed pipeline on a real Kafka-compatible
 # broker and a real ClickHouse server, with their fault tests).
 #
-# Installs what is missing: Debian packages (nginx, curl, clickhouse-server) and the tansu broker
-# (cargo install, cached in $TALLY_TOOLS_DIR, default ~/.cache/tally-tools). Starts one broker
+# Installs what is missing: Debian packages (nginx, curl, clickhouse-server, chromium), the tansu
+# broker (cargo install) and playwright-core (npm, for the dashboard test in headless Chromium),
+# both cached in $TALLY_TOOLS_DIR (default ~/.cache/tally-tools). Starts one broker
 # and one ClickHouse server in private directories on free ports for the whole suite (tests use
 # a fresh topic and database each; fault tests start their own), and stops them at the end.
 set -euo pipefail
@@ -21,6 +22,8 @@ missing=()
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx-light)
 command -v curl >/dev/null || missing+=(curl)
 [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server clickhouse-client)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     install_debs "${missing[@]}"
@@ -34,6 +37,19 @@ if ! [ -x "$TANSU_BIN" ]; then
     CARGO_TARGET_DIR="$tools/tansu-target" cargo install tansu --version "$tansu_version" --locked \
         --features dynostore,libsql --root "$tools/tansu-$tansu_version" --quiet
 fi
+
+# playwright-core drives Chromium in the dashboard test; installed from the lock file, outside
+# the repository.
+node_dir="$tools/dashboard-node"
+if ! cmp -s tests/dashboard/package-lock.json "$node_dir/package-lock.json" \
+    || ! [ -d "$node_dir/node_modules/playwright-core" ]; then
+    echo "installing playwright-core (dashboard test)"
+    mkdir -p "$node_dir"
+    cp tests/dashboard/package.json tests/dashboard/package-lock.json "$node_dir/"
+    (cd "$node_dir" && npm ci --ignore-scripts --no-audit --no-fund --silent)
+fi
+export TALLY_TEST_NODE_PATH="$node_dir/node_modules"
+export TALLY_TEST_CHROMIUM=/usr/bin/chromium
 
 free_port() { tests/servers.sh free-port; }
 servers_dir="$(mktemp -d)"

@@ -98,6 +98,7 @@ pub async fn run(
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;
+    tokio::spawn(report_lag(log.clone(), store.clone(), shutdown.clone()));
     tracing::info!("aggregator started");
     loop {
         if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
@@ -149,6 +150,36 @@ pub async fn run(
     }
     tracing::info!("aggregator stopped");
     Ok(())
+}
+
+/// How often the consumer lag is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets `tally_log_consumer_lag{consumer="aggregator"}` every [`LAG_INTERVAL`]: the log's end
+/// offsets against the positions in the store, which are the whole consumer group's (every
+/// replica reports the same figures, and a stuck replica's partitions show their lag).
+async fn report_lag(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn UsageStore>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LAG_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match tokio::try_join!(
+            async { log.end_offsets().await.map_err(Error::from) },
+            store.offsets()
+        ) {
+            Ok((ends, positions)) => {
+                tally_ingest::metrics::set_lag("aggregator", &positions, &ends)
+            }
+            Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
+        }
+    }
 }
 
 /// How often the store's housekeeping runs.

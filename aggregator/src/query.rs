@@ -285,7 +285,12 @@ fn required(v: Option<String>, name: &str) -> Result<String, ApiError> {
 
 fn customer_param(v: Option<String>) -> Result<String, ApiError> {
     let customer = required(v, "customer")?;
-    tally_schemas::event::check_customer_id(&customer)?;
+    tally_schemas::event::check_customer_id(&customer).map_err(|e| {
+        ApiError::bad_request(
+            e.code(),
+            "`customer` must be 1-128 bytes of letters, digits and . _ : @ -",
+        )
+    })?;
     Ok(customer)
 }
 

@@ -202,6 +202,9 @@ async fn publish(
     }
 }
 
+/// How often the follower measures its consumer lag (`tally_log_consumer_lag`).
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Loads the state, then follows the log and the customer records until `shutdown`.
 pub async fn run(
     settings: EnforcerSettings,
@@ -226,6 +229,7 @@ pub async fn run(
     let mut refresh = tokio::time::interval(settings.customer_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut notes = Vec::new();
+    let mut lag_measured = std::time::Instant::now() - LAG_INTERVAL;
     loop {
         if !state.is_ready() {
             catch_up.retain(|(p, end)| position.get(p).copied().unwrap_or(0) < *end);
@@ -249,6 +253,13 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
                 }
                 metrics::CUSTOMERS.set(state.customers_len() as i64);
+                if lag_measured.elapsed() >= LAG_INTERVAL {
+                    lag_measured = std::time::Instant::now();
+                    match log.end_offsets().await {
+                        Ok(ends) => tally_ingest::metrics::set_lag("enforcer", &position, &ends),
+                        Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
+                    }
+                }
                 state.sweep_rate_limits();
             }
             batch = reader.poll(10_000, settings.follow_linger) => {

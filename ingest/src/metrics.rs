@@ -4,8 +4,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, register_histogram,
-    register_int_counter, register_int_counter_vec, register_int_gauge,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec,
 };
 
 /// Events by outcome: `accepted`, `duplicate`, `rejected`.
@@ -77,3 +78,32 @@ pub static ASSIGNED_PARTITIONS: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// Records on the log not yet processed, by consumer (`aggregator`, `enforcer`) and partition.
+pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        Opts::new(
+            "tally_log_consumer_lag",
+            "Records on the event log not yet processed, by consumer and partition"
+        ),
+        &["consumer", "partition"]
+    )
+    .expect("metric registers once")
+});
+
+/// Sets [`CONSUMER_LAG`] of `consumer` from its next offsets and the log's end offsets.
+/// Partitions without a position (never read by the consumer) are not reported.
+pub fn set_lag(
+    consumer: &str,
+    positions: &std::collections::BTreeMap<u32, u64>,
+    ends: &[(u32, u64)],
+) {
+    for &(partition, end) in ends {
+        let Some(&at) = positions.get(&partition) else {
+            continue;
+        };
+        CONSUMER_LAG
+            .with_label_values(&[consumer, &partition.to_string()])
+            .set(end.saturating_sub(at).min(i64::MAX as u64) as i64);
+    }
+}
