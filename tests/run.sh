@@ -4,9 +4,10 @@
 # binary, nginx in front of the enforcer, the distributed pipeline on a real Kafka-compatible
 # broker and a real ClickHouse server, with their fault tests).
 #
-# Installs what is missing: Debian packages (nginx, curl, clickhouse-server, chromium), the tansu
-# broker (cargo install) and playwright-core (npm, for the dashboard test in headless Chromium),
-# both cached in $TALLY_TOOLS_DIR (default ~/.cache/tally-tools). Starts one broker
+# Installs what is missing: Debian packages (nginx, curl, clickhouse-server, chromium, and the
+# linters of deploy/: prometheus for promtool, yamllint, docker-compose), the tansu broker (cargo
+# install), playwright-core (npm, for the dashboard test in headless Chromium) and
+# kubernetes-validate (PyPI), all three cached in $TALLY_TOOLS_DIR (default ~/.cache/tally-tools). Starts one broker
 # and one ClickHouse server in private directories on free ports for the whole suite (tests use
 # a fresh topic and database each; fault tests start their own), and stops them at the end.
 set -euo pipefail
@@ -24,6 +25,10 @@ command -v curl >/dev/null || missing+=(curl)
 [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server clickhouse-client)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs npm)
+# Linters of deploy/ (tests/deploy.rs): promtool, yamllint, docker-compose.
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v yamllint >/dev/null || missing+=(yamllint)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     install_debs "${missing[@]}"
@@ -50,6 +55,16 @@ if ! cmp -s tests/dashboard/package-lock.json "$node_dir/package-lock.json" \
 fi
 export TALLY_TEST_NODE_PATH="$node_dir/node_modules"
 export TALLY_TEST_CHROMIUM=/usr/bin/chromium
+
+# kubernetes-validate (Kubernetes' JSON schemas, offline) for the manifests in deploy/.
+kube_validate_version=1.37.0
+pyenv="$tools/pyenv"
+if ! "$pyenv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$kube_validate_version"; then
+    echo "installing kubernetes-validate $kube_validate_version"
+    python3 -m venv "$pyenv"
+    "$pyenv/bin/pip" install --quiet "kubernetes-validate==$kube_validate_version"
+fi
+export TALLY_TEST_KUBERNETES_VALIDATE="$pyenv/bin/kubernetes-validate"
 
 free_port() { tests/servers.sh free-port; }
 servers_dir="$(mktemp -d)"
