@@ -173,7 +173,8 @@ pub async fn migrate(config: &Config) -> Result<Vec<String>> {
     Ok(done)
 }
 
-fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventLog>> {
+/// The configured event log: Kafka when `kafka_brokers` is set, else the embedded one.
+pub fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventLog>> {
     if let Some(k) = kafka_config(config) {
         return Ok(Arc::new(KafkaLog::connect(k)?));
     }

@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod metrics;
 pub mod openapi;
 pub mod operator;
+pub mod replay;
 pub mod telemetry;
 
 pub use app::{App, Component, run};

@@ -46,9 +46,39 @@ enum Command {
     Migrate,
     /// Print the OpenAPI document of the HTTP API.
     Openapi,
+    /// Feed events again into the pipeline's log, idempotently: from a file of CloudEvents
+    /// (NDJSON or a JSON array), a Kafka topic or an embedded events.db. Exit status 2 when
+    /// some events were refused.
+    Replay(ReplayArgs),
     /// Billing tools.
     #[command(subcommand)]
     Billing(BillingCommand),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// A file of CloudEvents: one per line (NDJSON), or one JSON array.
+    #[arg(long, conflicts_with_all = ["from_topic", "from_events_db"])]
+    file: Option<PathBuf>,
+    /// A Kafka topic on the configured brokers (kafka_brokers).
+    #[arg(long, conflicts_with = "from_events_db")]
+    from_topic: Option<String>,
+    /// An embedded log: a copy of a data directory's events.db (with its -wal file), or a
+    /// backup made with SQLite's online backup.
+    #[arg(long)]
+    from_events_db: Option<PathBuf>,
+    /// Partitions of the topic to replay (default: all), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    partition: Vec<u32>,
+    /// First offset to replay in each partition.
+    #[arg(long, default_value_t = 0)]
+    from_offset: u64,
+    /// Offset to stop before in each partition (default: the end when the replay starts).
+    #[arg(long)]
+    to_offset: Option<u64>,
+    /// No progress bar (it is also hidden when standard error is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +105,30 @@ fn main() -> anyhow::Result<()> {
         Command::Aggregator => &[Component::Aggregator],
         Command::Enforcer => &[Component::Enforcer],
         Command::BillingSync => &[Component::BillingSync],
+        Command::Replay(args) => {
+            tally::telemetry::init(&config);
+            let summary = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(replay(&config, args))?;
+            println!(
+                "read {}, accepted {}, duplicates {}, rejected {}",
+                summary.read,
+                summary.accepted,
+                summary.duplicates,
+                summary.rejected_total()
+            );
+            for (code, n) in &summary.rejected {
+                println!("  rejected {code}: {n}");
+            }
+            for (at, message) in &summary.examples {
+                eprintln!("refused at {at}: {message}");
+            }
+            if summary.rejected_total() > 0 {
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
         Command::Openapi => {
             print!("{}", tally::openapi::pretty());
             return Ok(());
@@ -168,4 +222,48 @@ async fn signals(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now");
     std::process::exit(130);
+}
+
+async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<tally::replay::Summary> {
+    let clock: Arc<dyn tally_schemas::Clock> = Arc::new(tally_schemas::SystemClock);
+    let catalog = tally::app::load_catalog(config)?;
+    let policy = tally_schemas::TimePolicy {
+        late_window_ms: config.late_window.as_millis() as i64,
+        future_tolerance_ms: config.future_tolerance.as_millis() as i64,
+    };
+    let log = tally::app::open_log(config, clock.clone())?;
+    let progress = !args.no_progress;
+    let summary = match &args.file {
+        Some(path) => {
+            tally::replay::from_file(
+                path,
+                &catalog,
+                policy,
+                clock.as_ref(),
+                log.as_ref(),
+                progress,
+            )
+            .await?
+        }
+        None => {
+            let source = tally::replay::open_source(
+                config,
+                args.from_topic.as_deref(),
+                args.from_events_db.as_deref(),
+                clock.clone(),
+            )?;
+            tally::replay::from_log(
+                source.as_ref(),
+                &args.partition,
+                args.from_offset,
+                args.to_offset,
+                policy,
+                clock.as_ref(),
+                log.as_ref(),
+                progress,
+            )
+            .await?
+        }
+    };
+    Ok(summary)
 }
