@@ -7,8 +7,10 @@
 //!    process's CPU seconds per million events.
 //! 2. aggregator: a topic preloaded with events, then `tally aggregator` started: events/s until
 //!    ClickHouse holds them all, and its CPU seconds per million events.
-//! 3. queries: 10M per-minute cells loaded into ClickHouse, then the period total and an hourly
-//!    series of one customer through `GET /v1/usage` (p50 / p99).
+//! 3. queries: 10M per-minute cells loaded into ClickHouse, then through the query API (p50 /
+//!    p99): a customer's current-period summary across meters, one meter's period usage, an
+//!    hourly series and a CSV minute export of 7 days, the top 10 customers and the totals per
+//!    meter of the month.
 //! 4. freshness: under a steady background load, single events for fresh customers; the time
 //!    from the 202 until ClickHouse and until the enforcer show them (p50 / p99).
 //! 5. growth: how costs grow with customers (1k to 1M, 1M events each: ingest events/s,
@@ -659,24 +661,58 @@ fn main() {
             println!("loaded in {:.1} s", started.elapsed().as_secs_f64());
             let aggregator = Tally::start("aggregator", &env);
             let client = reqwest::blocking::Client::new();
-            for (name, query) in [
-                ("current-period total", "meter=api_requests"),
+            let from7 = tally_schemas::period::rfc3339(now_min as i64 * 1000 - 7 * 86_400_000);
+            // (key, what, path with {c} for the customer)
+            let queries = [
                 (
-                    "hourly series, last 7 days",
-                    "meter=api_requests&window=hour&from=-7d",
+                    "period",
+                    "current-period summary, every meter (/v1/usage/summary)",
+                    "/v1/usage/summary?customer=cust-{c}".to_owned(),
                 ),
-            ] {
+                (
+                    "meter_period",
+                    "current-period usage of one meter (/v1/usage)",
+                    "/v1/usage?customer=cust-{c}&meter=api_requests".to_owned(),
+                ),
+                (
+                    "hourly",
+                    "hourly series, last 7 days",
+                    format!(
+                        "/v1/usage?customer=cust-{{c}}&meter=api_requests&window=hour&from={from7}"
+                    ),
+                ),
+                (
+                    "minute_csv",
+                    "minute series, last 7 days, as CSV (10,000 rows, streamed)",
+                    format!(
+                        "/v1/usage?customer=cust-{{c}}&meter=api_requests&window=minute&from={from7}&format=csv"
+                    ),
+                ),
+                (
+                    "top",
+                    "top 10 customers this month, over every customer's cells",
+                    "/v1/usage/top?meter=api_requests&limit=10".to_owned(),
+                ),
+                (
+                    "totals",
+                    "totals per meter this month, over every cell",
+                    "/v1/usage/totals".to_owned(),
+                ),
+            ];
+            for (key, name, path) in queries {
+                // The scans of every customer are slower: fewer rounds.
+                let rounds = if matches!(key, "top" | "totals") {
+                    20
+                } else {
+                    200
+                };
                 let mut lat = Vec::new();
-                for q in 0..200 {
-                    let mut url = format!(
-                        "{}/v1/usage?customer=cust-{}&{query}",
+                for q in 0..rounds {
+                    let url = format!(
+                        "{}{}",
                         aggregator.api,
-                        (q * 37) % 1000
+                        path.replace("{c}", &((q * 37) % 1000).to_string())
                     );
-                    if url.ends_with("from=-7d") {
-                        let from = now_min as i64 * 1000 - 7 * 86_400_000;
-                        url = url.replace("-7d", &tally_schemas::period::rfc3339(from));
-                    }
                     let t = Instant::now();
                     let r = client.get(url).send().unwrap();
                     assert_eq!(r.status().as_u16(), 200);
@@ -684,12 +720,7 @@ fn main() {
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
                 let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
-                println!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms");
-                let key = if name.starts_with("current") {
-                    "period"
-                } else {
-                    "hourly"
-                };
+                println!("{name}: p50 {p50:.1} ms, p99 {p99:.1} ms ({rounds} requests)");
                 result(&format!("query.{key}.p50_ms"), p50);
                 result(&format!("query.{key}.p99_ms"), p99);
             }

@@ -149,10 +149,13 @@ row("aggregator", "rows written per million events: usage cells; de-duplication 
 row("enforcer", "following the topic: events/s; CPU s per million",
     f"{fmt(g('enforcer.follow.rps'))}; {fmt(g('enforcer.follow.cpu_s_per_m'), ' s', 2)}", "", "", "", None)
 p = g("query.period.p99_ms")
-row("query API", "period summary over 10M cells, p50 / p99",
+row("query API", "period summary (every meter) over 10M cells, p50 / p99",
     f"{fmt(g('query.period.p50_ms'), '', 1)} / {fmt(p, ' ms', 1)}", "", "", "p99 < 100 ms", None if p is None else p < 100)
-row("query API", "7-day hourly series over 10M cells, p50 / p99",
-    f"{fmt(g('query.hourly.p50_ms'), '', 1)} / {fmt(g('query.hourly.p99_ms'), ' ms', 1)}", "", "", "", None)
+for key, what in [("meter_period", "one meter's period usage"), ("hourly", "7-day hourly series"),
+                  ("minute_csv", "7-day minute series as CSV"), ("top", "top 10 customers of the month"),
+                  ("totals", "totals per meter of the month")]:
+    row("query API", f"{what} over 10M cells, p50 / p99",
+        f"{fmt(g(f'query.{key}.p50_ms'), '', 1)} / {fmt(g(f'query.{key}.p99_ms'), ' ms', 1)}", "", "", "", None)
 for where in ["clickhouse", "enforcer"]:
     p99 = g(f"freshness.{where}.p99_ms")
     row("freshness", f"202 -> visible in {'ClickHouse' if where == 'clickhouse' else 'the enforcer'}, p50 / p99",

@@ -476,6 +476,17 @@ fn the_analytics_queries_agree_on_both_stores() {
                 .await
                 .unwrap();
             assert_eq!((gauge.usage, gauge.customers), (4, 2));
+            let both = store.meter_totals(&meters, nov, now).await.unwrap();
+            let one_by_one = [
+                store
+                    .meter_total("api_requests", Aggregation::Count, nov, now)
+                    .await
+                    .unwrap(),
+                gauge,
+                Default::default(),
+            ];
+            assert_eq!(both, one_by_one);
+            assert_eq!((both[0].usage, both[0].customers), (607, 3));
             let series = store
                 .series(
                     "a",

@@ -888,20 +888,27 @@ async fn get_totals(
         Some(calendar_month(now).start_ms),
         now,
     )?;
-    let mut meters = Vec::with_capacity(s.catalog.meters.len());
-    for (name, meter) in &s.catalog.meters {
-        let t = s
-            .store
-            .meter_total(name, meter.aggregation, from, to)
-            .await
-            .map_err(|e| ApiError::unavailable(&e))?;
-        meters.push(MeterTotals {
+    let asked: Vec<(String, Aggregation)> = s
+        .catalog
+        .meters
+        .iter()
+        .map(|(name, m)| (name.clone(), m.aggregation))
+        .collect();
+    let found = s
+        .store
+        .meter_totals(&asked, from, to)
+        .await
+        .map_err(|e| ApiError::unavailable(&e))?;
+    let meters = asked
+        .iter()
+        .zip(found)
+        .map(|((name, _), t)| MeterTotals {
             meter: name.clone(),
-            unit: meter.unit.clone(),
+            unit: s.catalog.meters[name].unit.clone(),
             usage: t.usage,
             customers: t.customers,
-        });
-    }
+        })
+        .collect();
     let totals = Totals {
         from: rfc3339(from),
         to: rfc3339(to),

@@ -602,6 +602,74 @@ impl UsageStore for ClickHouseStore {
             .map_err(ch)
     }
 
+    async fn meter_totals(
+        &self,
+        meters: &[(String, Aggregation)],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<MeterTotal>> {
+        // One scan for the additive meters and one for the gauges, whatever their number.
+        let sums = self
+            .client
+            .query(
+                "SELECT meter, sum(v), count() FROM (
+                     SELECT meter, customer, sum(value) AS v FROM usage_cells FINAL
+                     WHERE minute >= toDateTime(?) AND minute < toDateTime(?)
+                     GROUP BY meter, customer HAVING v > 0)
+                 GROUP BY meter",
+            )
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms));
+        let latest = self
+            .client
+            .query(
+                "SELECT meter, sum(v), count() FROM (
+                     SELECT meter, customer, argMax(value, (minute, last_ms, value)) AS v
+                     FROM usage_cells WHERE minute < toDateTime(?)
+                     GROUP BY meter, customer HAVING v > 0)
+                 GROUP BY meter",
+            )
+            .bind(seconds(to_ms));
+        let additive = meters.iter().any(|(_, a)| a.is_additive());
+        let gauges = meters.iter().any(|(_, a)| !a.is_additive());
+        let (sums, latest) = tokio::try_join!(
+            async {
+                if additive {
+                    sums.fetch_all::<(String, u64, u64)>().await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+            async {
+                if gauges {
+                    latest.fetch_all::<(String, u64, u64)>().await
+                } else {
+                    Ok(Vec::new())
+                }
+            }
+        )
+        .map_err(ch)?;
+        let find = |rows: &[(String, u64, u64)], meter: &str| {
+            rows.iter().find(|(m, _, _)| m == meter).map_or(
+                MeterTotal::default(),
+                |(_, usage, customers)| MeterTotal {
+                    usage: *usage,
+                    customers: *customers,
+                },
+            )
+        };
+        Ok(meters
+            .iter()
+            .map(|(meter, aggregation)| {
+                if aggregation.is_additive() {
+                    find(&sums, meter)
+                } else {
+                    find(&latest, meter)
+                }
+            })
+            .collect())
+    }
+
     async fn meter_total(
         &self,
         meter: &str,

@@ -138,6 +138,24 @@ pub trait UsageStore: Send + Sync + 'static {
         to_ms: i64,
     ) -> Result<MeterTotal>;
 
+    /// [`UsageStore::meter_total`] of several meters, in the order asked, in as few reads as
+    /// the store can.
+    async fn meter_totals(
+        &self,
+        meters: &[(String, Aggregation)],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<MeterTotal>> {
+        let mut out = Vec::with_capacity(meters.len());
+        for (meter, aggregation) in meters {
+            out.push(
+                self.meter_total(meter, *aggregation, from_ms, to_ms)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Period-to-date usage for the enforcer, in one consistent read.
     async fn snapshot(&self, request: SnapshotRequest) -> Result<Snapshot>;
 
