@@ -109,6 +109,45 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now_s: i64) -> Result<(),
     Ok(())
 }
 
+/// A Stripe event's envelope: what the webhook endpoint reads before acting on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StripeEvent {
+    pub id: String,
+    pub kind: String,
+    pub created: i64,
+    /// `data.object` (`null` when absent).
+    pub object: Value,
+}
+
+/// Parses a (signature-checked) webhook body: 400 `malformed_json` or `invalid_event` when it is
+/// not a Stripe event.
+pub fn parse_event(body: &[u8]) -> Result<StripeEvent, ApiError> {
+    let mut event: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("event: {e}")))?;
+    let (Some(id), Some(kind), Some(created)) = (
+        event["id"].as_str(),
+        event["type"].as_str(),
+        event["created"].as_i64(),
+    ) else {
+        return Err(ApiError::bad_request(
+            "invalid_event",
+            "an event needs `id`, `type` and `created`",
+        ));
+    };
+    let (id, kind) = (id.to_owned(), kind.to_owned());
+    let object = event
+        .get_mut("data")
+        .and_then(|d| d.get_mut("object"))
+        .map(Value::take)
+        .unwrap_or(Value::Null);
+    Ok(StripeEvent {
+        id,
+        kind,
+        created,
+        object,
+    })
+}
+
 /// Stripe webhook endpoint: subscription and invoice events set plans, billing periods and
 /// payment state; meter error reports are recorded. Requires a valid `Stripe-Signature`
 /// (HMAC-SHA256, 300 s tolerance).
@@ -146,19 +185,13 @@ pub(crate) async fn receive(
         ));
     };
     verify(secret, header, &body, hooks.clock.now_ms().div_euclid(1000))?;
-    let event: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("event: {e}")))?;
-    let (Some(id), Some(kind), Some(created)) = (
-        event["id"].as_str(),
-        event["type"].as_str(),
-        event["created"].as_i64(),
-    ) else {
-        return Err(ApiError::bad_request(
-            "invalid_event",
-            "an event needs `id`, `type` and `created`",
-        ));
-    };
-    let object = &event["data"]["object"];
+    let event = parse_event(&body)?;
+    let (id, kind, created, object) = (
+        event.id.as_str(),
+        event.kind.as_str(),
+        event.created,
+        &event.object,
+    );
     let outcome = match kind {
         "customer.subscription.created"
         | "customer.subscription.updated"
