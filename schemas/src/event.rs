@@ -161,6 +161,29 @@ struct CloudEventIn<'a> {
     data: Option<DataIn>,
 }
 
+/// A [`CloudEventIn`] read only from a JSON object: derived struct deserializers also take a
+/// JSON array (fields by position), which would let `["1.0", "id", ...]` pass as an event.
+struct ObjectOnly<'a>(CloudEventIn<'a>);
+
+impl<'de> Deserialize<'de> for ObjectOnly<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = CloudEventIn<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a CloudEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                CloudEventIn::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Object).map(ObjectOnly)
+    }
+}
+
 #[derive(Deserialize)]
 struct DataIn {
     #[serde(default)]
@@ -245,7 +268,7 @@ impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(raw) = seq.next_element::<CloudEventIn<'de>>()? {
+        while let Some(ObjectOnly(raw)) = seq.next_element::<ObjectOnly<'de>>()? {
             out.push(validate(raw, self.catalog, self.policy, self.now_ms));
         }
         Ok(out)
@@ -406,6 +429,19 @@ mod tests {
 
     fn decode(json: &str) -> Result<UsageEvent, EventError> {
         decode_event(json, &Catalog::builtin(), &TimePolicy::default(), NOW)
+    }
+
+    /// Found by the `event_batch` fuzz target: a batch element that is an array was decoded
+    /// field by field (derived struct deserializers take arrays) instead of refused.
+    #[test]
+    fn a_batch_element_that_is_an_array_is_not_an_event() {
+        let body = r#"[[], ["1.0", "e-1", "edge", "api_requests", "cust_42"], {"specversion":"1.0","id":"e-2","source":"edge","type":"api_requests","subject":"cust_42"}]"#;
+        let got = decode_batch(body, &Catalog::builtin(), &TimePolicy::default(), NOW).unwrap();
+        let codes: Vec<&str> = got
+            .iter()
+            .map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok"))
+            .collect();
+        assert_eq!(codes, ["not_an_object", "not_an_object", "ok"]);
     }
 
     #[test]
