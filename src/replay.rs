@@ -68,7 +68,17 @@ struct Feeder<'a> {
     summary: Summary,
 }
 
-impl Feeder<'_> {
+impl<'a> Feeder<'a> {
+    fn new(log: &'a dyn EventLog, policy: TimePolicy, clock: &'a dyn Clock) -> Feeder<'a> {
+        Feeder {
+            log,
+            policy,
+            clock,
+            batch: Vec::with_capacity(BATCH),
+            summary: Summary::default(),
+        }
+    }
+
     async fn push(&mut self, at: u64, event: Result<UsageEvent, EventError>) -> Result<()> {
         self.summary.read += 1;
         let event = event.and_then(|e| {
@@ -143,13 +153,7 @@ pub async fn from_file(
         ProgressBar::hidden()
     };
     let mut reader = std::io::BufReader::with_capacity(1 << 20, bar.wrap_read(file));
-    let mut feeder = Feeder {
-        log,
-        policy,
-        clock,
-        batch: Vec::with_capacity(BATCH),
-        summary: Summary::default(),
-    };
+    let mut feeder = Feeder::new(log, policy, clock);
     let mut first = String::new();
     // Skip leading blank lines to see whether the file is one JSON array.
     while reader.read_line(&mut first)? > 0 && first.trim().is_empty() {
@@ -230,13 +234,7 @@ pub async fn from_log(
     } else {
         ProgressBar::hidden()
     };
-    let mut feeder = Feeder {
-        log,
-        policy,
-        clock,
-        batch: Vec::with_capacity(BATCH),
-        summary: Summary::default(),
-    };
+    let mut feeder = Feeder::new(log, policy, clock);
     let mut idle = 0;
     while !ranges.is_empty() {
         let records = reader.poll(BATCH, Duration::from_millis(200)).await?;

@@ -7,7 +7,8 @@
 # Installs what is missing: Debian packages (nginx, curl, clickhouse-server, chromium, and the
 # linters of deploy/: prometheus for promtool, yamllint, docker-compose), the tansu broker (cargo
 # install), playwright-core (npm, for the dashboard test in headless Chromium) and
-# kubernetes-validate (PyPI), all three cached in $TALLY_TOOLS_DIR (default ~/.cache/tally-tools). Starts one broker
+# kubernetes-validate (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default
+# ~/.cache/tally-tools). Ends with the fuzz smoke runs (fuzz/run.sh smoke). Starts one broker
 # and one ClickHouse server in private directories on free ports for the whole suite (tests use
 # a fresh topic and database each; fault tests start their own), and stops them at the end.
 set -euo pipefail
@@ -66,6 +67,16 @@ if ! "$pyenv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$kube_va
 fi
 export TALLY_TEST_KUBERNETES_VALIDATE="$pyenv/bin/kubernetes-validate"
 
+# cargo-fuzz for the fuzz smoke runs (fuzz/run.sh smoke).
+cargo_fuzz_version=0.13.2
+if ! "$tools/cargo-fuzz/bin/cargo-fuzz" --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then
+    echo "installing cargo-fuzz $cargo_fuzz_version"
+    CARGO_TARGET_DIR="$tools/cargo-fuzz-target" cargo install cargo-fuzz --version "$cargo_fuzz_version" \
+        --locked --root "$tools/cargo-fuzz" --quiet
+    rm -rf "$tools/cargo-fuzz-target"
+fi
+export PATH="$tools/cargo-fuzz/bin:$PATH"
+
 free_port() { tests/servers.sh free-port; }
 servers_dir="$(mktemp -d)"
 pids=()
@@ -95,3 +106,5 @@ echo "servers: kafka $TALLY_TEST_KAFKA_BROKERS, clickhouse $TALLY_TEST_CLICKHOUS
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Every fuzz target from the committed corpus, 100,000 executions each (fuzz/README.md).
+fuzz/run.sh smoke

@@ -268,6 +268,28 @@ impl ClickHouseStore {
     }
 }
 
+/// For each of `meters`, in order, its row from `additive` or `gauges` (by the meter's kind), or
+/// the default when the query returned none (no usage).
+fn per_meter<T: Clone + Default>(
+    meters: &[(String, Aggregation)],
+    additive: &[(String, T)],
+    gauges: &[(String, T)],
+) -> Vec<T> {
+    meters
+        .iter()
+        .map(|(meter, aggregation)| {
+            let rows = if aggregation.is_additive() {
+                additive
+            } else {
+                gauges
+            };
+            rows.iter()
+                .find(|(m, _)| m == meter)
+                .map_or_else(T::default, |(_, v)| v.clone())
+        })
+        .collect()
+}
+
 /// Appends `s` as a ClickHouse string literal.
 fn quote(s: &str, out: &mut String) {
     out.push('\'');
@@ -553,19 +575,7 @@ impl UsageStore for ClickHouseStore {
             latest.fetch_all::<(String, u64)>()
         )
         .map_err(ch)?;
-        let find = |rows: &[(String, u64)], meter: &str| {
-            rows.iter().find(|(m, _)| m == meter).map_or(0, |(_, v)| *v)
-        };
-        Ok(meters
-            .iter()
-            .map(|(meter, aggregation)| {
-                if aggregation.is_additive() {
-                    find(&sums, meter)
-                } else {
-                    find(&latest, meter)
-                }
-            })
-            .collect())
+        Ok(per_meter(meters, &sums, &latest))
     }
 
     async fn top_customers(
@@ -649,25 +659,12 @@ impl UsageStore for ClickHouseStore {
             }
         )
         .map_err(ch)?;
-        let find = |rows: &[(String, u64, u64)], meter: &str| {
-            rows.iter().find(|(m, _, _)| m == meter).map_or(
-                MeterTotal::default(),
-                |(_, usage, customers)| MeterTotal {
-                    usage: *usage,
-                    customers: *customers,
-                },
-            )
+        let total = |rows: Vec<(String, u64, u64)>| -> Vec<(String, MeterTotal)> {
+            rows.into_iter()
+                .map(|(m, usage, customers)| (m, MeterTotal { usage, customers }))
+                .collect()
         };
-        Ok(meters
-            .iter()
-            .map(|(meter, aggregation)| {
-                if aggregation.is_additive() {
-                    find(&sums, meter)
-                } else {
-                    find(&latest, meter)
-                }
-            })
-            .collect())
+        Ok(per_meter(meters, &total(sums), &total(latest)))
     }
 
     async fn meter_total(
