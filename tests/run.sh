@@ -104,6 +104,7 @@ done
 echo "servers: kafka $TALLY_TEST_KAFKA_BROKERS, clickhouse $TALLY_TEST_CLICKHOUSE_URL"
 
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # Every fuzz target from the committed corpus, 100,000 executions each (fuzz/README.md).
