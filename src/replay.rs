@@ -209,6 +209,12 @@ pub async fn from_log(
     progress: bool,
 ) -> Result<Summary> {
     let ends = source.end_offsets().await?;
+    if let Some(p) = partitions
+        .iter()
+        .find(|p| !ends.iter().any(|(q, _)| q == *p))
+    {
+        return Err(Error::Config(format!("the source has no partition {p}")));
+    }
     let mut reader: Box<dyn LogReader> = source.reader()?;
     // Remaining range per partition; partitions not replayed are moved to their end.
     let mut ranges: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
@@ -221,12 +227,6 @@ pub async fn from_log(
         } else {
             reader.seek(p, end);
         }
-    }
-    if let Some(p) = partitions
-        .iter()
-        .find(|p| !ends.iter().any(|(q, _)| q == *p))
-    {
-        return Err(Error::Config(format!("the source has no partition {p}")));
     }
     let total: u64 = ranges.values().map(|(a, b)| b - a).sum();
     let bar = if progress {

@@ -71,8 +71,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(tail.len());
-        // Skip identifiers that merely end in tally_ (none expected) and labels such as
-        // tally_customer_id that are not metrics (they never appear in these files).
+        // Only names that start at a word boundary (not the tail of a longer identifier).
         if i == 0 || !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
             out.insert(tail[..end].to_owned());
         }

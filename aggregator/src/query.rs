@@ -279,6 +279,16 @@ fn lookup<'c>(catalog: &'c Catalog, meter: &str) -> Result<&'c Meter, ApiError> 
         .ok_or_else(|| ApiError::not_found("unknown_meter", format!("no meter named `{meter}`")))
 }
 
+/// Every meter of the catalogue with its aggregation, in name order (what the store's
+/// several-meter reads take).
+fn catalog_meters(catalog: &Catalog) -> Vec<(String, Aggregation)> {
+    catalog
+        .meters
+        .iter()
+        .map(|(name, m)| (name.clone(), m.aggregation))
+        .collect()
+}
+
 fn required(v: Option<String>, name: &str) -> Result<String, ApiError> {
     v.ok_or_else(|| ApiError::bad_request("missing_parameter", format!("`{name}` is required")))
 }
@@ -706,12 +716,7 @@ async fn get_summary(
     let now = s.clock.now_ms();
     let record = record(&s, &customer).await?;
     let period = record.period_at(now);
-    let meters: Vec<(String, Aggregation)> = s
-        .catalog
-        .meters
-        .iter()
-        .map(|(name, m)| (name.clone(), m.aggregation))
-        .collect();
+    let meters = catalog_meters(&s.catalog);
     let usage = s
         .store
         .totals(&customer, &meters, period.start_ms, period.end_ms)
@@ -888,12 +893,7 @@ async fn get_totals(
         Some(calendar_month(now).start_ms),
         now,
     )?;
-    let asked: Vec<(String, Aggregation)> = s
-        .catalog
-        .meters
-        .iter()
-        .map(|(name, m)| (name.clone(), m.aggregation))
-        .collect();
+    let asked = catalog_meters(&s.catalog);
     let found = s
         .store
         .meter_totals(&asked, from, to)
