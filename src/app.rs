@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::auth::KeyRing;
 use crate::config::Config;
 use crate::{Error, Result, metrics};
 
@@ -58,6 +59,8 @@ pub struct App {
     pub admin: Router,
     /// The enforcer's state, when the enforcer runs here.
     pub enforcer: Option<Arc<State>>,
+    /// The API keys (see [`crate::auth`]).
+    pub keys: Arc<KeyRing>,
     tasks: TaskTracker,
     stop: CancellationToken,
     fatal: Arc<Mutex<Option<String>>>,
@@ -145,6 +148,22 @@ pub async fn reconcile(
     .map_err(Error::from)
 }
 
+/// The API keys of the configured store, read (`tally keys`).
+pub async fn key_ring(config: &Config) -> Result<KeyRing> {
+    let ring = KeyRing::new(
+        open_store(config)?,
+        Arc::new(tally_schemas::SystemClock),
+        None,
+        false,
+        config.max_batch_events,
+    );
+    ring.refresh().await.map_err(|e| match e {
+        crate::auth::KeyError::Store(e) => Error::Store(e),
+        other => Error::Config(other.to_string()),
+    })?;
+    Ok(ring)
+}
+
 /// `tally migrate`: creates or upgrades the Kafka topics and the ClickHouse schema that the
 /// configuration names; idempotent. Returns what it did, one line each.
 pub async fn migrate(config: &Config) -> Result<Vec<String>> {
@@ -209,11 +228,11 @@ impl App {
         } else {
             None
         };
-        let needs_store = !components.is_empty() && components != [Component::Ingest];
-        let store = if needs_store {
-            Some(open_store(config)?)
-        } else {
+        // Every component reads the API keys from the store.
+        let store = if components.is_empty() {
             None
+        } else {
+            Some(open_store(config)?)
         };
 
         let tasks = TaskTracker::new();
@@ -330,12 +349,37 @@ impl App {
             );
             spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());
         }
+        let keys_store = match &store {
+            Some(s) => s.clone(),
+            None => open_store(config)?,
+        };
+        let keys = Arc::new(KeyRing::new(
+            keys_store,
+            clock.clone(),
+            config.admin_key.as_deref(),
+            open_on_loopback(config),
+            config.max_batch_events,
+        ));
+        if let Err(e) = keys.refresh().await {
+            // Until the keys are read, only the bootstrap key passes; others get 503.
+            tracing::warn!(error = %e, "API keys not read yet; retrying in the background");
+        }
+        announce_access(config, &keys);
+        tasks.spawn(keys.clone().keep_fresh(stop.clone()));
         tasks.close();
 
         let router = router
+            .merge(crate::keys::router(keys.clone()))
             .route("/openapi.json", get(crate::openapi::openapi_json))
             .route("/v1/operator/stats", get(crate::operator::stats))
             .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+            .layer(middleware::from_fn_with_state(
+                keys.clone(),
+                crate::auth::require,
+            ))
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+                config.body_timeout,
+            ))
             .layer(middleware::from_fn(track))
             .layer(CatchPanicLayer::custom(|_| {
                 ApiError::new(
@@ -350,6 +394,7 @@ impl App {
             router,
             admin,
             enforcer,
+            keys,
             tasks,
             stop,
             fatal,
@@ -374,6 +419,39 @@ impl App {
             Some(reason) => Err(Error::Failed(reason)),
             None => Ok(()),
         }
+    }
+}
+
+/// Whether the API may run open while no key exists: the embedded default, listening on
+/// loopback only, without a bootstrap admin key (see [`crate::auth`]).
+pub fn open_on_loopback(config: &Config) -> bool {
+    config.kafka_brokers.is_none()
+        && config.clickhouse_url.is_none()
+        && config.listen.ip().is_loopback()
+        && config.admin_key.is_none()
+}
+
+/// Says, loudly where it matters, how the API is protected.
+fn announce_access(config: &Config, keys: &KeyRing) {
+    if keys.is_open() {
+        tracing::warn!(
+            listen = %config.listen,
+            "API OPEN: no API key exists, so every request on this loopback listener is allowed, \
+             from any local user or process. Create a key (`tally keys create --name me --scope \
+             admin`) or set TALLY_ADMIN_KEY to require keys; a listener beyond loopback, Kafka \
+             or ClickHouse always requires them"
+        );
+    } else if config.admin_key.is_none() && keys.list().is_empty() {
+        tracing::warn!(
+            "no API key exists and TALLY_ADMIN_KEY is not set: every API call that needs a key \
+             is refused; create one with `tally keys create --name me --scope admin`"
+        );
+    } else {
+        tracing::info!(
+            keys = keys.list().len(),
+            bootstrap_admin_key = config.admin_key.is_some(),
+            "API keys required"
+        );
     }
 }
 
@@ -510,6 +588,9 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let mut config = config;
+    // Open-on-loopback is decided on the address actually bound.
+    config.listen = listener.local_addr()?;
     let app = App::start(&config, components, clock).await?;
     let failed = app.failed();
     let http_stop = CancellationToken::new();
@@ -530,10 +611,18 @@ pub async fn run(
         components = ?components,
         "tally is serving"
     );
-    let public = axum::serve(listener, app.router.clone())
-        .with_graceful_shutdown(http_stop.clone().cancelled_owned());
-    let admin = axum::serve(admin_listener, app.admin.clone())
-        .with_graceful_shutdown(http_stop.clone().cancelled_owned());
+    let public = crate::serve::serve(
+        listener,
+        app.router.clone(),
+        config.header_timeout,
+        http_stop.clone(),
+    );
+    let admin = crate::serve::serve(
+        admin_listener,
+        app.admin.clone(),
+        config.header_timeout,
+        http_stop.clone(),
+    );
     let (a, b) = tokio::join!(public, admin);
     a?;
     b?;

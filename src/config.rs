@@ -36,6 +36,18 @@ pub struct Config {
     pub log: String,
     /// `text` or `json` log lines. `TALLY_LOG_FORMAT`.
     pub log_format: LogFormat,
+    /// A bootstrap API key with every scope, for automation (at least 32 characters; not
+    /// stored). With it set the API never runs open. `TALLY_ADMIN_KEY`.
+    #[serde(serialize_with = "redacted")]
+    pub admin_key: Option<String>,
+    /// Longest a client may take to send a request's headers, or stay idle between requests on
+    /// a kept-alive connection, before the connection is closed. `TALLY_HEADER_TIMEOUT`.
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request's body; slower ones get 408.
+    /// `TALLY_BODY_TIMEOUT`.
+    #[serde(with = "duration")]
+    pub body_timeout: Duration,
     /// Largest request body accepted by `POST /v1/events`, in bytes. `TALLY_MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
     /// Most events in one ingest request. `TALLY_MAX_BATCH_EVENTS`.
@@ -159,6 +171,9 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             data_dir: PathBuf::from("./data"),
             catalog_file: None,
+            admin_key: None,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             log: "info".into(),
             log_format: LogFormat::Text,
             max_body_bytes: 16 * 1024 * 1024,
@@ -354,6 +369,17 @@ impl Config {
         if self.stripe_requests_per_second == 0 || self.billing_sync_interval.is_zero() {
             return Err(Error::Config(
                 "stripe_requests_per_second and billing_sync_interval must be above zero".into(),
+            ));
+        }
+        if self.admin_key.as_ref().is_some_and(|k| k.trim().len() < 32) {
+            return Err(Error::Config(
+                "admin_key must be at least 32 characters (for example `openssl rand -hex 32`)"
+                    .into(),
+            ));
+        }
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            return Err(Error::Config(
+                "header_timeout and body_timeout must be greater than zero".into(),
             ));
         }
         if self.flush_interval.is_zero() {

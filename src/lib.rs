@@ -8,12 +8,15 @@
 //! `tally-billing-sync`.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod dashboard;
+pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod operator;
 pub mod replay;
+pub mod serve;
 pub mod telemetry;
 
 pub use app::{App, Component, run};

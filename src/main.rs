@@ -53,6 +53,41 @@ enum Command {
     /// Billing tools.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// API keys, in the configured store (what `/v1/keys` does, without a running process).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it on standard output: it is shown this once.
+    Create {
+        /// A name for people, e.g. edge-fra-1.
+        #[arg(long)]
+        name: String,
+        /// What it may do: ingest, check, read, admin (comma-separated or repeated).
+        #[arg(long = "scope", value_delimiter = ',', required = true)]
+        scopes: Vec<tally::auth::Scope>,
+        /// Limit a read key to one customer.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Most events per second (ingest).
+        #[arg(long)]
+        ingest_rate: Option<std::num::NonZeroU32>,
+        /// The key stops working after this long (e.g. 90d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// List every key (never the keys themselves).
+    List,
+    /// Revoke a key at once (every process within 5 s).
+    Revoke { id: String },
+    /// Create a key with the same grants and print it; the old key works for the overlap.
+    Rotate {
+        id: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        overlap: std::time::Duration,
+    },
 }
 
 #[derive(clap::Args)]
@@ -162,6 +197,13 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(1);
         }
+        // No log subscriber: standard output carries the new key alone.
+        Command::Keys(command) => {
+            return tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(keys(&config, command));
+        }
         Command::Migrate => {
             tally::telemetry::init(&config);
             let done = tokio::runtime::Builder::new_multi_thread()
@@ -182,6 +224,69 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(serve(config, components))
+}
+
+async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    use tally::keys::KeyInfo;
+    let ring = tally::app::key_ring(config).await?;
+    let show = |k: &KeyInfo| {
+        let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            k.id,
+            k.name,
+            scopes.join(","),
+            k.customer.as_deref().unwrap_or("-"),
+            k.ingest_rate.map_or("-".to_owned(), |r| r.to_string()),
+            k.state,
+            k.created,
+            k.expires.as_deref().unwrap_or("-"),
+        );
+    };
+    match command {
+        KeysCommand::Create {
+            name,
+            scopes,
+            customer,
+            ingest_rate,
+            expires_in,
+        } => {
+            let grant = tally::auth::KeyGrant {
+                name,
+                scopes,
+                customer,
+                ingest_rate,
+                expires_in_seconds: expires_in.map(|d| d.as_secs()),
+            };
+            let new = ring.create(&grant).await?;
+            println!("{}", new.key);
+            eprintln!(
+                "created key {} ({}); the key above is shown this once",
+                new.record.id, new.record.name
+            );
+        }
+        KeysCommand::List => {
+            println!("id\tname\tscopes\tcustomer\tingest_rate\tstate\tcreated\texpires");
+            for k in ring.list() {
+                show(&KeyInfo::of(&k, ring.now_ms()));
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let k = ring.revoke(&id).await?;
+            eprintln!("revoked key {}", k.id);
+        }
+        KeysCommand::Rotate { id, overlap } => {
+            let new = ring.rotate(&id, overlap).await?;
+            println!("{}", new.key);
+            eprintln!(
+                "created key {} replacing {id}, which stops working in {}; the key above is \
+                 shown this once",
+                new.record.id,
+                humantime::format_duration(overlap)
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn serve(config: Config, components: &[Component]) -> anyhow::Result<()> {

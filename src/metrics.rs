@@ -35,6 +35,17 @@ pub static HTTP_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static AUTH_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        Opts::new(
+            "tally_auth_refused_total",
+            "Requests refused by the access layer, by reason (missing, invalid, forbidden, unavailable)"
+        ),
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
+
 /// Prometheus metrics (admin listener), text exposition format.
 #[utoipa::path(
     get,

@@ -20,8 +20,13 @@ fn deploy() -> PathBuf {
 
 /// Runs a linter in `deploy/`; fails the test with its output unless it succeeds.
 fn lint(program: &str, args: &[&str]) {
+    lint_with(program, args, &[]);
+}
+
+fn lint_with(program: &str, args: &[&str], env: &[(&str, &str)]) {
     let out = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(deploy())
         .output()
         .unwrap_or_else(|e| panic!("{program} cannot run ({e}); tests/run.sh installs it"));
@@ -106,10 +111,24 @@ fn every_yaml_file_passes_yamllint() {
 
 #[test]
 fn the_compose_file_is_valid_and_sets_only_known_settings() {
-    lint(
+    let args = ["--file", "docker-compose.yml", "config", "--quiet"];
+    lint_with(
         "docker-compose",
-        &["--file", "docker-compose.yml", "config", "--quiet"],
+        &args,
+        &[("TALLY_ADMIN_KEY", "0123456789abcdef0123456789abcdef")],
     );
+    // The distributed pipeline never runs without an admin key.
+    let out = Command::new("docker-compose")
+        .args(args)
+        .env_remove("TALLY_ADMIN_KEY")
+        .current_dir(deploy())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "compose runs without TALLY_ADMIN_KEY"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TALLY_ADMIN_KEY"));
     let text = std::fs::read_to_string(deploy().join("docker-compose.yml")).unwrap();
     let vars = tally_variables(&text);
     assert!(vars.len() >= 5, "{vars:?}");
@@ -273,7 +292,7 @@ fn the_cluster_schema_has_every_table_of_the_migrations() {
             tables += 1;
         }
     }
-    assert_eq!(tables, 8, "tables in the migrations");
+    assert_eq!(tables, 9, "tables in the migrations");
     // Tally's names are the Distributed tables over the sharded ones.
     for name in ["usage_cells", "event_ids", "batch_offsets"] {
         assert!(

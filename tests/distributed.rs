@@ -126,7 +126,7 @@ fn add(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
 
 /// Posts `body` until ingest answers 202, as an edge node does; returns the 503s seen.
 fn post_until_accepted(api: &str, body: &str) -> u64 {
-    let client = reqwest::blocking::Client::builder()
+    let client = servers::client_builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
@@ -211,7 +211,7 @@ fn hundred_thousand_events_end_to_end_with_duplicates_dropped() {
     p.wait_totals(&want, Duration::from_secs(120));
 
     // The query API and the enforcer read the same figures.
-    let client = reqwest::blocking::Client::new();
+    let client = servers::client();
     for c in ["cust-0", "cust-123", "cust-499"] {
         let stored = usage(
             &client,

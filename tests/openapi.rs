@@ -105,7 +105,7 @@ async fn every_documented_operation_is_served_with_a_documented_status() {
             probed += 1;
         }
     }
-    assert_eq!(probed, 17, "operations probed");
+    assert_eq!(probed, 21, "operations probed");
     // And an undocumented path is not served.
     let resp = t
         .app

@@ -86,13 +86,15 @@ fn the_readme_walkthrough_works_verbatim() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut p = start(dir.path(), port, free_port(), "200ms");
-    walk(port);
+    walk(port, None);
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }
 
 /// The same walk-through on the production path: `tally run` on a real Kafka-compatible broker
-/// and a real ClickHouse (fresh topic and database), after `tally migrate`.
+/// and a real ClickHouse (fresh topic and database), after `tally migrate`. That process
+/// requires API keys: curl sends the bootstrap admin key from a curl config file, so the
+/// commands still run verbatim.
 #[test]
 fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
     let backends = servers::Backends::shared();
@@ -101,13 +103,21 @@ fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut p = start_with_env("run", dir.path(), port, free_port(), "200ms", &env);
-    walk(port);
+    walk(port, Some(servers::ADMIN_KEY));
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }
 
 /// Runs every step against the API on `port`, comparing each reply with the README's.
-fn walk(port: u16) {
+fn walk(port: u16, key: Option<&str>) {
+    let curl_home = tempfile::tempdir().unwrap();
+    if let Some(key) = key {
+        std::fs::write(
+            curl_home.path().join(".curlrc"),
+            format!("header = \"Authorization: Bearer {key}\"\n"),
+        )
+        .unwrap();
+    }
     let steps = steps();
     assert!(
         steps.len() >= 8,
@@ -124,6 +134,7 @@ fn walk(port: u16) {
             let out = Command::new("sh")
                 .arg("-c")
                 .arg(&cmd)
+                .env("CURL_HOME", curl_home.path())
                 .output()
                 .expect("sh runs");
             assert!(

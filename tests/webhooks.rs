@@ -108,7 +108,7 @@ fn two_replicas(backends: &[(&str, &str)]) {
         &env,
     );
 
-    let client = reqwest::blocking::Client::new();
+    let client = servers::client();
     let events = json!([
         {"specversion": "1.0", "id": "w1", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 8000}},
         {"specversion": "1.0", "id": "w2", "source": "edge", "type": "api_requests", "subject": "hooked", "data": {"value": 3000}}

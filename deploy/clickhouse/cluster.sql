@@ -14,7 +14,7 @@
 --     (the Kafka key), so a customer's usage is on one shard.
 --   * batch_offsets is fed per shard by a materialized view of usage_cells_local and read
 --     through a Distributed table (maxMerge over the shards).
---   * customers, notifications, billing_marks, webhook_outbox and schema_migrations are small
+--   * customers, notifications, billing_marks, webhook_outbox, api_keys and schema_migrations are small
 --     and replicated to every node (one replica path for the whole cluster).
 --
 -- Tally's user needs, in its profile:
@@ -110,3 +110,10 @@ CREATE TABLE IF NOT EXISTS tally.webhook_outbox ON CLUSTER tally (
     version UInt64
 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/tally/webhook_outbox', '{replica}', version)
 ORDER BY (id, url);
+
+CREATE TABLE IF NOT EXISTS tally.api_keys ON CLUSTER tally (
+    id String,
+    record String,
+    version UInt64
+) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/tally/api_keys', '{replica}', version)
+ORDER BY id;

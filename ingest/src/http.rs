@@ -9,15 +9,16 @@
 //! Reply: 202 `{"accepted", "duplicates", "rejected", "errors": [{"index", "code", "message"}]}`
 //! once every accepted event is durable. Invalid events never block the valid ones of the same
 //! request; a request whose events are all invalid gets 400. 413 for an oversize body
-//! (`body_too_large`) or batch (`too_many_events`), 415 for other content types, 503 with
-//! `Retry-After` when the log cannot take the events (nothing of that request is acknowledged).
+//! (`body_too_large`) or batch (`too_many_events`), 415 for other content types, 429
+//! `rate_limited` with `Retry-After` when the caller's API key is over its event rate, 503 with
+//! `Retry-After` when the log cannot take the events (nothing of either request is acknowledged).
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -28,7 +29,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::log::EventLog;
 use crate::metrics;
-use crate::problem::{ApiError, Problem, from_rejection};
+use crate::problem::{ApiError, Problem, from_body_rejection};
 
 /// Limits and rules of the ingest endpoint.
 #[derive(Debug, Clone)]
@@ -50,6 +51,12 @@ impl Default for IngestSettings {
         }
     }
 }
+
+/// A caller's event allowance, set on the request by the access layer (per API key): given the
+/// number of valid events of a request, `Ok` takes them from the allowance, `Err` tells how long
+/// to wait before they would fit. Requests without one are not limited.
+#[derive(Clone)]
+pub struct EventAllowance(pub Arc<dyn Fn(u32) -> Result<(), std::time::Duration> + Send + Sync>);
 
 /// Everything the ingest handler needs.
 #[derive(Clone)]
@@ -285,17 +292,20 @@ fn decode_body(
     responses(
         (status = 202, description = "Accepted events are durable", body = IngestReply),
         (status = 400, description = "Malformed body or every event invalid (code: malformed_json, invalid_type, invalid_events or the single event's code; `errors` lists each event's)", body = Problem),
+        (status = 408, description = "body_timeout: the body did not arrive within the body timeout; nothing of it was taken", body = Problem),
         (status = 413, description = "body_too_large or too_many_events", body = Problem),
         (status = 415, description = "unsupported_media_type", body = Problem),
+        (status = 429, description = "rate_limited: the API key is over its event rate; nothing of the request was acknowledged. Retry after Retry-After seconds.", body = Problem),
         (status = 503, description = "The log cannot take events now; nothing of the request was acknowledged. Retry after Retry-After seconds.", body = Problem),
     )
 )]
 async fn post_events(
     State(state): State<IngestState>,
+    allowance: Option<Extension<EventAllowance>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let body = body.map_err(|r| from_body_rejection(&r))?;
     let kind = body_kind(&headers)?;
     let now_ms = state.clock.now_ms();
     let decoded = if body.len() <= INLINE_DECODE_BYTES {
@@ -323,6 +333,23 @@ async fn post_events(
                 "errors",
                 serde_json::to_value(&decoded.faults).unwrap_or_default(),
             ));
+    }
+    if let Some(Extension(allowance)) = allowance
+        && let Err(wait) = (allowance.0)(decoded.valid.len().min(u32::MAX as usize) as u32)
+    {
+        metrics::EVENTS
+            .with_label_values(&["rate_limited"])
+            .inc_by(decoded.valid.len() as u64);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this API key is over its event rate; retry in {} ms",
+                wait.as_millis()
+            ),
+        );
+        e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        return Err(e);
     }
     let started = std::time::Instant::now();
     let outcome = state

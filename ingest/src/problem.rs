@@ -91,6 +91,23 @@ impl From<tally_schemas::EventError> for ApiError {
 }
 
 /// Maps axum's body and query rejections to [`ApiError`]s with codes.
+/// The error of a request body that could not be read: 408 `body_timeout` when the client was
+/// too slow to send it (the body timeout of the listener), else as [`from_rejection`].
+pub fn from_body_rejection(r: &axum::extract::rejection::BytesRejection) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time; nothing of it was taken",
+            );
+        }
+        cause = e.source();
+    }
+    from_rejection(r.status(), r.body_text())
+}
+
 pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, "body_too_large", text),

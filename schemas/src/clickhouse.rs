@@ -27,6 +27,8 @@
 //!   row per (notification, URL) and state; the latest version wins.
 //! - `billing_marks` (version 2): billing-sync's reported-until position and pending report per
 //!   (customer, meter), latest `version` wins.
+//! - `api_keys` (version 4): API key records (JSON with the key's hash, never the key), latest
+//!   `version` wins.
 
 /// One schema version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,15 @@ pub const MIGRATIONS: &[Migration] = &[
             delivery String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY (id, url)"],
+    },
+    Migration {
+        version: 4,
+        name: "API keys",
+        statements: &["CREATE TABLE IF NOT EXISTS {db}.api_keys (
+            id String,
+            record String,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version) ORDER BY id"],
     },
 ];
 

@@ -6,8 +6,14 @@ const $ = (id) => document.getElementById(id);
 const SCALE = 120; // the bars run from 0 to 120 % of the limit
 const MARKS = [80, 100, 110];
 
+// The API key, when the API requires one: kept for this tab only (sessionStorage).
+const KEY_ITEM = "tally-api-key";
+
 async function getJson(path) {
-  const resp = await fetch(path, { headers: { accept: "application/json" } });
+  const headers = { accept: "application/json" };
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) headers.authorization = `Bearer ${key}`;
+  const resp = await fetch(path, { headers });
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) {
     throw new Error(body.message || `${resp.status} ${resp.statusText}`);
@@ -221,6 +227,17 @@ $("customer-form").addEventListener("submit", (e) => {
   e.preventDefault();
   loadCustomer($("customer").value.trim());
 });
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_ITEM, key);
+  else sessionStorage.removeItem(KEY_ITEM);
+  $("api-key").value = "";
+  $("api-key").placeholder = key ? "key set" : "tly_…";
+  if (!$("operator-view").hidden) loadOperator();
+  else if ($("customer").value.trim()) loadCustomer($("customer").value.trim());
+});
+if (sessionStorage.getItem(KEY_ITEM)) $("api-key").placeholder = "key set";
 $("chart-meter").addEventListener("change", drawChart);
 $("top-meter").addEventListener("change", () => loadTop().catch((e) => {
   $("operator-error").textContent = e.message;

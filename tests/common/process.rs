@@ -15,6 +15,8 @@ pub struct Proc {
     pub child: Child,
     pub api: String,
     pub admin: String,
+    /// `TALLY_ADMIN_KEY` of the process, sent by [`Proc::post_batch`].
+    pub key: Option<String>,
 }
 
 pub fn start(data: &std::path::Path, api_port: u16, admin_port: u16, flush: &str) -> Proc {
@@ -57,6 +59,10 @@ pub fn start_with_env(
         child,
         api: format!("http://127.0.0.1:{api_port}"),
         admin: format!("http://127.0.0.1:{admin_port}"),
+        key: env
+            .iter()
+            .find(|(k, _)| *k == "TALLY_ADMIN_KEY")
+            .map(|(_, v)| v.to_string()),
     };
     let client = reqwest::blocking::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -74,9 +80,12 @@ pub fn start_with_env(
 impl Proc {
     /// POSTs a CloudEvents batch to this process's `/v1/events`.
     pub fn post_batch(&self, body: impl Into<String>) -> reqwest::blocking::Response {
-        reqwest::blocking::Client::new()
-            .post(format!("{}/v1/events", self.api))
-            .header("content-type", "application/cloudevents-batch+json")
+        let req = reqwest::blocking::Client::new().post(format!("{}/v1/events", self.api));
+        let req = match &self.key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
+        };
+        req.header("content-type", "application/cloudevents-batch+json")
             .body(body.into())
             .send()
             .expect("ingest replies")

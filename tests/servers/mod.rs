@@ -258,8 +258,27 @@ impl Backends {
             ("TALLY_KAFKA_DELIVERY_TIMEOUT", "3s".into()),
             ("TALLY_CLICKHOUSE_URL", self.ch.http.clone()),
             ("TALLY_CLICKHOUSE_DATABASE", self.db.clone()),
+            // Kafka or ClickHouse: the API is never open.
+            ("TALLY_ADMIN_KEY", ADMIN_KEY.into()),
         ]
     }
+}
+
+/// The bootstrap admin key of the processes started with [`Backends::env`].
+pub const ADMIN_KEY: &str = "tally-test-admin-key-0123456789abcdef";
+
+/// A client that sends [`ADMIN_KEY`] with every request.
+pub fn client_builder() -> reqwest::blocking::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {ADMIN_KEY}")).unwrap(),
+    );
+    reqwest::blocking::Client::builder().default_headers(headers)
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    client_builder().build().unwrap()
 }
 
 /// `env` as the borrowed pairs `start_with_env` takes.

@@ -127,6 +127,13 @@ struct CustomerRow {
     updated_ms: i64,
 }
 
+#[derive(Row, Serialize)]
+struct ApiKeyRow {
+    id: String,
+    record: String,
+    version: u64,
+}
+
 /// A client for the server of `config`, without a database.
 fn client(config: &ClickHouseConfig) -> Client {
     let mut client = Client::default()
@@ -871,6 +878,31 @@ impl UsageStore for ClickHouseStore {
                 .await
                 .map_err(ch)?;
         }
+        insert.end().await.map_err(ch)
+    }
+
+    async fn api_keys(&self) -> Result<Vec<(String, String)>> {
+        self.client
+            .query("SELECT id, argMax(record, version) FROM api_keys GROUP BY id")
+            .fetch_all()
+            .await
+            .map_err(ch)
+    }
+
+    async fn put_api_key(&self, id: &str, record: &str, version: u64) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<ApiKeyRow>("api_keys")
+            .await
+            .map_err(ch)?;
+        insert
+            .write(&ApiKeyRow {
+                id: id.to_owned(),
+                record: record.to_owned(),
+                version,
+            })
+            .await
+            .map_err(ch)?;
         insert.end().await.map_err(ch)
     }
 

@@ -187,6 +187,14 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Records a delivery's state; durable when this returns. A finished one (`done`) leaves
     /// the outbox.
     async fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<()>;
+
+    /// Every API key record, as `(id, record)`: JSON the store does not read (the records hold
+    /// hashes of the keys, never the keys).
+    async fn api_keys(&self) -> Result<Vec<(String, String)>>;
+
+    /// Stores an API key record; a later `version` of the same id replaces it. Durable when
+    /// this returns.
+    async fn put_api_key(&self, id: &str, record: &str, version: u64) -> Result<()>;
 }
 
 /// A meter's usage across customers.

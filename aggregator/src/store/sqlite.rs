@@ -2,7 +2,8 @@
 //!
 //! Tables: `usage_minute` (customer, meter, minute) cells; `gauge_latest`, the latest value of
 //! each gauge; `log_offsets`, the next log offset per partition, written in the same transaction
-//! as the cells; `customers`, JSON customer records; `billing_marks`, billing-sync's state.
+//! as the cells; `customers`, JSON customer records; `billing_marks`, billing-sync's state;
+//! `webhook_outbox`, the enforcer's undelivered notifications; `api_keys`, API key records.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,11 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     url TEXT NOT NULL,
     delivery TEXT NOT NULL,
     PRIMARY KEY (id, url)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    version INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 
@@ -385,6 +391,29 @@ impl UsageStore for SqliteStore {
                                                 updated_ms = excluded.updated_ms",
             )?
             .execute(params![id, json, updated])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn api_keys(&self) -> Result<Vec<(String, String)>> {
+        Self::with(&self.reader, |c| {
+            let mut stmt = c.prepare_cached("SELECT id, record FROM api_keys")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn put_api_key(&self, id: &str, record: &str, version: u64) -> Result<()> {
+        let (id, record) = (id.to_owned(), record.to_owned());
+        Self::with(&self.writer, move |c| {
+            c.prepare_cached(
+                "INSERT INTO api_keys (id, record, version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET record = excluded.record, version = excluded.version
+                 WHERE excluded.version >= api_keys.version",
+            )?
+            .execute(params![id, record, version as i64])?;
             Ok(())
         })
         .await
