@@ -61,6 +61,27 @@ fn the_dashboard_shows_a_customer_and_the_operator_view() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // A read key closes the API (open on loopback only while no key exists): the page must
+    // be given the key.
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["keys", "create", "--name", "dashboard", "--scope", "read"])
+        .env("TALLY_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .get(format!("{}/v1/usage/summary?customer=dash-a", p.api))
+        .send()
+        .unwrap()
+        .status()
+        != 401
+    {
+        assert!(Instant::now() < deadline, "the key did not close the API");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // Screenshots go to a temporary directory, or to TALLY_TEST_SCREENSHOTS to keep them.
     let tmp = tempfile::tempdir().unwrap();
     let shots = std::env::var_os("TALLY_TEST_SCREENSHOTS")
@@ -73,6 +94,7 @@ fn the_dashboard_shows_a_customer_and_the_operator_view() {
         .arg(&p.api)
         .arg("dash-a")
         .arg(&shots)
+        .arg(&key)
         .env("NODE_PATH", &node_path)
         .output()
         .expect("node runs (tests/run.sh installs it with playwright-core and Chromium)");
@@ -85,6 +107,11 @@ fn the_dashboard_shows_a_customer_and_the_operator_view() {
 
     assert_eq!(seen["path"], "/dashboard", "/ redirects to the dashboard");
     assert_eq!(seen["title"], "Tally usage");
+    assert_eq!(
+        seen["keylessError"], "this endpoint needs an API key: send `Authorization: Bearer <key>`",
+        "{seen}"
+    );
+    assert_eq!(seen["keyPlaceholder"], "key set");
     assert!(
         seen["invalidCustomerError"]
             .as_str()

@@ -760,7 +760,7 @@ fn the_broker_restarting_under_load_loses_nothing_acknowledged() {
 
 #[test]
 fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
-    let p = Pipeline::new(Kafka::shared(), ClickHouse::private());
+    let mut p = Pipeline::new(Kafka::shared(), ClickHouse::private());
     let ingest = p.start("ingest");
     let aggregator = p.start("aggregator");
     let mut want = BTreeMap::new();
@@ -768,21 +768,24 @@ fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
     assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
     add(&mut want, &expected);
     p.wait_totals(&want, Duration::from_secs(60));
-    let mut ch = p.b.ch;
-    ch.stop();
+    p.b.ch.stop();
     for k in 0..10 {
         let (body, expected) = batch(&format!("ch-during-{k}"), 500, 30);
         assert_eq!(ingest.post_batch(body).status().as_u16(), 202);
         add(&mut want, &expected);
     }
+    // An aggregator started while ClickHouse is down waits for it too.
+    let mut late = p.start("aggregator");
     std::thread::sleep(Duration::from_secs(60));
-    // The aggregator waited, it did not give up.
-    let health = reqwest::blocking::get(format!("{}/healthz", aggregator.admin)).unwrap();
-    assert_eq!(health.status().as_u16(), 200);
-    ch.restart();
-    let p = Pipeline {
-        b: Backends { ch, ..p.b },
-        ..p
-    };
+    // The aggregators waited, they did not give up.
+    for a in [&aggregator, &late] {
+        let health = reqwest::blocking::get(format!("{}/healthz", a.admin)).unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+    }
+    assert!(
+        late.child.try_wait().unwrap().is_none(),
+        "the late aggregator exited"
+    );
+    p.b.ch.restart();
     p.wait_totals(&want, Duration::from_secs(120));
 }

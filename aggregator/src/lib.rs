@@ -92,9 +92,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut reader = log.group_reader(&settings.group)?;
-    let mut floors = store.offsets().await?;
-    for (&partition, &next) in &floors {
-        reader.seek(partition, next);
+    // The store may be unreachable at start-up: wait for it rather than exit.
+    let mut floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+    if shutdown.is_cancelled() {
+        return Ok(());
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;

@@ -219,7 +219,21 @@ pub async fn run(
         tokio::spawn(hooks.clone().sweep(shutdown.clone()));
     }
     let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
-    let (offsets, mut last_update) = load(&state, log.as_ref(), store.as_ref(), &notes_tx).await?;
+    // The store (ClickHouse) may be unreachable at start-up: keep trying, not ready meanwhile.
+    let mut backoff = std::time::Duration::from_millis(200);
+    let (offsets, mut last_update) = loop {
+        match load(&state, log.as_ref(), store.as_ref(), &notes_tx).await {
+            Ok(loaded) => break loaded,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "enforcer state not loaded");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    };
     let mut reader = log.reader()?;
     let mut position = offsets.clone();
     for (&partition, &next) in &offsets {

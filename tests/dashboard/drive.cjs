@@ -8,7 +8,7 @@
 "use strict";
 const { chromium } = require("playwright-core");
 
-const [base, customer, shots] = process.argv.slice(2);
+const [base, customer, shots, key] = process.argv.slice(2);
 
 async function rows(page, selector, read) {
   return page.$$eval(selector, (trs, read) => trs.map((tr) => {
@@ -36,6 +36,16 @@ async function rows(page, selector, read) {
   await page.goto(`${base}/`);
   seen.title = await page.title();
   seen.path = new URL(page.url()).pathname;
+
+  // The API requires a key: the page says so until one is entered, then shows the customer.
+  await page.fill("#customer", customer);
+  await page.click("#load");
+  await page.waitForSelector("#customer-error:not([hidden])");
+  seen.keylessError = await page.textContent("#customer-error");
+  await page.fill("#api-key", key);
+  await page.click("#key-form button");
+  await page.waitForSelector("#meters tbody tr");
+  seen.keyPlaceholder = await page.getAttribute("#api-key", "placeholder");
 
   // An invalid customer id: an error, no table.
   await page.fill("#customer", "not a valid id!");
