@@ -166,5 +166,61 @@ fn decide(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, rollup, decide);
+/// The access layer on the check route: the same request through a router with an empty
+/// handler, without the layer (baseline) and with it and a `check` key (hash, lookup, scope).
+fn access(c: &mut Criterion) {
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::get;
+    use tally::auth::{KeyGrant, KeyRing, Scope};
+    use tower::ServiceExt;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        tally_aggregator::store::sqlite::SqliteStore::open(dir.path().join("usage.db")).unwrap(),
+    );
+    let ring = Arc::new(KeyRing::new(
+        store,
+        Arc::new(ManualClock::new(NOW)),
+        None,
+        false,
+        1_000,
+    ));
+    let grant = KeyGrant {
+        name: "bench".into(),
+        scopes: vec![Scope::Check],
+        ..KeyGrant::default()
+    };
+    let key = rt.block_on(ring.create(&grant)).unwrap().key;
+    let bare = axum::Router::new().route("/v1/check", get(|| async { "ok" }));
+    let guarded = bare.clone().layer(axum::middleware::from_fn_with_state(
+        ring,
+        tally::auth::require,
+    ));
+    let request = || {
+        Request::get("/v1/check?customer=cust_000042&meter=api_requests")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let mut g = c.benchmark_group("access");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("baseline_router_without_keys", |b| {
+        b.iter(|| rt.block_on(bare.clone().oneshot(request())).unwrap())
+    });
+    g.bench_function("router_with_check_key", |b| {
+        b.iter(|| {
+            let resp = rt.block_on(guarded.clone().oneshot(request())).unwrap();
+            assert_eq!(resp.status(), 200);
+            resp
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, rollup, decide, access);
 criterion_main!(benches);
