@@ -614,13 +614,7 @@ pub async fn require(State(ring): State<Arc<KeyRing>>, mut req: Request, next: N
     let Some(key) = presented(req.headers()).filter(|k| !k.is_empty()) else {
         if !ring.loaded.load(Ordering::Relaxed) && ring.open_allowed {
             // Open once the store says no key exists; it has not said yet.
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "keys_unavailable",
-                "API keys cannot be checked now; retry later",
-            );
-            e.retry_after = Some(1);
-            return e.into_response();
+            return refuse(grpc, "unavailable", "keys_unavailable", UNAVAILABLE);
         }
         return refuse(
             grpc,
@@ -632,16 +626,7 @@ pub async fn require(State(ring): State<Arc<KeyRing>>, mut req: Request, next: N
     let entry = match ring.authenticate(key) {
         None if !ring.loaded.load(Ordering::Relaxed) => {
             // The store could not be read yet: the key may well be valid.
-            metrics::AUTH_REFUSED
-                .with_label_values(&["unavailable"])
-                .inc();
-            let mut e = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "keys_unavailable",
-                "API keys cannot be checked now; retry later",
-            );
-            e.retry_after = Some(1);
-            return e.into_response();
+            return refuse(grpc, "unavailable", "keys_unavailable", UNAVAILABLE);
         }
         None => {
             return refuse(
@@ -687,31 +672,38 @@ fn allow(limiter: &DefaultDirectRateLimiter, n: u32) -> Result<(), Duration> {
     }
 }
 
+const UNAVAILABLE: &str = "API keys cannot be checked now; retry later";
+
+/// The refusal of the access layer, by `reason` (the metric's label): `missing` and `invalid`
+/// are 401 (gRPC UNAUTHENTICATED), `forbidden` 403 (PERMISSION_DENIED), `unavailable` 503 with
+/// `Retry-After` (UNAVAILABLE).
 fn refuse(grpc: bool, reason: &'static str, code: &'static str, message: &str) -> Response {
     metrics::AUTH_REFUSED.with_label_values(&[reason]).inc();
-    let unauthenticated = reason != "forbidden";
+    let (status, grpc_status) = match reason {
+        "forbidden" => (StatusCode::FORBIDDEN, "7"),
+        "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "14"),
+        _ => (StatusCode::UNAUTHORIZED, "16"),
+    };
     if grpc {
         // gRPC clients read the status from the headers of a trailers-only reply.
-        let status = if unauthenticated { "16" } else { "7" };
         let mut resp = StatusCode::OK.into_response();
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static(status));
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status));
         if let Ok(v) = HeaderValue::from_str(message) {
             h.insert("grpc-message", v);
         }
         return resp;
     }
-    let status = if unauthenticated {
-        StatusCode::UNAUTHORIZED
-    } else {
-        StatusCode::FORBIDDEN
-    };
-    let mut resp = ApiError::new(status, code, message).into_response();
-    if unauthenticated {
+    let mut e = ApiError::new(status, code, message);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        e.retry_after = Some(1);
+    }
+    let mut resp = e.into_response();
+    if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"tally\""),

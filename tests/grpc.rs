@@ -167,3 +167,50 @@ async fn envoy_grpc_protocols_answer_the_same_decisions() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+/// With keys required, a gRPC check without a key is refused with UNAUTHENTICATED, one whose
+/// key lacks the `check` scope with PERMISSION_DENIED, and one with a key in the metadata passes.
+#[tokio::test]
+async fn grpc_checks_need_a_check_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "grpc-test-admin-key-0123456789abcdef";
+    let config = tally::Config {
+        admin_key: Some(admin.into()),
+        ..common::config(dir.path())
+    };
+    let t = Tally::start_with(dir, config).await;
+    let reader = t
+        .app
+        .keys
+        .create(&tally::auth::KeyGrant {
+            name: "reader".into(),
+            scopes: vec![tally::auth::Scope::Read],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .key;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let router = t.app.router.clone();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut rls = RateLimitServiceClient::connect(addr).await.unwrap();
+    let ask = |key: Option<&str>| {
+        let mut req = tonic::Request::new(RateLimitRequest {
+            domain: "edge".into(),
+            descriptors: vec![descriptor(&[("customer", "grpc-key")], None)],
+            hits_addend: 0,
+        });
+        if let Some(k) = key {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        req
+    };
+    let e = rls.should_rate_limit(ask(None)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = rls.should_rate_limit(ask(Some(&reader))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let resp = rls.should_rate_limit(ask(Some(admin))).await.unwrap();
+    assert_eq!(resp.into_inner().overall_code, Code::Ok as i32);
+}
