@@ -384,10 +384,20 @@ fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
         || {
             let got = ch_totals();
             for (c, v) in &got {
-                assert!(
-                    *v <= want.get(c).copied().unwrap_or(0),
-                    "{c} counted twice in ClickHouse: {v}"
-                );
+                let acked = want.get(c).copied().unwrap_or(0);
+                if *v > acked {
+                    // The customer's batches, to see which ranges overlap.
+                    let batches = ch.query(&format!(
+                        "SELECT partition, batch_first_offset, batch_next_offset, count(),
+                                sum(value) FROM {db}.usage_cells FINAL WHERE customer = '{c}'
+                         GROUP BY partition, batch_first_offset, batch_next_offset
+                         ORDER BY batch_first_offset FORMAT TSV"
+                    ));
+                    panic!(
+                        "{c} counted twice in ClickHouse: {v}, acknowledged {acked}; \
+                         its batches (partition, first, next, cells, usage):\n{batches:?}"
+                    );
+                }
             }
             differences(&got, &want)
         },

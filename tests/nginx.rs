@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, start};
+use common::process::{free_port, start_with_env};
 use serde_json::{Value, json};
 
 struct Nginx(Child);
@@ -32,7 +32,16 @@ fn nginx_binary() -> String {
 fn nginx_auth_request_allows_and_blocks_through_the_enforcer() {
     let dir = tempfile::tempdir().unwrap();
     let tally_port = free_port();
-    let tally = start(&dir.path().join("data"), tally_port, free_port(), "50ms");
+    // Keys required (a bootstrap admin key): nginx sends the key the snippet is given.
+    let key = "nginx-test-admin-key-0123456789abcdef";
+    let tally = start_with_env(
+        "run",
+        &dir.path().join("data"),
+        tally_port,
+        free_port(),
+        "50ms",
+        &[("TALLY_ADMIN_KEY", key)],
+    );
     let (gateway_port, upstream_port) = (free_port(), free_port());
     let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx");
     let prefix = dir.path().join("nginx");
@@ -59,6 +68,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{gateway_port};
+        set $tally_key {key};
         include {deploy}/tally-check.conf;
         location / {{
             set $tally_customer $http_x_customer_id;
@@ -112,6 +122,7 @@ http {{
                 "{}/v1/check?customer=ngx-over&meter=api_requests&quantity=0",
                 tally.api
             ))
+            .bearer_auth(key)
             .send()
             .unwrap()
             .json()
