@@ -229,11 +229,7 @@ impl App {
             None
         };
         // Every component reads the API keys from the store.
-        let store = if components.is_empty() {
-            None
-        } else {
-            Some(open_store(config)?)
-        };
+        let store = open_store(config)?;
 
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -256,7 +252,7 @@ impl App {
                 }),
             }));
         }
-        if let (true, Some(log), Some(store)) = (wants(Component::Aggregator), &log, &store) {
+        if let (true, Some(log)) = (wants(Component::Aggregator), &log) {
             router = router.merge(query::router(query::QueryState {
                 store: store.clone(),
                 catalog: catalog.clone(),
@@ -277,7 +273,7 @@ impl App {
             );
             spawn(&tasks, "aggregator", run, stop.clone(), fatal.clone());
         }
-        if let (true, Some(log), Some(store)) = (wants(Component::Enforcer), &log, &store) {
+        if let (true, Some(log)) = (wants(Component::Enforcer), &log) {
             let state = Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open));
             router = router
                 .merge(tally_enforcer::http::router(EnforcerHttp {
@@ -308,7 +304,7 @@ impl App {
             spawn(&tasks, "enforcer", run, stop.clone(), fatal.clone());
             enforcer = Some(state);
         }
-        if let (true, Some(store)) = (wants(Component::BillingSync), &store) {
+        if wants(Component::BillingSync) {
             let status = tally_billing_sync::StatusHandle::default();
             router = router.merge(tally_billing_sync::router(status.clone()));
             // Plan changes from Stripe reach this process's enforcer at once; enforcers
@@ -349,12 +345,8 @@ impl App {
             );
             spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());
         }
-        let keys_store = match &store {
-            Some(s) => s.clone(),
-            None => open_store(config)?,
-        };
         let keys = Arc::new(KeyRing::new(
-            keys_store,
+            store,
             clock.clone(),
             config.admin_key.as_deref(),
             open_on_loopback(config),
