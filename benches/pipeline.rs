@@ -316,7 +316,7 @@ fn wait_for_aggregator(aggregator: &Tally, events: usize, db: &str, total: usize
         std::thread::sleep(Duration::from_millis(50));
     }
     let n = clickhouse(&format!(
-        "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE partition < 1000"
+        "SELECT sum(value) FROM {db}.usage_block_cells FINAL WHERE partition < 1000"
     ));
     match n.trim().parse::<usize>() {
         Ok(n) => assert_eq!(n, total, "ClickHouse total"),
@@ -424,7 +424,7 @@ fn growth_with_events(rt: &tokio::runtime::Runtime, durable: &str) {
         let add = size - stored;
         // 20 days of minutes per customer, then again with the next batch key.
         clickhouse(&format!(
-            "INSERT INTO {db}.usage_cells SELECT concat('cust-', toString(number % 1000)),
+            "INSERT INTO {db}.usage_block_cells SELECT concat('cust-', toString(number % 1000)),
              'api_requests', toDateTime({now_s} - (intDiv(number, 1000) % 28800) * 60), 1, 0,
              toUInt32(1000), intDiv(number, 28800000) * 1000, intDiv(number, 28800000) * 1000 + 1000
              FROM system.numbers LIMIT {stored}, {add}"
@@ -437,7 +437,7 @@ fn growth_with_events(rt: &tokio::runtime::Runtime, durable: &str) {
         stored = size;
         // Merge the bulk-loaded parts first: a live table's merges follow its ingest rate, not a
         // one-time load of 90M rows.
-        clickhouse(&format!("OPTIMIZE TABLE {db}.usage_cells FINAL"));
+        clickhouse(&format!("OPTIMIZE TABLE {db}.usage_block_cells FINAL"));
         clickhouse(&format!("OPTIMIZE TABLE {db}.event_ids FINAL"));
         let events = encoded_for(&format!("ge{size}"), AGGREGATOR_EVENTS, 1000);
         rt.block_on(raw_produce(durable, &topic, &events));
@@ -566,7 +566,7 @@ fn main() {
             let deadline = Instant::now() + Duration::from_secs(600);
             loop {
                 let n = clickhouse(&format!(
-                    "SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer != ''"
+                    "SELECT sum(value) FROM {db}.usage_block_cells FINAL WHERE customer != ''"
                 ));
                 if n.trim().parse::<usize>().unwrap_or(0) >= AGGREGATOR_EVENTS {
                     break;
@@ -585,7 +585,7 @@ fn main() {
                     .unwrap_or(0.0);
                 n / (AGGREGATOR_EVENTS as f64 / 1e6)
             };
-            cell_rows.push(per_million("usage_cells"));
+            cell_rows.push(per_million("usage_block_cells"));
             id_rows.push(per_million("event_ids"));
             // An enforcer on the same topic, with an empty store of its own so that it reads
             // the topic from the start.
@@ -653,7 +653,7 @@ fn main() {
                 * 60;
             let started = Instant::now();
             clickhouse(&format!(
-            "INSERT INTO {db}.usage_cells SELECT concat('cust-', toString(number % 1000)),
+            "INSERT INTO {db}.usage_block_cells SELECT concat('cust-', toString(number % 1000)),
              'api_requests', toDateTime({now_min} - intDiv(number, 1000) * 60), 1 + number % 7, 0,
              toUInt32(number % 8), intDiv(number, 1000000) * 1000000, intDiv(number, 1000000) * 1000000 + 1000000
              FROM system.numbers LIMIT {QUERY_CELLS}"
@@ -802,7 +802,7 @@ fn main() {
             }
             if seen_ch.is_none()
                 && clickhouse(&format!(
-                    "SELECT sum(value) FROM {db}.usage_cells WHERE customer = '{customer}'"
+                    "SELECT sum(value) FROM {db}.usage_block_cells WHERE customer = '{customer}'"
                 ))
                 .trim()
                     == "7"

@@ -1,6 +1,7 @@
 //! The ClickHouse schema of `tally_schemas::clickhouse` applies to a real ClickHouse server
-//! (Debian's 18.16 here), twice without error, and its read patterns work: replayed batches
-//! collapse under FINAL, the offsets view keeps the highest offset per partition.
+//! (Debian's 18.16 here), twice without error, and its read patterns work: the furthest write of
+//! a block wins under FINAL whatever order writes land in, the offsets view keeps the highest
+//! offset per partition.
 
 #[path = "servers/mod.rs"]
 mod servers;
@@ -11,31 +12,52 @@ use tally_schemas::clickhouse::{MIGRATIONS, statements};
 fn the_schema_applies_twice_and_its_read_patterns_hold() {
     let ch = servers::ClickHouse::shared();
     let db = servers::unique_name("schema");
-    for _ in 0..2 {
-        for m in MIGRATIONS {
+    let q = |sql: &str| ch.query(&sql.replace("{db}", &db));
+    let apply = |migrations: &[tally_schemas::clickhouse::Migration]| {
+        for m in migrations {
             for sql in statements(m, &db) {
                 ch.query(&sql).unwrap_or_else(|e| panic!("{sql}\n-> {e}"));
             }
         }
-    }
-    let q = |sql: &str| ch.query(&sql.replace("{db}", &db));
-    // A batch, the same batch again (an ambiguous failure retried), and a later batch.
-    let batch_a = "INSERT INTO {db}.usage_cells VALUES \
+    };
+    // Usage of the per-batch table (before version 5), then every migration, twice: the
+    // copy into the block table counts it once.
+    apply(&MIGRATIONS[..4]);
+    q("INSERT INTO {db}.usage_cells VALUES ('c0','api_requests','2026-11-21 09:00:00',4,0,0,0,100)")
+        .unwrap();
+    apply(MIGRATIONS);
+    apply(MIGRATIONS);
+    // A block as it grows, the same write again (an ambiguous failure retried), a stale shorter
+    // write of it landing last (a writer that stalled), and the next block.
+    let block_to_110 = "INSERT INTO {db}.usage_block_cells VALUES \
         ('c1','api_requests','2026-11-21 10:00:00',5,0,0,100,110), \
         ('c1','api_requests','2026-11-21 10:01:00',7,0,0,100,110)";
-    let batch_b = "INSERT INTO {db}.usage_cells VALUES ('c1','api_requests','2026-11-21 10:01:00',1,0,0,110,111)";
-    q(batch_a).unwrap();
-    q(batch_a).unwrap();
-    q(batch_b).unwrap();
-    let total = q("SELECT sum(value) FROM {db}.usage_cells FINAL WHERE customer = 'c1' AND meter = 'api_requests'")
-        .unwrap();
-    assert_eq!(total.trim(), "13");
-    let hourly = q("SELECT toStartOfHour(minute) AS h, sum(value) FROM {db}.usage_cells FINAL WHERE customer = 'c1' GROUP BY h ORDER BY h FORMAT TSV")
+    let block_to_105 = "INSERT INTO {db}.usage_block_cells VALUES \
+        ('c1','api_requests','2026-11-21 10:00:00',2,0,0,100,105), \
+        ('c1','api_requests','2026-11-21 10:01:00',3,0,0,100,105)";
+    let next_block = "INSERT INTO {db}.usage_block_cells VALUES ('c1','api_requests','2026-11-21 10:01:00',1,0,0,110,111)";
+    q(block_to_110).unwrap();
+    q(block_to_110).unwrap();
+    q(block_to_105).unwrap();
+    q(next_block).unwrap();
+    let total = |customer: &str| {
+        q(&format!("SELECT sum(value) FROM {{db}}.usage_block_cells FINAL WHERE customer = '{customer}' AND meter = 'api_requests'"))
+            .unwrap()
+    };
+    assert_eq!(total("c1").trim(), "13");
+    assert_eq!(total("c0").trim(), "4", "the copied per-batch usage, once");
+    let hourly = q("SELECT toStartOfHour(minute) AS h, sum(value) FROM {db}.usage_block_cells FINAL WHERE customer = 'c1' GROUP BY h ORDER BY h FORMAT TSV")
         .unwrap();
     assert_eq!(hourly.trim(), "2026-11-21 10:00:00\t13");
+    // Merged, the same.
+    q("OPTIMIZE TABLE {db}.usage_block_cells FINAL").unwrap();
+    assert_eq!(total("c1").trim(), "13");
     let offsets = q("SELECT partition, maxMerge(next_offset) FROM {db}.batch_offsets GROUP BY partition FORMAT TSV")
         .unwrap();
     assert_eq!(offsets.trim(), "0\t111");
+    let resume = q("SELECT argMax(batch_first_offset, batch_next_offset), max(batch_next_offset) FROM {db}.usage_block_cells WHERE partition = 0 FORMAT TSV")
+        .unwrap();
+    assert_eq!(resume.trim(), "110\t111", "the furthest block's start");
     // Customers: the latest update wins.
     q("INSERT INTO {db}.customers VALUES ('c1','{\"plan\":\"free\"}',1), ('c1','{\"plan\":\"starter\"}',2)").unwrap();
     let rec = q("SELECT record FROM {db}.customers FINAL WHERE id = 'c1' FORMAT TSVRaw").unwrap();

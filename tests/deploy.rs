@@ -292,9 +292,14 @@ fn the_cluster_schema_has_every_table_of_the_migrations() {
             tables += 1;
         }
     }
-    assert_eq!(tables, 9, "tables in the migrations");
+    assert_eq!(tables, 10, "tables in the migrations");
     // Tally's names are the Distributed tables over the sharded ones.
-    for name in ["usage_cells", "event_ids", "batch_offsets"] {
+    for name in [
+        "usage_block_cells",
+        "usage_cells",
+        "event_ids",
+        "batch_offsets",
+    ] {
         assert!(
             cluster.contains(&format!(
                 "tally.{name} ON CLUSTER tally AS tally.{name}_local\nENGINE = Distributed(tally, tally, {name}_local, partition)"

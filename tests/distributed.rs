@@ -67,7 +67,7 @@ impl Pipeline {
             .b
             .ch
             .query(&format!(
-                "SELECT customer, sum(value) FROM {}.usage_cells FINAL
+                "SELECT customer, sum(value) FROM {}.usage_block_cells FINAL
                  WHERE meter = 'api_requests' AND customer != '' GROUP BY customer FORMAT TSV",
                 self.b.db
             ))

@@ -43,6 +43,7 @@
 //! Cells are keyed by the event's own time (UTC minute), so late events land in their own
 //! period. Values are whole numbers in the meter's unit.
 
+pub mod blocks;
 pub mod error;
 pub mod metrics;
 pub mod query;
@@ -58,6 +59,7 @@ use tally_ingest::log::EventLog;
 use tally_schemas::Catalog;
 use tokio_util::sync::CancellationToken;
 
+use crate::blocks::Cutter;
 use crate::rollup::Rollup;
 use crate::store::{Applied, UsageStore};
 
@@ -92,13 +94,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut reader = log.group_reader(&settings.group)?;
+    let mut cutter = Cutter::new(store.takes_blocks());
     // The store may be unreachable at start-up: wait for it rather than exit.
-    let mut floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+    reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
     if shutdown.is_cancelled() {
         return Ok(());
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;
+    // Consecutive polls that did not start at a block to rebuild.
+    let mut gaps = 0u32;
     tokio::spawn(report_lag(log.clone(), store.clone(), shutdown.clone()));
     tracing::info!("aggregator started");
     loop {
@@ -116,25 +121,50 @@ pub async fn run(
             // Partitions moved: another aggregator may have advanced them meanwhile. Resume
             // each from the store, which is the truth, not from the log's committed offsets.
             epoch = reader.assignment_epoch();
-            floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+            reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
         }
-        let batch: Vec<_> = batch
-            .into_iter()
-            .filter(|r| floors.get(&r.partition).is_none_or(|f| r.offset >= *f))
-            .collect();
+        let mut batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
+        if let Some((partition, expected, first)) = cutter.gap(&batch) {
+            gaps += 1;
+            if gaps <= MAX_SEEKS {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    first,
+                    "the log did not resume at the last block's start; seeking again"
+                );
+                reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
+                continue;
+            }
+            tracing::error!(
+                partition,
+                expected,
+                first,
+                "the last block's records are no longer in the log; new records start a block of their own"
+            );
+            cutter.skip_rebuild(partition);
+            batch.retain(|r| cutter.wants(r));
+        }
+        gaps = 0;
         if batch.is_empty() {
             continue;
         }
-        let Some(rollup) = roll_up(&batch, &catalog, store.as_ref(), &shutdown).await? else {
+        let Some(rollup) =
+            roll_up(&batch, &catalog, store.as_ref(), &mut cutter, &shutdown).await?
+        else {
             return Ok(());
         };
+        if rollup.ranges.is_empty() {
+            // Only records the store holds (a resume rebuilding its last block).
+            continue;
+        }
         match flush(&rollup, store.as_ref(), &shutdown).await {
             Ok(true) => {}
             // Stopped before the store took the batch: it is read again on restart.
             Ok(false) => break,
             Err(e @ Error::Fenced { .. }) => {
                 tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
-                floors = reread(store.as_ref(), reader.as_mut(), &shutdown).await?;
+                reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
                 continue;
             }
             Err(e) => return Err(e),
@@ -144,7 +174,6 @@ pub async fn run(
             .iter()
             .map(|(&p, &(_, next))| (p, next))
             .collect();
-        floors.extend(positions.iter().map(|(&p, &n)| (p, n)));
         if let Err(e) = reader.commit(&positions).await {
             tracing::warn!(error = %e, "could not report positions to the log");
         }
@@ -152,6 +181,9 @@ pub async fn run(
     tracing::info!("aggregator stopped");
     Ok(())
 }
+
+/// Seeks to a block start tried before giving up rebuilding it.
+const MAX_SEEKS: u32 = 10;
 
 /// How often the consumer lag is measured.
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
@@ -221,26 +253,30 @@ where
     }
 }
 
-/// Re-reads the store's positions and moves the reader there.
+/// Re-reads the store's positions and moves the cutter and the reader there.
 async fn reread(
     store: &dyn UsageStore,
     reader: &mut dyn tally_ingest::log::LogReader,
+    cutter: &mut Cutter,
     shutdown: &CancellationToken,
-) -> Result<BTreeMap<u32, u64>> {
-    let floors = retrying("reading positions", shutdown, || store.offsets())
+) -> Result<()> {
+    let resume = retrying("reading positions", shutdown, || store.resume())
         .await?
         .unwrap_or_default();
-    for (&partition, &next) in &floors {
-        reader.seek(partition, next);
+    cutter.reset(&resume);
+    for (partition, from) in cutter.read_from() {
+        reader.seek(partition, from);
     }
-    Ok(floors)
+    Ok(())
 }
 
-/// Drops duplicates (per the store) and folds the rest; `None` once `shutdown` is cancelled.
+/// Drops duplicates (per the store) and cuts the rest into a batch; `None` once `shutdown` is
+/// cancelled.
 async fn roll_up(
     batch: &[tally_ingest::log::Record],
     catalog: &Catalog,
     store: &dyn UsageStore,
+    cutter: &mut Cutter,
     shutdown: &CancellationToken,
 ) -> Result<Option<Rollup>> {
     let Some(keep) = retrying("de-duplication", shutdown, || store.first_seen(batch)).await? else {
@@ -249,13 +285,11 @@ async fn roll_up(
     let mut rollup = Rollup::default();
     let mut duplicates = 0u64;
     for (rec, keep) in batch.iter().zip(keep) {
-        if keep {
-            rollup.push(rec, catalog);
-        } else {
-            rollup.cover(rec);
+        if cutter.push(rec, keep, catalog, &mut rollup) && !keep {
             duplicates += 1;
         }
     }
+    cutter.take(&mut rollup);
     if duplicates > 0 {
         metrics::DUPLICATES.inc_by(duplicates);
     }

@@ -50,11 +50,58 @@ impl Cell {
 /// Records of one batch, rolled up, with the log positions they cover.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rollup {
+    /// The batch's own usage (an increment).
     pub cells: HashMap<CellKey, Cell>,
     /// Per partition: (first offset in the batch, next offset after it).
     pub ranges: BTreeMap<u32, (u64, u64)>,
     /// Records folded in.
     pub events: usize,
+    /// The same batch as cumulative blocks ([`crate::blocks`]), for stores that take them
+    /// ([`crate::store::UsageStore::takes_blocks`]); then `cells` stays empty. Without
+    /// blocks, a store takes each partition's range of the batch as one block.
+    pub blocks: Vec<Block>,
+}
+
+/// All the usage of one block of a partition from its start: the positions
+/// `[first, next)`. Written again as the block grows, with `next` as the version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Block {
+    pub partition: u32,
+    pub first: u64,
+    pub next: u64,
+    pub cells: HashMap<CellKey, Cell>,
+}
+
+/// The cell `rec` adds to, and what it adds.
+pub fn cell_of(rec: &Record, catalog: &Catalog) -> (CellKey, Cell) {
+    let e = &rec.event;
+    // A meter removed from a replaced catalogue is still summed: nothing is thrown away.
+    let kind = catalog
+        .meter(&e.meter)
+        .map_or(Aggregation::Sum, |m| m.aggregation);
+    let cell = if kind.is_additive() {
+        Cell::Add(e.value)
+    } else {
+        Cell::Latest {
+            time_ms: e.time_ms,
+            value: e.value,
+        }
+    };
+    let key = CellKey {
+        partition: rec.partition,
+        customer: e.customer.clone(),
+        meter: e.meter.clone(),
+        minute_ms: minute_of(e.time_ms),
+    };
+    (key, cell)
+}
+
+/// Folds `cell` into `key`'s cell of `cells`.
+pub fn fold(cells: &mut HashMap<CellKey, Cell>, key: CellKey, cell: Cell) {
+    cells
+        .entry(key)
+        .and_modify(|c| c.merge(cell))
+        .or_insert(cell);
 }
 
 impl Rollup {
@@ -67,29 +114,8 @@ impl Rollup {
     }
 
     pub fn push(&mut self, rec: &Record, catalog: &Catalog) {
-        let e = &rec.event;
-        // A meter removed from a replaced catalogue is still summed: nothing is thrown away.
-        let kind = catalog
-            .meter(&e.meter)
-            .map_or(Aggregation::Sum, |m| m.aggregation);
-        let cell = if kind.is_additive() {
-            Cell::Add(e.value)
-        } else {
-            Cell::Latest {
-                time_ms: e.time_ms,
-                value: e.value,
-            }
-        };
-        let key = CellKey {
-            partition: rec.partition,
-            customer: e.customer.clone(),
-            meter: e.meter.clone(),
-            minute_ms: minute_of(e.time_ms),
-        };
-        self.cells
-            .entry(key)
-            .and_modify(|c| c.merge(cell))
-            .or_insert(cell);
+        let (key, cell) = cell_of(rec, catalog);
+        fold(&mut self.cells, key, cell);
         self.cover(rec);
         self.events += 1;
     }

@@ -4,16 +4,19 @@
 -- apply once (clickhouse-client --multiquery < cluster.sql), then run `tally migrate`: its
 -- statements are all `IF NOT EXISTS`, so it only records the schema version.
 --
--- Layout. Tally reads and writes the tables it knows by name (usage_cells, batch_offsets,
+-- Layout. Tally reads and writes the tables it knows by name (usage_block_cells, batch_offsets,
 -- event_ids, customers, ...):
---   * usage_cells and event_ids are Distributed tables over *_local tables, sharded by the Kafka
---     partition. All rows and the offsets of one partition live on one shard, and each shard
---     receives its share of an aggregator batch as one block, so a batch that fails on some
---     shards and is written again collapses where it had landed (same keys, ReplacingMergeTree)
---     and the exactly-once contract holds per partition. A customer's events share a partition
---     (the Kafka key), so a customer's usage is on one shard.
---   * batch_offsets is fed per shard by a materialized view of usage_cells_local and read
---     through a Distributed table (maxMerge over the shards).
+--   * usage_block_cells and event_ids are Distributed tables over *_local tables, sharded by the
+--     Kafka partition. All rows and the offsets of one partition live on one shard, and each
+--     shard receives its share of an aggregator batch as one block, so a batch that fails on
+--     some shards and is written again collapses where it had landed (same keys,
+--     ReplacingMergeTree by batch_next_offset: the furthest write of a block wins) and the
+--     exactly-once contract holds per partition. A customer's events share a partition (the
+--     Kafka key), so a customer's usage is on one shard.
+--   * usage_cells is the table of schema versions before 5, no longer written; kept so that
+--     `tally migrate` can copy it (empty on a new cluster).
+--   * batch_offsets is fed per shard by materialized views of the cells and read through a
+--     Distributed table (maxMerge over the shards).
 --   * customers, notifications, billing_marks, webhook_outbox, api_keys and schema_migrations are small
 --     and replicated to every node (one replica path for the whole cluster).
 --
@@ -39,6 +42,21 @@ ORDER BY (customer, meter, minute, partition, batch_first_offset);
 CREATE TABLE IF NOT EXISTS tally.usage_cells ON CLUSTER tally AS tally.usage_cells_local
 ENGINE = Distributed(tally, tally, usage_cells_local, partition);
 
+CREATE TABLE IF NOT EXISTS tally.usage_block_cells_local ON CLUSTER tally (
+    customer String,
+    meter String,
+    minute DateTime,
+    value UInt64,
+    last_ms Int64,
+    partition UInt32,
+    batch_first_offset UInt64,
+    batch_next_offset UInt64
+) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/tally/usage_block_cells', '{replica}', batch_next_offset)
+ORDER BY (customer, meter, minute, partition, batch_first_offset);
+
+CREATE TABLE IF NOT EXISTS tally.usage_block_cells ON CLUSTER tally AS tally.usage_block_cells_local
+ENGINE = Distributed(tally, tally, usage_block_cells_local, partition);
+
 CREATE TABLE IF NOT EXISTS tally.batch_offsets_local ON CLUSTER tally (
     partition UInt32,
     next_offset AggregateFunction(max, UInt64)
@@ -50,6 +68,11 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS tally.batch_offsets_mv ON CLUSTER tally
 TO tally.batch_offsets_local AS
 SELECT partition, maxState(batch_next_offset) AS next_offset
 FROM tally.usage_cells_local GROUP BY partition;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS tally.block_offsets_mv ON CLUSTER tally
+TO tally.batch_offsets_local AS
+SELECT partition, maxState(batch_next_offset) AS next_offset
+FROM tally.usage_block_cells_local GROUP BY partition;
 
 CREATE TABLE IF NOT EXISTS tally.batch_offsets ON CLUSTER tally AS tally.batch_offsets_local
 ENGINE = Distributed(tally, tally, batch_offsets_local, partition);

@@ -1,6 +1,7 @@
 //! The ClickHouse schema, as data: ordered migrations whose statements `tally migrate` applies
 //! (database name substituted for `{db}`), recording each applied version in
-//! `{db}.schema_migrations`. Every statement is `IF NOT EXISTS`, so applying twice is harmless.
+//! `{db}.schema_migrations`. Every statement is `IF NOT EXISTS` or, for migration 5's copy, yields
+//! rows that collapse with themselves, so applying twice is harmless.
 //!
 //! The statements stay within what both ClickHouse 18.16 (Debian's package) and current releases
 //! accept. Avoided on purpose: `DateTime64` (times are `Int64` milliseconds or `DateTime`
@@ -10,13 +11,17 @@
 //! non-replicated tables (batch keys in `ReplacingMergeTree` instead).
 //!
 //! # Tables
-//! - `usage_cells`: per (customer, meter, UTC minute) usage of one aggregator batch. A batch is
-//!   one INSERT of fewer rows than `max_insert_block_size` into an unpartitioned table: one part,
-//!   all or nothing. Rows carry the batch's Kafka partition, first offset and next offset; a
-//!   batch inserted again after an ambiguous failure has the same keys and collapses
-//!   (`ReplacingMergeTree`, read with `FINAL`).
-//! - `batch_offsets`: the highest next offset per partition, fed by a materialized view of
-//!   `usage_cells` (`maxState`), read back when a partition is assigned.
+//! - `usage_block_cells` (version 5): per (customer, meter, UTC minute) usage of one block of a
+//!   Kafka partition (see the aggregator's `blocks` module): all of the block's usage from its
+//!   first offset, written again as the block grows. Rows carry the partition, the block's first
+//!   offset and the next offset after what they cover; `ReplacingMergeTree(batch_next_offset)`
+//!   keeps, per cell and block, the write that reached furthest, whatever order writes land in
+//!   (read with `FINAL`). A write is one INSERT of fewer rows than `max_insert_block_size` into
+//!   an unpartitioned table: one part, all or nothing.
+//! - `usage_cells` (version 1, no longer written): per-batch cells where the last write of a
+//!   key won; migration 5 copies them into `usage_block_cells`.
+//! - `batch_offsets`: the highest next offset per partition, fed by materialized views of
+//!   `usage_cells` and `usage_block_cells` (`maxState`), checked before each write.
 //! - `event_ids`: (source, id) counted per Kafka partition and day of receipt, with the offset of
 //!   the record that was counted, for the de-duplication window: the same (source, id) at
 //!   another offset is a duplicate, at the same offset a replay. Days older than the window are
@@ -124,6 +129,29 @@ pub const MIGRATIONS: &[Migration] = &[
             record String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY id"],
+    },
+    Migration {
+        version: 5,
+        name: "usage in blocks, furthest write wins",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {db}.usage_block_cells (
+            customer String,
+            meter String,
+            minute DateTime,
+            value UInt64,
+            last_ms Int64,
+            partition UInt32,
+            batch_first_offset UInt64,
+            batch_next_offset UInt64
+        ) ENGINE = ReplacingMergeTree(batch_next_offset)
+        ORDER BY (customer, meter, minute, partition, batch_first_offset)",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.block_offsets_mv TO {db}.batch_offsets AS
+            SELECT partition, maxState(batch_next_offset) AS next_offset
+            FROM {db}.usage_block_cells GROUP BY partition",
+            // Run once, with the aggregators stopped; run again after a failure, the copied rows
+            // are the same rows again and collapse.
+            "INSERT INTO {db}.usage_block_cells SELECT * FROM {db}.usage_cells",
+        ],
     },
 ];
 

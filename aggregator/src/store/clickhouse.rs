@@ -2,17 +2,22 @@
 //! [`tally_schemas::clickhouse`], applied by `tally migrate`).
 //!
 //! # Exactly once
-//! A batch is one INSERT into `usage_cells`, an unpartitioned `ReplacingMergeTree`: one part,
-//! all or nothing. Every row carries the batch's Kafka partition, first offset and next offset,
-//! and a partition whose records produced no usage (all duplicates) gets a marker row
-//! (`customer = ''`), so the stored position always moves with the data:
-//! - the resume position of a partition is `max(batch_next_offset)` of its rows, read from
-//!   `usage_cells` itself (no second table to get out of step) when a partition is assigned;
-//!   the check before each write reads the small `batch_offsets` view instead;
-//! - a batch written again after an ambiguous failure has the same keys and collapses (reads use
-//!   `FINAL`);
-//! - before writing, the stored position is read: a batch entirely below it is a replay and
-//!   skipped; one that starts below it is refused ([`crate::Error::Fenced`]).
+//! ClickHouse has no transactions: a writer that checked the stored position can land its write
+//! after another writer's (a rebalance, a member that stalled past its session). So batches come
+//! as cumulative blocks ([`crate::blocks`]), cut the same way by every aggregator, and a write of
+//! a batch is one INSERT into `usage_block_cells`, an unpartitioned
+//! `ReplacingMergeTree(batch_next_offset)`: one part, all or nothing. Every row carries its
+//! block's Kafka partition, first offset and the next offset after what it covers; a block
+//! without usage (all duplicates) gets a marker row (`customer = ''`), so the stored position
+//! always moves with the data:
+//! - per cell and block, the write that reached furthest wins (reads use `FINAL`), whatever
+//!   order writes land in; a block written again after an ambiguous failure collapses;
+//! - a partition resumes at the start of its furthest block (`argMax(batch_first_offset,
+//!   batch_next_offset)`) and writes from `max(batch_next_offset)` on, both read from the cells
+//!   themselves (no second table to get out of step) when a partition is assigned;
+//! - before writing, the small `batch_offsets` view is read: a batch entirely below it is a
+//!   replay and skipped; one whose new records start below it is refused
+//!   ([`crate::Error::Fenced`]), which only spares a stale writer useless work.
 //!
 //! # De-duplication
 //! [`UsageStore::first_seen`] keeps, per Kafka partition, the (source, id) of every counted
@@ -36,7 +41,8 @@ use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
 use super::{Applied, MeterTotal, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
-use crate::rollup::{Cell, Rollup};
+use crate::blocks::Resume;
+use crate::rollup::{Block, Cell, Rollup};
 use crate::{Error, Result};
 
 /// Settings of the ClickHouse store.
@@ -238,7 +244,7 @@ impl ClickHouseStore {
     /// Positions read from the cells themselves: the truth, for resuming and snapshots.
     async fn stored_offsets(&self) -> Result<BTreeMap<u32, u64>> {
         self.offsets_by(
-            "SELECT partition, max(batch_next_offset) FROM usage_cells GROUP BY partition",
+            "SELECT partition, max(batch_next_offset) FROM usage_block_cells GROUP BY partition",
         )
         .await
     }
@@ -295,6 +301,29 @@ fn per_meter<T: Clone + Default>(
                 .map_or_else(T::default, |(_, v)| v.clone())
         })
         .collect()
+}
+
+/// A batch given as increments, as blocks: each partition's range of it is a block of its own.
+fn batch_blocks(rollup: &Rollup) -> Vec<Block> {
+    let mut blocks: BTreeMap<u32, Block> = rollup
+        .ranges
+        .iter()
+        .map(|(&partition, &(first, next))| {
+            let block = Block {
+                partition,
+                first,
+                next,
+                cells: HashMap::new(),
+            };
+            (partition, block)
+        })
+        .collect();
+    for (k, cell) in &rollup.cells {
+        if let Some(b) = blocks.get_mut(&k.partition) {
+            b.cells.insert(k.clone(), *cell);
+        }
+    }
+    blocks.into_values().collect()
 }
 
 /// Appends `s` as a ClickHouse string literal.
@@ -409,52 +438,68 @@ impl UsageStore for ClickHouseStore {
         if super::check_positions(rollup, &self.recorded_offsets().await?)? == Applied::Replay {
             return Ok(Applied::Replay);
         }
+        let own;
+        let blocks = if rollup.blocks.is_empty() {
+            own = batch_blocks(rollup);
+            &own
+        } else {
+            &rollup.blocks
+        };
         let mut insert = self
             .client
-            .insert::<CellRow>("usage_cells")
+            .insert::<CellRow>("usage_block_cells")
             .await
             .map_err(ch)?;
-        let mut with_cells = HashSet::new();
-        for (k, cell) in &rollup.cells {
-            let (value, last_ms) = match *cell {
-                Cell::Add(v) => (v, 0),
-                Cell::Latest { time_ms, value } => (value, time_ms),
+        for block in blocks {
+            let row = |customer: &str, meter: &str, minute_ms: i64, value, last_ms| CellRow {
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                minute: seconds(minute_ms) as u32,
+                value,
+                last_ms,
+                partition: block.partition,
+                batch_first_offset: block.first,
+                batch_next_offset: block.next,
             };
-            let (first, next) = rollup.ranges[&k.partition];
-            with_cells.insert(k.partition);
-            insert
-                .write(&CellRow {
-                    customer: k.customer.clone(),
-                    meter: k.meter.clone(),
-                    minute: seconds(k.minute_ms) as u32,
-                    value,
-                    last_ms,
-                    partition: k.partition,
-                    batch_first_offset: first,
-                    batch_next_offset: next,
-                })
-                .await
-                .map_err(ch)?;
-        }
-        for (&partition, &(first, next)) in &rollup.ranges {
-            if !with_cells.contains(&partition) {
+            if block.cells.is_empty() {
+                // The block's position, without usage.
+                insert.write(&row("", "", 0, 0, 0)).await.map_err(ch)?;
+            }
+            for (k, cell) in &block.cells {
+                let (value, last_ms) = match *cell {
+                    Cell::Add(v) => (v, 0),
+                    Cell::Latest { time_ms, value } => (value, time_ms),
+                };
                 insert
-                    .write(&CellRow {
-                        customer: String::new(),
-                        meter: String::new(),
-                        minute: 0,
-                        value: 0,
-                        last_ms: 0,
-                        partition,
-                        batch_first_offset: first,
-                        batch_next_offset: next,
-                    })
+                    .write(&row(&k.customer, &k.meter, k.minute_ms, value, last_ms))
                     .await
                     .map_err(ch)?;
             }
         }
         insert.end().await.map_err(ch)?;
         Ok(Applied::Written)
+    }
+
+    fn takes_blocks(&self) -> bool {
+        true
+    }
+
+    async fn resume(&self) -> Result<BTreeMap<u32, Resume>> {
+        // The last block written is the one that reaches furthest.
+        let rows: Vec<(u32, u64, u64)> = self
+            .client
+            .query(
+                "SELECT partition, argMax(batch_first_offset, batch_next_offset),
+                        max(batch_next_offset)
+                 FROM usage_block_cells GROUP BY partition",
+            )
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, start, next)| (p, Resume { start, next }))
+            .collect())
     }
 
     async fn offsets(&self) -> Result<BTreeMap<u32, u64>> {
@@ -477,7 +522,7 @@ impl UsageStore for ClickHouseStore {
             let v: u64 = self
                 .client
                 .query(
-                    "SELECT sum(value) FROM usage_cells FINAL
+                    "SELECT sum(value) FROM usage_block_cells FINAL
                      WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)",
                 )
                 .bind(customer)
@@ -492,7 +537,7 @@ impl UsageStore for ClickHouseStore {
             let v: Option<u64> = self
                 .client
                 .query(
-                    "SELECT value FROM usage_cells
+                    "SELECT value FROM usage_block_cells
                      WHERE customer = ? AND meter = ? AND minute < toDateTime(?)
                      ORDER BY minute DESC, last_ms DESC, value DESC LIMIT 1",
                 )
@@ -523,13 +568,13 @@ impl UsageStore for ClickHouseStore {
         };
         let sql = if aggregation.is_additive() {
             format!(
-                "SELECT toUInt32({bucket}) AS b, sum(value) FROM usage_cells FINAL
+                "SELECT toUInt32({bucket}) AS b, sum(value) FROM usage_block_cells FINAL
                  WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                  GROUP BY b ORDER BY b"
             )
         } else {
             format!(
-                "SELECT toUInt32({bucket}) AS b, argMax(value, (minute, last_ms, value)) FROM usage_cells
+                "SELECT toUInt32({bucket}) AS b, argMax(value, (minute, last_ms, value)) FROM usage_block_cells
                  WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                  GROUP BY b ORDER BY b"
             )
@@ -562,7 +607,7 @@ impl UsageStore for ClickHouseStore {
         let sums = self
             .client
             .query(
-                "SELECT meter, sum(value) FROM usage_cells FINAL
+                "SELECT meter, sum(value) FROM usage_block_cells FINAL
                  WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                  GROUP BY meter",
             )
@@ -572,7 +617,7 @@ impl UsageStore for ClickHouseStore {
         let latest = self
             .client
             .query(
-                "SELECT meter, argMax(value, (minute, last_ms, value)) FROM usage_cells
+                "SELECT meter, argMax(value, (minute, last_ms, value)) FROM usage_block_cells
                  WHERE customer = ? AND minute < toDateTime(?) GROUP BY meter",
             )
             .bind(customer)
@@ -596,7 +641,7 @@ impl UsageStore for ClickHouseStore {
         let query = if aggregation.is_additive() {
             self.client
                 .query(
-                    "SELECT customer, sum(value) AS v FROM usage_cells FINAL
+                    "SELECT customer, sum(value) AS v FROM usage_block_cells FINAL
                      WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                      GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
                 )
@@ -605,7 +650,7 @@ impl UsageStore for ClickHouseStore {
         } else {
             self.client
                 .query(
-                    "SELECT customer, argMax(value, (minute, last_ms, value)) AS v FROM usage_cells
+                    "SELECT customer, argMax(value, (minute, last_ms, value)) AS v FROM usage_block_cells
                      WHERE meter = ? AND minute < toDateTime(?)
                      GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
                 )
@@ -630,7 +675,7 @@ impl UsageStore for ClickHouseStore {
             .client
             .query(
                 "SELECT meter, sum(v), count() FROM (
-                     SELECT meter, customer, sum(value) AS v FROM usage_cells FINAL
+                     SELECT meter, customer, sum(value) AS v FROM usage_block_cells FINAL
                      WHERE minute >= toDateTime(?) AND minute < toDateTime(?)
                      GROUP BY meter, customer HAVING v > 0)
                  GROUP BY meter",
@@ -642,7 +687,7 @@ impl UsageStore for ClickHouseStore {
             .query(
                 "SELECT meter, sum(v), count() FROM (
                      SELECT meter, customer, argMax(value, (minute, last_ms, value)) AS v
-                     FROM usage_cells WHERE minute < toDateTime(?)
+                     FROM usage_block_cells WHERE minute < toDateTime(?)
                      GROUP BY meter, customer HAVING v > 0)
                  GROUP BY meter",
             )
@@ -685,7 +730,7 @@ impl UsageStore for ClickHouseStore {
             self.client
                 .query(
                     "SELECT sum(v), count() FROM (
-                         SELECT customer, sum(value) AS v FROM usage_cells FINAL
+                         SELECT customer, sum(value) AS v FROM usage_block_cells FINAL
                          WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                          GROUP BY customer HAVING v > 0)",
                 )
@@ -696,7 +741,7 @@ impl UsageStore for ClickHouseStore {
                 .query(
                     "SELECT sum(v), count() FROM (
                          SELECT customer, argMax(value, (minute, last_ms, value)) AS v
-                         FROM usage_cells WHERE meter = ? AND minute < toDateTime(?)
+                         FROM usage_block_cells WHERE meter = ? AND minute < toDateTime(?)
                          GROUP BY customer HAVING v > 0)",
                 )
                 .bind(meter)
@@ -725,7 +770,7 @@ impl UsageStore for ClickHouseStore {
             let rows: Vec<(String, String, u64)> = self
                 .client
                 .query(&format!(
-                    "SELECT customer, meter, sum(value) FROM usage_cells FINAL
+                    "SELECT customer, meter, sum(value) FROM usage_block_cells FINAL
                      WHERE has(?, meter) AND minute >= toDateTime(?) AND customer != '' AND {covered}
                      GROUP BY customer, meter"
                 ))
@@ -744,7 +789,7 @@ impl UsageStore for ClickHouseStore {
                 let rows: Vec<(String, u64)> = self
                     .client
                     .query(&format!(
-                        "SELECT meter, sum(value) FROM usage_cells FINAL
+                        "SELECT meter, sum(value) FROM usage_block_cells FINAL
                          WHERE customer = ? AND has(?, meter) AND minute >= toDateTime(?) AND {covered}
                          GROUP BY meter"
                     ))
@@ -766,7 +811,7 @@ impl UsageStore for ClickHouseStore {
         let gauges: Vec<(String, String, i64, u64)> = self
             .client
             .query(&format!(
-                "SELECT customer, meter, max(last_ms), argMax(value, (last_ms, value)) FROM usage_cells
+                "SELECT customer, meter, max(last_ms), argMax(value, (last_ms, value)) FROM usage_block_cells
                  WHERE last_ms != 0 AND customer != '' AND {covered}
                  GROUP BY customer, meter"
             ))

@@ -21,6 +21,7 @@ use tally_ingest::log::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
 use crate::Result;
+use crate::blocks::Resume;
 use crate::rollup::Rollup;
 
 /// What [`UsageStore::apply`] did with a batch.
@@ -73,6 +74,23 @@ pub trait UsageStore: Send + Sync + 'static {
 
     /// Next offset per partition that the store covers.
     async fn offsets(&self) -> Result<BTreeMap<u32, u64>>;
+
+    /// Whether batches reach this store as cumulative blocks rather than increments (see
+    /// [`crate::blocks`]): stores that cannot check positions and write in one transaction.
+    fn takes_blocks(&self) -> bool {
+        false
+    }
+
+    /// Where the aggregator resumes each partition. Stores of increments resume at the next
+    /// offset; stores of blocks at the start of the last block written.
+    async fn resume(&self) -> Result<BTreeMap<u32, Resume>> {
+        Ok(self
+            .offsets()
+            .await?
+            .into_iter()
+            .map(|(p, next)| (p, Resume { start: next, next }))
+            .collect())
+    }
 
     /// Usage of one meter: the sum over `[from_ms, to_ms)` for additive meters; for gauges the
     /// latest value reported before `to_ms` (gauges carry over between periods).

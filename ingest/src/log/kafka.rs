@@ -653,8 +653,8 @@ impl KafkaReader {
 impl LogReader for KafkaReader {
     fn seek(&mut self, partition: u32, next_offset: u64) {
         self.floors.insert(partition, next_offset);
-        self.pending
-            .retain(|r| r.partition != partition || r.offset >= next_offset);
+        // The cursor moves: whatever was buffered for the partition comes again, in order.
+        self.pending.retain(|r| r.partition != partition);
         let owned = self.assigned
             || (self.group
                 && self
