@@ -66,8 +66,8 @@ struct Part {
     /// Start of the block to open with the next record (after a resume).
     resume_at: Option<u64>,
     open: Option<OpenBlock>,
-    /// Blocks ended since the last batch was taken.
-    ended: Vec<Block>,
+    /// Blocks ended and not taken yet, with their new counted records.
+    ended: Vec<(Block, usize)>,
 }
 
 #[derive(Debug)]
@@ -75,6 +75,8 @@ struct OpenBlock {
     block: Block,
     /// Receipt time of the block's first record.
     first_ms: i64,
+    /// New records counted into it since it was last taken.
+    fresh: usize,
 }
 
 impl OpenBlock {
@@ -175,14 +177,10 @@ impl Cutter {
             }
             return new;
         }
-        if new {
-            rollup.cover(rec);
-            rollup.events += usize::from(keep);
-        }
         if part.open.as_ref().is_some_and(|o| o.ends_before(rec)) {
-            let ended = part.open.take().expect("open block").block;
-            if ended.next > part.stored {
-                part.ended.push(ended);
+            let ended = part.open.take().expect("open block");
+            if ended.block.next > part.stored {
+                part.ended.push((ended.block, ended.fresh));
             }
         }
         let open = part.open.get_or_insert_with(|| {
@@ -195,8 +193,10 @@ impl Cutter {
                     cells: HashMap::new(),
                 },
                 first_ms: rec.event.received_ms,
+                fresh: 0,
             }
         });
+        open.fresh += usize::from(new && keep);
         if keep {
             let (key, cell): (CellKey, Cell) = cell_of(rec, catalog);
             fold(&mut open.block.cells, key, cell);
@@ -205,16 +205,36 @@ impl Cutter {
         new
     }
 
-    /// Moves the blocks with new records into `rollup` (ended ones, and a copy of the open
-    /// one) and counts them as stored: call once per batch, before writing it. A batch the
-    /// store refuses is followed by a [`Cutter::reset`].
-    pub fn take(&mut self, rollup: &mut Rollup) {
-        for part in self.parts.values_mut() {
-            rollup.blocks.append(&mut part.ended);
-            if let Some(open) = part.open.as_ref().filter(|o| o.block.next > part.stored) {
+    /// Moves the blocks with new records into `rollup` (ended ones, and a copy of the open one
+    /// if `with_open`) with the positions they cover, and counts them as stored: call once per
+    /// batch, before writing it. A batch the store refuses is followed by a
+    /// [`Cutter::reset`]. Leaving the open block out while catching up (full batches) spares
+    /// writing it again and again: it is written once it ends, or with a batch that is not full.
+    pub fn take(&mut self, rollup: &mut Rollup, with_open: bool) {
+        for (&p, part) in &mut self.parts {
+            if !self.blocks {
+                part.stored = part.stored.max(part.seen);
+                continue;
+            }
+            let mut next = part.stored;
+            for (block, fresh) in part.ended.drain(..) {
+                next = next.max(block.next);
+                rollup.events += fresh;
+                rollup.blocks.push(block);
+            }
+            if let Some(open) = part
+                .open
+                .as_mut()
+                .filter(|o| with_open && o.block.next > next)
+            {
+                next = open.block.next;
+                rollup.events += std::mem::take(&mut open.fresh);
                 rollup.blocks.push(open.block.clone());
             }
-            part.stored = part.stored.max(part.seen);
+            if next > part.stored {
+                rollup.ranges.insert(p, (part.stored, next));
+                part.stored = next;
+            }
         }
     }
 }
@@ -262,14 +282,14 @@ mod tests {
         for (o, ms) in [(0, 1_000), (1, 1_500), (2, 2_000)] {
             c.push(&rec(o, ms, 1), true, &cat, &mut r);
         }
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert_eq!(spans(&r.blocks), [(0, 3)]);
         assert_eq!(r.ranges[&0], (0, 3));
         // 2,001 ms is more than a second after the block's first record: a new block.
         let mut r = Rollup::default();
         c.push(&rec(3, 1_900, 1), true, &cat, &mut r);
         c.push(&rec(4, 2_001, 1), true, &cat, &mut r);
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert_eq!(spans(&r.blocks), [(0, 4), (4, 5)]);
         assert_eq!(total(&r.blocks[0]), 4, "the whole block from its start");
         assert_eq!(r.ranges[&0], (3, 5), "only the new records are the batch's");
@@ -277,11 +297,31 @@ mod tests {
         let mut r = Rollup::default();
         c.push(&rec(5, 500, 1), true, &cat, &mut r);
         c.push(&rec(4 + BLOCK_RECORDS, 2_100, 1), true, &cat, &mut r);
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert_eq!(
             spans(&r.blocks),
             [(4, 6), (4 + BLOCK_RECORDS, 5 + BLOCK_RECORDS)]
         );
+    }
+
+    #[test]
+    fn an_open_block_can_wait_for_its_end() {
+        let cat = Catalog::builtin();
+        let mut c = Cutter::new(true);
+        let mut r = Rollup::default();
+        for (o, ms) in [(0, 0), (1, 0), (2, 1_001), (3, 1_001)] {
+            c.push(&rec(o, ms, 1), true, &cat, &mut r);
+        }
+        c.take(&mut r, false);
+        assert_eq!(spans(&r.blocks), [(0, 2)]);
+        assert_eq!((r.ranges[&0], r.events), ((0, 2), 2));
+        let mut r = Rollup::default();
+        c.take(&mut r, false);
+        assert!(r.blocks.is_empty() && r.ranges.is_empty());
+        c.push(&rec(4, 1_001, 1), true, &cat, &mut r);
+        c.take(&mut r, true);
+        assert_eq!(spans(&r.blocks), [(2, 5)]);
+        assert_eq!((r.ranges[&0], r.events), ((2, 5), 3));
     }
 
     #[test]
@@ -301,11 +341,11 @@ mod tests {
         for o in 10..13 {
             c.push(&rec(o, 0, 2), true, &cat, &mut r);
         }
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert!(r.blocks.is_empty() && r.ranges.is_empty(), "nothing new");
         c.push(&rec(13, 0, 2), false, &cat, &mut r);
         c.push(&rec(14, 0, 2), true, &cat, &mut r);
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert_eq!(spans(&r.blocks), [(10, 15)]);
         assert_eq!(
             total(&r.blocks[0]),
@@ -331,7 +371,7 @@ mod tests {
         c.push(&rec(13, 0, 2), true, &cat, &mut r);
         c.push(&rec(13, 0, 2), true, &cat, &mut r);
         c.push(&rec(14, 0, 3), false, &cat, &mut r);
-        c.take(&mut r);
+        c.take(&mut r, true);
         assert!(r.blocks.is_empty());
         assert_eq!((r.ranges[&0], r.events), ((13, 15), 1));
         assert_eq!(r.cells.values().collect::<Vec<_>>(), [&Cell::Add(2)]);

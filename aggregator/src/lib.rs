@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`rollup`]: the pure fold of records into cells.
+//! - [`blocks`]: how each partition is cut into batches: increments, or cumulative blocks.
 //! - [`store`]: the usage-store contract ([`store::UsageStore`]) and its adapters.
 //! - [`query`]: `GET /v1/usage`.
 //! - [`metrics`]: Prometheus metrics of this stage.
@@ -15,23 +16,24 @@
 //! log's own consumer offsets. Each batch (up to `max_batch_events` records, or whatever arrived
 //! within `flush_interval` of the first) is de-duplicated, rolled up and written together with
 //! the positions after it in one atomic store write (one SQLite transaction; one ClickHouse
-//! INSERT, which is one part). So:
+//! INSERT, which is one part, of cumulative [`blocks`]). So:
 //! - a crash before the write loses nothing: the batch is read again from the stored position;
 //! - a crash after the write re-reads nothing that counts: records below the stored position are
 //!   skipped, whatever the log's committed offsets say;
 //! - a batch written twice anyway (a retry after an ambiguous failure) is recognised by its
 //!   positions and skipped (and in ClickHouse its rows carry the same batch keys and collapse);
-//! - a batch that starts below the stored position is refused ([`Error::Fenced`]): another
-//!   aggregator wrote that partition meanwhile. The batch is dropped and reading resumes from
-//!   the store.
+//! - a batch whose new records start below the stored position is refused
+//!   ([`Error::Fenced`]): another aggregator wrote that partition meanwhile. The batch is
+//!   dropped and reading resumes from the store.
 //!
 //! With Kafka, aggregators form a consumer group and share the partitions. On every rebalance
 //! ([`tally_ingest::log::LogReader::assignment_epoch`]) the positions are re-read from the store
 //! before anything of the new assignment is written, and records buffered for revoked
 //! partitions are dropped. Offsets are committed to Kafka only after the store has the batch;
 //! they are advisory (monitoring, retention), never the source of truth. A member that stalls
-//! past the session timeout while holding a batch is the one window left: the store's position
-//! check before each write fences it unless its write races the new owner's.
+//! past the session timeout while holding a batch can still land its write after the new
+//! owner's (ClickHouse cannot check and write atomically): blocks make that harmless, since every
+//! member cuts the same blocks and the store keeps each block's furthest write.
 //!
 //! Duplicates (`source`, `id`) are dropped within the de-duplication window: by the embedded log
 //! before it appends, or with Kafka by the store ([`store::UsageStore::first_seen`], ClickHouse
@@ -123,6 +125,8 @@ pub async fn run(
             epoch = reader.assignment_epoch();
             reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
         }
+        // A full batch: more is waiting (catching up).
+        let full = batch.len() >= settings.max_batch_events;
         let mut batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
         if let Some((partition, expected, first)) = cutter.gap(&batch) {
             gaps += 1;
@@ -149,13 +153,20 @@ pub async fn run(
         if batch.is_empty() {
             continue;
         }
-        let Some(rollup) =
-            roll_up(&batch, &catalog, store.as_ref(), &mut cutter, &shutdown).await?
-        else {
+        let cut = roll_up(
+            &batch,
+            &catalog,
+            store.as_ref(),
+            &mut cutter,
+            !full,
+            &shutdown,
+        );
+        let Some(rollup) = cut.await? else {
             return Ok(());
         };
         if rollup.ranges.is_empty() {
-            // Only records the store holds (a resume rebuilding its last block).
+            // Nothing to write yet: records the store holds (a resume rebuilding its last
+            // block), or an open block left for later.
             continue;
         }
         match flush(&rollup, store.as_ref(), &shutdown).await {
@@ -270,13 +281,14 @@ async fn reread(
     Ok(())
 }
 
-/// Drops duplicates (per the store) and cuts the rest into a batch; `None` once `shutdown` is
-/// cancelled.
+/// Drops duplicates (per the store) and cuts the rest into a batch (with the open blocks if
+/// `with_open`, see [`Cutter::take`]); `None` once `shutdown` is cancelled.
 async fn roll_up(
     batch: &[tally_ingest::log::Record],
     catalog: &Catalog,
     store: &dyn UsageStore,
     cutter: &mut Cutter,
+    with_open: bool,
     shutdown: &CancellationToken,
 ) -> Result<Option<Rollup>> {
     let Some(keep) = retrying("de-duplication", shutdown, || store.first_seen(batch)).await? else {
@@ -289,7 +301,7 @@ async fn roll_up(
             duplicates += 1;
         }
     }
-    cutter.take(&mut rollup);
+    cutter.take(&mut rollup, with_open);
     if duplicates > 0 {
         metrics::DUPLICATES.inc_by(duplicates);
     }

@@ -83,7 +83,7 @@ impl Writer {
         }
     }
 
-    fn read(&mut self, log: &[Record], n: usize, catalog: &Catalog) {
+    fn read(&mut self, log: &[Record], n: usize, with_open: bool, catalog: &Catalog) {
         if self.in_flight.is_some() {
             return;
         }
@@ -93,7 +93,7 @@ impl Writer {
             self.cutter.push(rec, true, catalog, &mut rollup);
         }
         self.at = end as u64;
-        self.cutter.take(&mut rollup);
+        self.cutter.take(&mut rollup, with_open);
         if !rollup.blocks.is_empty() {
             self.in_flight = Some(rollup.blocks);
         }
@@ -102,8 +102,9 @@ impl Writer {
 
 #[derive(Debug, Clone)]
 enum Step {
-    /// Writer reads and cuts up to n records, once its previous write landed.
-    Read(usize, usize),
+    /// Writer reads and cuts up to n records, once its previous write landed; with its open
+    /// block, or leaving it for later (catching up).
+    Read(usize, usize, bool),
     /// Writer's write lands and is acknowledged.
     Land(usize),
     /// Writer crashes and resumes from the store; its write in flight may land at any time
@@ -115,7 +116,7 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..3usize, 1..40usize).prop_map(|(w, n)| Step::Read(w, n)),
+        3 => (0..3usize, 1..40usize, any::<bool>()).prop_map(|(w, n, o)| Step::Read(w, n, o)),
         3 => (0..3usize).prop_map(Step::Land),
         1 => (0..3usize).prop_map(Step::Restart),
         1 => (0..4usize).prop_map(Step::LandOrphan),
@@ -163,7 +164,7 @@ proptest! {
         let mut orphans: Vec<Vec<Block>> = Vec::new();
         for s in steps {
             match s {
-                Step::Read(w, n) => writers[w].read(&log, n, &catalog),
+                Step::Read(w, n, open) => writers[w].read(&log, n, open, &catalog),
                 Step::Land(w) => {
                     if let Some(write) = writers[w].in_flight.take() {
                         store.land(&write);
@@ -190,7 +191,7 @@ proptest! {
         }
         let mut last = Writer::resume(&store);
         while last.at < log.len() as u64 {
-            last.read(&log, 25, &catalog);
+            last.read(&log, 25, true, &catalog);
             if let Some(write) = last.in_flight.take() {
                 store.land(&write);
             }

@@ -50,7 +50,11 @@ pub fn start_with_env(
         .env("TALLY_LISTEN", format!("127.0.0.1:{api_port}"))
         .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("TALLY_FLUSH_INTERVAL", flush)
-        .env("TALLY_LOG", "warn")
+        // TALLY_TEST_LOG raises the processes' log level when a test needs investigating.
+        .env(
+            "TALLY_LOG",
+            std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
