@@ -48,8 +48,8 @@ impl Slot {
             .env("TALLY_LISTEN", format!("127.0.0.1:{}", self.api))
             .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.admin))
             .env("TALLY_FLUSH_INTERVAL", "100ms")
-            .env("TALLY_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("TALLY_LOG", "info")
+            .stdout(log_file(data))
             .stderr(log_file(data))
             .spawn()
             .expect("tally starts");

@@ -104,8 +104,8 @@ pub async fn run(
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;
-    // Consecutive polls that did not start at a block to rebuild.
-    let mut gaps = 0u32;
+    // Per partition, polls that did not start at the block to rebuild.
+    let mut gaps: BTreeMap<u32, u32> = BTreeMap::new();
     tokio::spawn(report_lag(log.clone(), store.clone(), shutdown.clone()));
     tracing::info!("aggregator started");
     loop {
@@ -124,32 +124,36 @@ pub async fn run(
             // each from the store, which is the truth, not from the log's committed offsets.
             epoch = reader.assignment_epoch();
             reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
+            gaps.clear();
         }
         // A full batch: more is waiting (catching up).
         let full = batch.len() >= settings.max_batch_events;
         let mut batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
-        if let Some((partition, expected, first)) = cutter.gap(&batch) {
-            gaps += 1;
-            if gaps <= MAX_SEEKS {
+        while let Some((partition, expected, first)) = cutter.gap(&batch) {
+            // The log must resume at the block start to rebuild the block (the Kafka reader
+            // makes sure it does, unless the records are gone).
+            let tries = gaps.entry(partition).or_default();
+            *tries += 1;
+            if *tries <= MAX_SEEKS {
                 tracing::warn!(
                     partition,
                     expected,
                     first,
                     "the log did not resume at the last block's start; seeking again"
                 );
-                reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
-                continue;
+                reader.seek(partition, expected);
+                batch.retain(|r| r.partition != partition);
+            } else {
+                tracing::error!(
+                    partition,
+                    expected,
+                    first,
+                    "the last block's records are no longer in the log; new records start a block of their own"
+                );
+                cutter.skip_rebuild(partition);
+                batch.retain(|r| cutter.wants(r));
             }
-            tracing::error!(
-                partition,
-                expected,
-                first,
-                "the last block's records are no longer in the log; new records start a block of their own"
-            );
-            cutter.skip_rebuild(partition);
-            batch.retain(|r| cutter.wants(r));
         }
-        gaps = 0;
         if batch.is_empty() {
             continue;
         }
@@ -176,6 +180,7 @@ pub async fn run(
             Err(e @ Error::Fenced { .. }) => {
                 tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
                 reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
+                gaps.clear();
                 continue;
             }
             Err(e) => return Err(e),

@@ -50,12 +50,15 @@ pub fn start_with_env(
         .env("TALLY_LISTEN", format!("127.0.0.1:{api_port}"))
         .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("TALLY_FLUSH_INTERVAL", flush)
-        // TALLY_TEST_LOG raises the processes' log level when a test needs investigating.
+        // TALLY_TEST_LOG shows the processes' logs (stdout) at that level, to investigate a test.
         .env(
             "TALLY_LOG",
             std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stdout(Stdio::null())
+        .stdout(match std::env::var_os("TALLY_TEST_LOG") {
+            Some(_) => Stdio::inherit(),
+            None => Stdio::null(),
+        })
         .stderr(Stdio::inherit())
         .spawn()
         .expect("tally starts");

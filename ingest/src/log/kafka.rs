@@ -575,6 +575,10 @@ struct KafkaReader {
     recent: RecentIds,
     /// Offsets below which records are skipped, per partition (set by `seek`).
     floors: HashMap<u32, u64>,
+    /// Positions sought and not reached yet, with the tries: until the record sought comes, a
+    /// partition's records are skipped and the seek is tried again (librdkafka refuses one on a
+    /// partition just assigned, and records fetched before a seek may still come).
+    unsought: HashMap<u32, (u64, u32)>,
     /// Follower: the partitions it was assigned, once it has looked them up.
     assigned: bool,
 }
@@ -596,6 +600,7 @@ impl KafkaReader {
             pending_since: None,
             recent: RecentIds::new(config.reader_dedup_window),
             floors: HashMap::new(),
+            unsought: HashMap::new(),
             assigned: false,
         }
     }
@@ -632,6 +637,50 @@ impl KafkaReader {
         Ok(())
     }
 
+    /// Moves `partition`'s cursor to `next_offset` (tried again on its next record if refused).
+    fn move_cursor(&self, partition: u32, next_offset: u64) {
+        if let Err(e) = self.consumer.seek(
+            &self.topic,
+            partition as i32,
+            Offset::Offset(next_offset as i64),
+            Duration::from_secs(5),
+        ) {
+            tracing::debug!(partition, error = %e, "seek refused; trying again");
+        }
+    }
+
+    /// Whether a record at `offset` of `partition` comes where the cursor was sought: the
+    /// first one after a seek must be the one sought (or, if retention removed it, the log's
+    /// first). If not, the seek is tried again and the record skipped.
+    fn where_sought(&mut self, partition: u32, offset: u64) -> bool {
+        let Some(&(sought, tries)) = self.unsought.get(&partition) else {
+            return true;
+        };
+        if offset == sought {
+            self.unsought.remove(&partition);
+            return true;
+        }
+        if tries > 0 && tries % 20 == 0 {
+            let low = self
+                .consumer
+                .fetch_watermarks(&self.topic, partition as i32, Duration::from_secs(5))
+                .map(|(low, _)| low.max(0) as u64);
+            if low.is_ok_and(|low| low > sought && offset == low) {
+                tracing::warn!(
+                    partition,
+                    sought,
+                    first = offset,
+                    "records sought are gone from the log"
+                );
+                self.unsought.remove(&partition);
+                return true;
+            }
+        }
+        self.unsought.insert(partition, (sought, tries + 1));
+        self.move_cursor(partition, sought);
+        false
+    }
+
     /// Applies rebalance events: drops what was buffered for revoked partitions.
     fn observe_rebalance(&mut self) -> bool {
         let mut a = self.assignment.lock().expect("assignment lock");
@@ -644,6 +693,7 @@ impl KafkaReader {
         self.pending.retain(|r| !revoked.contains(&r.partition));
         for p in revoked {
             self.floors.remove(&p);
+            self.unsought.remove(&p);
         }
         true
     }
@@ -663,14 +713,12 @@ impl LogReader for KafkaReader {
                     .is_ok_and(|tpl| tpl.find_partition(&self.topic, partition as i32).is_some()));
         if owned {
             // Already reading it: move this partition's cursor.
-            if let Err(e) = self.consumer.seek(
-                &self.topic,
-                partition as i32,
-                Offset::Offset(next_offset as i64),
-                Duration::from_secs(5),
-            ) {
-                tracing::warn!(partition, error = %e, "cannot seek partition");
-            }
+            self.move_cursor(partition, next_offset);
+        }
+        if self.group || owned {
+            // (A group member's partition not assigned yet starts from the group's committed
+            // offset: moved on its first record.)
+            self.unsought.insert(partition, (next_offset, 0));
         }
     }
 
@@ -683,6 +731,8 @@ impl LogReader for KafkaReader {
         if !self.group && !self.assigned {
             self.assign_all().await?;
         }
+        // Messages borrow the consumer: a handle of its own leaves `self` free.
+        let consumer = self.consumer.clone();
         loop {
             if self.observe_rebalance() {
                 // The caller re-reads its positions for the new assignment first.
@@ -693,7 +743,7 @@ impl LogReader for KafkaReader {
             }
             let deadline = self.pending_since.unwrap_or(started) + linger;
             let msg = tokio::select! {
-                m = self.consumer.recv() => m,
+                m = consumer.recv() => m,
                 _ = tokio::time::sleep_until(deadline) => return Ok(self.take(max)),
             };
             let msg = match msg {
@@ -706,6 +756,9 @@ impl LogReader for KafkaReader {
             let partition = msg.partition() as u32;
             let offset = msg.offset() as u64;
             if self.floors.get(&partition).is_some_and(|f| offset < *f) {
+                continue;
+            }
+            if !self.where_sought(partition, offset) {
                 continue;
             }
             let event = match msg.payload().map(wire::decode) {
