@@ -7,10 +7,11 @@
 //!
 //! Bounded: about 2 minutes of chaos, then up to 3 minutes to converge.
 //!
-//! Status: it passed 4 of 6 full runs; in the other 2, ClickHouse (`usage_block_cells FINAL`) held
-//! more than the acknowledged total for one customer, a double count not yet explained. Two
-//! writers of one partition during a rebalance can overlap when an insert lands long after its
-//! position check; that is the suspect.
+//! What it found, and what fixed it: ClickHouse cannot check a partition's stored position and
+//! write in one transaction, so two aggregators writing one partition (a rebalance, a write
+//! landing after its check) counted records twice or lost some, and the Kafka reader's seeks
+//! could leave records out of order. Blocks (`aggregator/src/blocks.rs`, the furthest write of
+//! a block wins) and exact seeks fixed both. `TALLY_CHAOS_DIR` keeps every process's log.
 
 mod common;
 #[path = "servers/mod.rs"]
@@ -163,11 +164,7 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Ignored in the suite until the double count it finds is fixed: in 2 of 6 full runs
-/// ClickHouse counted one customer above what was acknowledged (see the module docs). Run it
-/// with `cargo test --test chaos -- --ignored --nocapture`; `TALLY_CHAOS_DIR` keeps the logs.
 #[test]
-#[ignore = "finds a double count in ClickHouse in about one run in three; under investigation"]
 fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = StripeFake::start(&rt);
