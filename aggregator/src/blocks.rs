@@ -20,9 +20,10 @@
 //! counted twice or lost. The position check before a write only saves a stale writer from
 //! useless work.
 //!
-//! Resuming, the aggregator reads again from the last block's start: the records already
-//! written only rebuild the block in memory (de-duplication answers the same for them), and
-//! the records from the stored next offset on are new.
+//! Resuming, the aggregator reads again from the last block's start (the log's reader resumes
+//! exactly where it is sought): the records already written only rebuild the block in memory
+//! (de-duplication answers the same for them), and the records from the stored next offset on
+//! are new.
 //!
 //! Costs: an open block is written again with each batch until it ends (at most about
 //! `BLOCK_MS / flush_interval` times, merged away by the store), and a resume re-reads at most
@@ -118,28 +119,6 @@ impl Cutter {
             .collect();
     }
 
-    /// A partition whose block to rebuild does not start in `batch` where it should: the log
-    /// did not resume at the block start (a seek not yet applied, or records gone). As
-    /// (partition, expected offset, first offset in the batch).
-    pub fn gap(&self, batch: &[Record]) -> Option<(u32, u64, u64)> {
-        self.parts.iter().find_map(|(&p, part)| {
-            let start = part.resume_at.filter(|&s| s < part.stored)?;
-            let first = batch
-                .iter()
-                .find(|r| r.partition == p && r.offset >= part.seen)?;
-            (first.offset != start).then_some((p, start, first.offset))
-        })
-    }
-
-    /// Gives up rebuilding `partition`'s last block (its records are no longer in the log):
-    /// new records start a block of their own after the stored position.
-    pub fn skip_rebuild(&mut self, partition: u32) {
-        if let Some(part) = self.parts.get_mut(&partition) {
-            part.resume_at = None;
-            part.seen = part.seen.max(part.stored);
-        }
-    }
-
     /// Where to read each partition from after [`Cutter::reset`].
     pub fn read_from(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         self.parts.iter().map(|(&p, part)| (p, part.seen))
@@ -164,6 +143,24 @@ impl Cutter {
         let part = self.parts.entry(rec.partition).or_default();
         if rec.offset < part.seen {
             return false;
+        }
+        if let Some(start) = part
+            .resume_at
+            .filter(|&s| s < part.stored && rec.offset != s)
+        {
+            // The log resumes where it was sought unless those records are gone (retention):
+            // the last block cannot be rebuilt, and new records start a block of their own.
+            tracing::error!(
+                partition = rec.partition,
+                expected = start,
+                first = rec.offset,
+                "the last block's records are no longer in the log"
+            );
+            part.resume_at = None;
+            part.seen = part.seen.max(part.stored);
+            if rec.offset < part.seen {
+                return false;
+            }
         }
         part.seen = rec.offset + 1;
         let new = rec.offset >= part.stored;

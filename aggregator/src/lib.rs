@@ -52,7 +52,7 @@ pub mod query;
 pub mod rollup;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,8 +104,6 @@ pub async fn run(
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;
-    // Per partition, polls that did not start at the block to rebuild.
-    let mut gaps: BTreeMap<u32, u32> = BTreeMap::new();
     tokio::spawn(report_lag(log.clone(), store.clone(), shutdown.clone()));
     tracing::info!("aggregator started");
     loop {
@@ -115,45 +113,21 @@ pub async fn run(
                 tracing::warn!(error = %e, "store maintenance failed");
             }
         }
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             _ = shutdown.cancelled() => break,
             b = reader.poll(settings.max_batch_events, settings.flush_interval) => b?,
         };
+        // A full batch: more is waiting (catching up).
+        let full = batch.len() >= settings.max_batch_events;
         if reader.assignment_epoch() != epoch {
             // Partitions moved: another aggregator may have advanced them meanwhile. Resume
             // each from the store, which is the truth, not from the log's committed offsets.
             epoch = reader.assignment_epoch();
-            reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
-            gaps.clear();
+            let sought = reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
+            // What was read before for the partitions sought comes again from there.
+            batch.retain(|r| !sought.contains(&r.partition));
         }
-        // A full batch: more is waiting (catching up).
-        let full = batch.len() >= settings.max_batch_events;
-        let mut batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
-        while let Some((partition, expected, first)) = cutter.gap(&batch) {
-            // The log must resume at the block start to rebuild the block (the Kafka reader
-            // makes sure it does, unless the records are gone).
-            let tries = gaps.entry(partition).or_default();
-            *tries += 1;
-            if *tries <= MAX_SEEKS {
-                tracing::warn!(
-                    partition,
-                    expected,
-                    first,
-                    "the log did not resume at the last block's start; seeking again"
-                );
-                reader.seek(partition, expected);
-                batch.retain(|r| r.partition != partition);
-            } else {
-                tracing::error!(
-                    partition,
-                    expected,
-                    first,
-                    "the last block's records are no longer in the log; new records start a block of their own"
-                );
-                cutter.skip_rebuild(partition);
-                batch.retain(|r| cutter.wants(r));
-            }
-        }
+        let batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
         if batch.is_empty() {
             continue;
         }
@@ -180,7 +154,6 @@ pub async fn run(
             Err(e @ Error::Fenced { .. }) => {
                 tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
                 reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
-                gaps.clear();
                 continue;
             }
             Err(e) => return Err(e),
@@ -197,9 +170,6 @@ pub async fn run(
     tracing::info!("aggregator stopped");
     Ok(())
 }
-
-/// Seeks to a block start tried before giving up rebuilding it.
-const MAX_SEEKS: u32 = 10;
 
 /// How often the consumer lag is measured.
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
@@ -269,13 +239,14 @@ where
     }
 }
 
-/// Re-reads the store's positions and moves the cutter and the reader there.
+/// Re-reads the store's positions and moves the cutter and the reader there; the partitions
+/// sought.
 async fn reread(
     store: &dyn UsageStore,
     reader: &mut dyn tally_ingest::log::LogReader,
     cutter: &mut Cutter,
     shutdown: &CancellationToken,
-) -> Result<()> {
+) -> Result<BTreeSet<u32>> {
     let resume = retrying("reading positions", shutdown, || store.resume())
         .await?
         .unwrap_or_default();
@@ -283,7 +254,7 @@ async fn reread(
     for (partition, from) in cutter.read_from() {
         reader.seek(partition, from);
     }
-    Ok(())
+    Ok(resume.into_keys().collect())
 }
 
 /// Drops duplicates (per the store) and cuts the rest into a batch (with the open blocks if

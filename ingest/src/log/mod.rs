@@ -71,7 +71,8 @@ pub trait EventLog: Send + Sync + 'static {
 /// The read side: an ordered cursor over the log.
 #[async_trait]
 pub trait LogReader: Send {
-    /// Positions the cursor of `partition` at `next_offset`.
+    /// Positions the cursor of `partition` at `next_offset`: the partition's next record is
+    /// the one there (or, if it is gone from the log, the first after it).
     fn seek(&mut self, partition: u32, next_offset: u64);
 
     /// Returns up to `max` records in offset order, waiting up to `linger` for the batch to
