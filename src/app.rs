@@ -470,12 +470,12 @@ fn spawn<E: std::fmt::Display + Send + 'static>(
 async fn track(req: Request, next: Next) -> Response {
     // The matched route is an `Arc<str>` inside axum: cloned, not copied, on every request.
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = req.method().clone();
+    let method = metrics::method_label(req.method());
     let started = Instant::now();
     let resp = next.run(req).await;
     let route = route.as_ref().map_or("unmatched", |m| m.as_str());
     metrics::HTTP_REQUESTS
-        .with_label_values(&[route, method.as_str(), resp.status().as_str()])
+        .with_label_values(&[route, method, resp.status().as_str()])
         .inc();
     let elapsed = started.elapsed();
     metrics::HTTP_SECONDS

@@ -29,6 +29,10 @@
 //! # Open on loopback
 //! The embedded default (no Kafka, no ClickHouse) listening on a loopback address only, with no
 //! `TALLY_ADMIN_KEY`, runs open until the first key exists, and says so in the log at start-up.
+//! Once a key was made, revoking or expiring every key does not open it again. While open, a
+//! request whose `Host` is not a loopback name (`localhost`, `127.0.0.1`, `[::1]`) is refused
+//! with 403 `host_not_allowed`: a web page cannot reach the open API through a name rebound to
+//! 127.0.0.1 (DNS rebinding).
 //! A process listening beyond loopback, or using Kafka or ClickHouse, never runs open: without
 //! keys it refuses every call that needs one.
 //!
@@ -363,8 +367,9 @@ pub struct KeyRing {
     entries: RwLock<HashMap<String, Entry>>,
     bootstrap: Option<[u8; 32]>,
     open_allowed: bool,
-    /// Some key is active (ends open mode).
-    any_active: AtomicBool,
+    /// Some key record exists, active or not: open mode is over for good (revoking the last
+    /// key must not open the API again).
+    any_key: AtomicBool,
     /// The keys were read from the store at least once.
     loaded: AtomicBool,
     /// Smallest burst of a key's event allowance: one full request always fits.
@@ -386,7 +391,7 @@ impl KeyRing {
             entries: RwLock::new(HashMap::new()),
             bootstrap: bootstrap.map(|k| sha256(k.as_bytes())),
             open_allowed: open_allowed && bootstrap.is_none(),
-            any_active: AtomicBool::new(false),
+            any_key: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
             min_burst: NonZeroU32::new(max_batch_events.clamp(1, u32::MAX as usize) as u32)
                 .unwrap_or(NonZeroU32::MIN),
@@ -438,15 +443,12 @@ impl KeyRing {
     }
 
     fn update_open(&self, entries: &HashMap<String, Entry>) {
-        let now = self.clock.now_ms();
-        let active = entries.values().any(|e| e.key.active(now));
-        let was = self.any_active.swap(active, Ordering::Relaxed);
-        if self.open_allowed && active != was {
-            if active {
-                tracing::info!("an API key exists: the API now requires keys");
-            } else {
-                tracing::warn!("no active API key: the API is open on loopback again");
-            }
+        if entries.is_empty() {
+            return;
+        }
+        let was = self.any_key.swap(true, Ordering::Relaxed);
+        if self.open_allowed && !was {
+            tracing::info!("an API key exists: the API now requires keys");
         }
     }
 
@@ -454,7 +456,7 @@ impl KeyRing {
     pub fn is_open(&self) -> bool {
         self.open_allowed
             && self.loaded.load(Ordering::Relaxed)
-            && !self.any_active.load(Ordering::Relaxed)
+            && !self.any_key.load(Ordering::Relaxed)
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -604,7 +606,21 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
 /// The access layer of the public listener (see the module docs).
 pub async fn require(State(ring): State<Arc<KeyRing>>, mut req: Request, next: Next) -> Response {
     let need = need(req.method(), req.uri().path(), req.uri().query());
-    if need == Need::Public || ring.is_open() {
+    if need == Need::Public {
+        return next.run(req).await;
+    }
+    if ring.is_open() {
+        // Open mode trusts local callers only: a page on another site that a browser reaches
+        // through a name rebound to 127.0.0.1 sends that name as the Host.
+        if !loopback_host(&req) {
+            return refuse(
+                false,
+                "host",
+                "host_not_allowed",
+                "while no API key exists, only requests to a loopback name (localhost, \
+                 127.0.0.1, [::1]) are served",
+            );
+        }
         return next.run(req).await;
     }
     let grpc = req
@@ -659,6 +675,36 @@ pub async fn require(State(ring): State<Arc<KeyRing>>, mut req: Request, next: N
     next.run(req).await
 }
 
+/// Whether the request names a loopback host (`Host`, or the HTTP/2 authority): `localhost`,
+/// a name under `.localhost`, an address in 127.0.0.0/8 or `[::1]`, with any port; or names
+/// none.
+fn loopback_host(req: &Request) -> bool {
+    let host = match req.headers().get(header::HOST) {
+        Some(v) => v.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    let Some(host) = host else {
+        // No name at all (HTTP/1.0, an in-process call): not a browser, which always names
+        // the host it thinks it talks to.
+        return true;
+    };
+    // Strip the port: `[::1]:8080`, `127.0.0.1:8080`, `localhost:8080`.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    name.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn allow(limiter: &DefaultDirectRateLimiter, n: u32) -> Result<(), Duration> {
     let Some(n) = NonZeroU32::new(n) else {
         return Ok(());
@@ -680,7 +726,7 @@ const UNAVAILABLE: &str = "API keys cannot be checked now; retry later";
 fn refuse(grpc: bool, reason: &'static str, code: &'static str, message: &str) -> Response {
     metrics::AUTH_REFUSED.with_label_values(&[reason]).inc();
     let (status, grpc_status) = match reason {
-        "forbidden" => (StatusCode::FORBIDDEN, "7"),
+        "forbidden" | "host" => (StatusCode::FORBIDDEN, "7"),
         "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "14"),
         _ => (StatusCode::UNAUTHORIZED, "16"),
     };
@@ -726,6 +772,48 @@ mod tests {
         .generate(0)
         .unwrap()
         .record
+    }
+
+    #[test]
+    fn open_mode_serves_loopback_hosts_only() {
+        let with_host = |h: Option<&str>| {
+            let mut b = axum::http::Request::get("/v1/usage");
+            if let Some(h) = h {
+                b = b.header(header::HOST, h);
+            }
+            loopback_host(&b.body(axum::body::Body::empty()).unwrap())
+        };
+        for h in [
+            "localhost",
+            "LOCALHOST:80",
+            "a.localhost",
+            "127.0.0.1:8080",
+            "127.9.9.9",
+            "[::1]",
+            "[::1]:1",
+            "localhost.",
+        ] {
+            assert!(with_host(Some(h)), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "localhost.evil.example",
+            "10.0.0.1",
+            "[::2]",
+            "0.0.0.0",
+            "[::1",
+            "1270.0.0.1",
+        ] {
+            assert!(!with_host(Some(h)), "{h}");
+        }
+        assert!(with_host(None));
+        let h2 = axum::http::Request::get("http://evil.example/v1/usage")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(
+            !loopback_host(&h2),
+            "the HTTP/2 authority counts when there is no Host"
+        );
     }
 
     #[test]

@@ -382,6 +382,15 @@ impl Config {
                 "header_timeout and body_timeout must be greater than zero".into(),
             ));
         }
+        if self.kafka_brokers.is_some() && self.clickhouse_url.is_none() {
+            // The embedded store trusts the embedded log to drop duplicates; a Kafka topic
+            // does not, so a retried event would be counted twice.
+            return Err(Error::Config(
+                "kafka_brokers needs clickhouse_url: the embedded store does not drop the \
+                 duplicates a Kafka log carries (set both, or neither for the embedded default)"
+                    .into(),
+            ));
+        }
         if self.flush_interval.is_zero() {
             return Err(Error::Config(
                 "flush_interval must be greater than zero".into(),
@@ -453,6 +462,19 @@ mod tests {
             .to_string();
         assert!(err.contains("dedup_window"), "{err}");
         assert!(Config::load(Some(Path::new("/nonexistent/tally.toml")), &[]).is_err());
+    }
+
+    #[test]
+    fn kafka_log_with_embedded_store_is_refused() {
+        let err = Config::load(None, &env(&[("TALLY_KAFKA_BROKERS", "127.0.0.1:9092")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka_brokers needs clickhouse_url"), "{err}");
+        let both = env(&[
+            ("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
+            ("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+        ]);
+        assert!(Config::load(None, &both).is_ok());
     }
 
     #[test]

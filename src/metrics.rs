@@ -3,13 +3,15 @@
 
 use std::sync::LazyLock;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, TextEncoder, register_histogram_vec,
     register_int_counter_vec,
 };
 
+/// Requests by matched route, method and status. The method is one of HTTP's registered ones or
+/// `other` ([`method_label`]), so invented methods cannot grow the series without bound.
 pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         Opts::new(
@@ -39,12 +41,28 @@ pub static AUTH_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         Opts::new(
             "tally_auth_refused_total",
-            "Requests refused by the access layer, by reason (missing, invalid, forbidden, unavailable)"
+            "Requests refused by the access layer, by reason (missing, invalid, forbidden, host, unavailable)"
         ),
         &["reason"]
     )
     .expect("metric registers once")
 });
+
+/// The `method` label of a request: the standard methods by name, anything else `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
 
 /// Prometheus metrics (admin listener), text exposition format.
 #[utoipa::path(
@@ -65,4 +83,19 @@ pub async fn render() -> Response {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_label_is_other_for_invented_methods() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for name in ["FOO", "BREW", "get", "X-1"] {
+            let m = Method::from_bytes(name.as_bytes()).expect("a valid token");
+            assert_eq!(method_label(&m), "other", "{name}");
+        }
+    }
 }

@@ -401,7 +401,7 @@ fn slow_clients_are_cut_off() {
     // Headers that never end: the server closes the connection.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
@@ -413,7 +413,7 @@ fn slow_clients_are_cut_off() {
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(
-        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"specversion\"",
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"specversion\"",
     )
     .unwrap();
     let mut reply = [0u8; 64];

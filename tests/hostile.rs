@@ -1,0 +1,170 @@
+//! Hostile input against the real binary: each test sends what an attacker or a careless client
+//! would, and checks the status, the machine-readable code and that nothing already accepted is
+//! lost. One test per defect, named after it (the money and availability review).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::{Proc, free_port, start_with_env};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+fn start(data: &std::path::Path, env: &[(&str, &str)]) -> Proc {
+    start_with_env("run", data, free_port(), free_port(), "20ms", env)
+}
+
+fn body(r: reqwest::blocking::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// A CloudEvent of now (the receipt time).
+fn event(id: &str, customer: &str, meter: &str, value: u64) -> String {
+    json!({"specversion": "1.0", "id": id, "source": "edge-hostile", "type": meter,
+           "subject": customer, "data": {"value": value}})
+    .to_string()
+}
+
+/// The `tally_http_requests_total` series of the process.
+fn request_series(p: &Proc) -> Vec<String> {
+    let text = Client::new()
+        .get(format!("{}/metrics", p.admin))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("tally_http_requests_total{"))
+        .map(|l| l.rsplit_once(' ').map_or(l, |(s, _)| s).to_owned())
+        .collect()
+}
+
+#[test]
+fn method_label_flood_keeps_series_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let client = Client::new();
+    let before = request_series(&p).len();
+    for i in 0..300 {
+        let method = reqwest::Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        let r = client
+            .request(method, format!("{}/v1/usage", p.api))
+            .send()
+            .unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let series = request_series(&p);
+    assert!(
+        series.iter().any(|s| s.contains(r#"method="other""#)),
+        "{series:?}"
+    );
+    assert!(series.iter().all(|s| !s.contains("INVENTED")), "{series:?}");
+    // 300 invented methods add at most a few series (`other` by route and status).
+    assert!(series.len() <= before + 4, "{before} -> {}", series.len());
+}
+
+#[test]
+fn kafka_log_with_embedded_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("run")
+        .env("TALLY_DATA_DIR", dir.path())
+        .env("TALLY_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("TALLY_KAFKA_BROKERS", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kafka_brokers needs clickhouse_url"), "{err}");
+}
+
+#[test]
+fn open_loopback_revoking_last_key_keeps_api_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let client = Client::new();
+    let usage = format!("{}/v1/usage?customer=c-1&meter=api_requests", p.api);
+    assert_eq!(client.get(&usage).send().unwrap().status(), 200, "open");
+    let (status, key) = body(
+        client
+            .post(format!("{}/v1/keys", p.api))
+            .json(&json!({"name": "only", "scopes": ["admin"]}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 201, "{key}");
+    let (secret, id) = (key["key"].as_str().unwrap(), key["id"].as_str().unwrap());
+    assert_eq!(
+        body(client.get(&usage).send().unwrap()).0,
+        401,
+        "closed by the key"
+    );
+    let r = client
+        .delete(format!("{}/v1/keys/{id}", p.api))
+        .bearer_auth(secret)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // No active key is left: the API stays closed, now and after the keys are re-read.
+    for _ in 0..2 {
+        let (status, b) = body(client.get(&usage).send().unwrap());
+        assert_eq!((status, b["code"].as_str()), (401, Some("missing_api_key")));
+        std::thread::sleep(Duration::from_millis(5_500));
+    }
+    drop(p);
+    let p = start(dir.path(), &[]);
+    let usage = format!("{}/v1/usage?customer=c-1&meter=api_requests", p.api);
+    assert_eq!(
+        body(client.get(&usage).send().unwrap()).0,
+        401,
+        "after a restart"
+    );
+}
+
+#[test]
+fn open_loopback_refuses_foreign_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let client = Client::new();
+    let usage = format!("{}/v1/usage?customer=c-1&meter=api_requests", p.api);
+    for host in [
+        "evil.example",
+        "evil.example:8080",
+        "10.0.0.1",
+        "localhost.evil.example",
+    ] {
+        let (status, b) = body(client.get(&usage).header("host", host).send().unwrap());
+        assert_eq!(
+            (status, b["code"].as_str()),
+            (403, Some("host_not_allowed")),
+            "{host}"
+        );
+    }
+    for host in [
+        "localhost",
+        "localhost:1234",
+        "127.0.0.1",
+        "127.1.2.3:80",
+        "[::1]:8080",
+        "app.localhost",
+    ] {
+        let r = client.get(&usage).header("host", host).send().unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    // An event posted through a foreign name is not taken.
+    let (status, _) = body(
+        client
+            .post(format!("{}/v1/events", p.api))
+            .header("host", "evil.example")
+            .header("content-type", "application/json")
+            .body(event("h-1", "c-1", "api_requests", 5))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 403);
+    let (_, b) = body(client.get(&usage).send().unwrap());
+    assert_eq!(b["usage"], 0);
+}
