@@ -370,14 +370,22 @@ fn stripe_webhooks_set_plans_periods_and_payment_state_once_and_in_order() {
     assert_eq!(signed(&p, &other).1["outcome"], "ignored");
 }
 
+fn billing_status(p: &Proc) -> Value {
+    reqwest::blocking::get(format!("{}/v1/billing/status", p.api))
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
 #[test]
 fn stripe_refusals_are_recorded_shown_and_not_retried_forever() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let fake = StripeFake::start(&rt);
     let dir = tempfile::tempdir().unwrap();
     let p = reporting_to(&fake, dir.path());
-    // Stripe does not know this customer: its reports are refused.
-    put_customer(&p, "b-bad", "acct_unknown");
+    // Stripe faults the event itself: it is set aside.
+    fake.inject(&[Fault::Refuse(400, "parameter_invalid")]);
+    put_customer(&p, "b-bad", "cus_bad");
     let event = json!({"specversion": "1.0", "id": "bad-1", "source": "edge-billing",
         "type": "api_requests", "subject": "b-bad", "time": now_rfc3339_minus(10),
         "data": {"value": 2}});
@@ -385,12 +393,7 @@ fn stripe_refusals_are_recorded_shown_and_not_retried_forever() {
         p.post_batch(json!([event]).to_string()).status().as_u16(),
         202
     );
-    let status = || -> Value {
-        reqwest::blocking::get(format!("{}/v1/billing/status", p.api))
-            .unwrap()
-            .json()
-            .unwrap()
-    };
+    let status = || billing_status(&p);
     wait_for(
         "the refusal was not recorded",
         Duration::from_secs(30),
@@ -463,4 +466,83 @@ fn a_downward_correction_cancels_the_recent_report_and_reports_again() {
         .collect();
     assert_eq!(ids.len(), 1);
     assert!(ids[0].ends_with(":4:g1"), "{ids:?}");
+}
+
+/// Refusals about the key, the account or the configuration (401, 403, 404, a meter or a
+/// customer Stripe does not have) are outages: the report stays pending, is shown as held, and
+/// goes through once fixed. Nothing is written off, nothing is billed twice.
+#[test]
+fn stripe_auth_and_configuration_refusals_are_retried_not_written_off() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = StripeFake::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let p = reporting_to(&fake, dir.path());
+    fake.inject(&[
+        Fault::Refuse(401, "api_key_expired"),
+        Fault::Refuse(403, "secret_key_required"),
+        Fault::Refuse(404, "resource_missing"),
+    ]);
+    put_customer(&p, "h-1", "cus_h1");
+    // A Stripe customer id Stripe does not have (an operator's typo).
+    put_customer(&p, "h-2", "acct_typo");
+    let mut events = Vec::new();
+    for (c, value) in [("h-1", 7), ("h-2", 5)] {
+        events.push(json!({"specversion": "1.0", "id": format!("held-{c}"),
+            "source": "edge-billing", "type": "api_requests", "subject": c,
+            "time": now_rfc3339_minus(10), "data": {"value": value}}));
+    }
+    assert_eq!(
+        p.post_batch(Value::Array(events).to_string())
+            .status()
+            .as_u16(),
+        202
+    );
+    let h1 = ("cus_h1".to_owned(), "api_requests".to_owned());
+    wait_for(
+        "the report refused with 401, 403 and 404 never went through",
+        Duration::from_secs(30),
+        || fake.totals().get(&h1) == Some(&7),
+    );
+    wait_for(
+        "the unknown Stripe customer's report is not shown as held",
+        Duration::from_secs(30),
+        || {
+            billing_status(&p)["held"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["report"]["customer"] == "h-2" && h["status"] == 400)
+        },
+    );
+    // Tried again round after round, never set aside.
+    let refused = fake.inner.lock().unwrap().statuses[&400];
+    wait_for(
+        "the held report is not retried",
+        Duration::from_secs(30),
+        || fake.inner.lock().unwrap().statuses[&400] > refused,
+    );
+    let s = billing_status(&p);
+    assert_eq!(s["rejected"], json!([]), "{s}");
+    // The operator fixes the Stripe customer id: the same report goes to it, once.
+    put_customer(&p, "h-2", "cus_h2");
+    let h2 = ("cus_h2".to_owned(), "api_requests".to_owned());
+    wait_for(
+        "the fixed customer's report never went through",
+        Duration::from_secs(30),
+        || fake.totals().get(&h2) == Some(&5),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fake.totals().get(&h1), Some(&7));
+    assert_eq!(fake.totals().get(&h2), Some(&5));
+    assert_eq!(fake.accepted_count(), 2);
+    let s = billing_status(&p);
+    assert_eq!(
+        (s["rejected"].clone(), s["held"].clone()),
+        (json!([]), json!([])),
+        "{s}"
+    );
+    let statuses = fake.inner.lock().unwrap().statuses.clone();
+    for status in [401, 403, 404] {
+        assert_eq!(statuses.get(&status), Some(&1), "{statuses:?}");
+    }
 }

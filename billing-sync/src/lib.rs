@@ -39,8 +39,12 @@
 //! Requests are paced by a token bucket (`requests_per_second`, governor) and at most one call
 //! is in flight per customer and meter. 429, 5xx, timeouts and connection failures are retried
 //! with exponential backoff and jitter, a few times per round and then again next round (the
-//! report stays pending). Any other 4xx is a validation error: it is recorded (metrics, logs,
-//! `GET /v1/billing/status`) and the window is set aside, never retried forever.
+//! report stays pending). Refusals about the account, the key or the configuration (401, 403,
+//! 404, a 400 naming a missing meter or customer) are outages an operator must fix: the report
+//! stays pending, is shown as `held` by `GET /v1/billing/status`, and is sent again every
+//! round until Stripe accepts it; nothing is written off. Only a 400 that faults the event
+//! itself (an invalid or missing parameter, a timestamp out of Stripe's window) is recorded
+//! (metrics, logs, `rejected` in the status) and its window set aside, never retried forever.
 //!
 //! # Dry run
 //! Without a Stripe secret key, billing-sync logs the meter events it would send and keeps its
@@ -153,6 +157,29 @@ pub struct Report {
     pub identifier: String,
 }
 
+impl Report {
+    /// Points a pending report at the customer's current Stripe customer and meter event name
+    /// (an operator's fix of a held report). Its identifier, and so Stripe's de-duplication of
+    /// it, stays.
+    fn readdress(&mut self, stripe_customer_id: &str, event_name: &str) {
+        if self.stripe_customer_id != stripe_customer_id || self.event_name != event_name {
+            tracing::info!(customer = %self.customer, meter = %self.meter,
+                stripe_customer = stripe_customer_id, event_name, identifier = %self.identifier,
+                "pending report sent to the customer's new Stripe customer or meter");
+            self.stripe_customer_id = stripe_customer_id.to_owned();
+            self.event_name = event_name.to_owned();
+        }
+    }
+
+    /// The `Idempotency-Key` of sending it: the identifier, and where the report goes (a
+    /// request with the same key and other parameters is refused by Stripe).
+    pub fn request_key(&self) -> String {
+        use sha2::Digest;
+        let to = sha2::Sha256::digest(format!("{}\n{}", self.stripe_customer_id, self.event_name));
+        format!("{}:{}", self.identifier, hex::encode(&to[..6]))
+    }
+}
+
 /// A report Stripe refused, kept for operators.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rejected {
@@ -258,6 +285,10 @@ pub struct Status {
     /// Reports waiting for the next round after retryable failures.
     pub pending: u64,
     pub rejected: Vec<Rejected>,
+    /// Reports Stripe refused on account or configuration grounds (key, permissions, a
+    /// missing meter or customer): pending, sent again every round until accepted. The latest
+    /// refusal per customer and meter.
+    pub held: Vec<Rejected>,
     /// Stripe's meter error reports received by webhook (the most recent 100).
     #[schema(value_type = Vec<Object>)]
     pub error_reports: Vec<serde_json::Value>,
@@ -734,12 +765,15 @@ impl Syncer {
         if mark.pending_cancel.is_some() {
             return self.send_cancel(customer, meter, mark).await;
         }
-        if mark.pending.is_none() {
-            let event_name = self
-                .settings
-                .event_names
-                .get(meter)
-                .map_or(meter, String::as_str);
+        let event_name = self
+            .settings
+            .event_names
+            .get(meter)
+            .map_or(meter, String::as_str);
+        if let Some(pending) = mark.pending.as_mut() {
+            // A report held for a wrong Stripe customer or meter goes out with the fixed ones.
+            pending.readdress(stripe_id, event_name);
+        } else {
             match due(
                 self.store.as_ref(),
                 &self.catalog,
@@ -794,7 +828,7 @@ impl Syncer {
                 mark.recent.retain(|a| a.identifier != cancel.identifier);
                 mark.pending_cancel = None;
             }
-            Outcome::Retryable(why) => {
+            Outcome::Retryable(why) | Outcome::Held { message: why, .. } => {
                 tracing::warn!(customer, meter, reason = %why, "cancellation not accepted yet");
                 return Ok(true);
             }
@@ -821,8 +855,36 @@ impl Syncer {
                     self.status.update(|s| {
                         s.reports_accepted += 1;
                         s.value_accepted += report.value;
+                        s.held.retain(|h| {
+                            (&h.report.customer, &h.report.meter)
+                                != (&report.customer, &report.meter)
+                        });
                     });
                     return Ok(false);
+                }
+                Outcome::Held { status, message } => {
+                    tracing::error!(
+                        customer, meter, identifier = %report.identifier, status, %message,
+                        "Stripe refused a meter event on account or configuration grounds; \
+                         it stays pending and is sent again next round"
+                    );
+                    metrics::REPORTS.with_label_values(&["held"]).inc();
+                    let held = Rejected {
+                        report: report.clone(),
+                        status,
+                        message,
+                        at_ms: self.clock.now_ms(),
+                    };
+                    self.status.update(|s| {
+                        s.held.retain(|h| {
+                            (&h.report.customer, &h.report.meter)
+                                != (&report.customer, &report.meter)
+                        });
+                        s.held.push(held);
+                        let excess = s.held.len().saturating_sub(100);
+                        s.held.drain(..excess);
+                    });
+                    return Ok(true);
                 }
                 Outcome::Rejected { status, message } => {
                     tracing::error!(
@@ -878,15 +940,18 @@ impl Syncer {
                         }
                         continue;
                     }
+                    let event_name = this
+                        .settings
+                        .event_names
+                        .get(&meter)
+                        .cloned()
+                        .unwrap_or_else(|| meter.clone());
                     let report = match mark.pending.clone() {
-                        Some(r) => r,
+                        Some(mut r) => {
+                            r.readdress(&stripe_id, &event_name);
+                            r
+                        }
                         None => {
-                            let event_name = this
-                                .settings
-                                .event_names
-                                .get(&meter)
-                                .cloned()
-                                .unwrap_or_else(|| meter.clone());
                             match due(
                                 this.store.as_ref(),
                                 &this.catalog,
@@ -975,7 +1040,16 @@ impl Syncer {
                     });
                     return Ok(0);
                 }
-                Outcome::Rejected { status, message } => {
+                Outcome::Held { status, message } if status != 400 => {
+                    // The key or the account: every event of the batch waits for the fix.
+                    tracing::error!(status, %message, "Stripe refused the stream batch on account or \
+                        configuration grounds; it stays pending and is sent again next round");
+                    metrics::REPORTS
+                        .with_label_values(&["held"])
+                        .inc_by(batch.len() as u64);
+                    return Ok(batch.len() as u64);
+                }
+                Outcome::Rejected { status, message } | Outcome::Held { status, message } => {
                     tracing::warn!(status, %message, "stream batch refused; sending its events one by one");
                     let mut left = 0;
                     for (customer, meter, mark) in batch {

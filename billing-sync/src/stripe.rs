@@ -37,8 +37,40 @@ pub enum Outcome {
     Accepted,
     /// Try again later with the same identifier.
     Retryable(String),
+    /// Stripe refused on grounds of the account, the key or the configuration (401, 403, 404,
+    /// a missing meter or customer): nothing is wrong with the event, so it stays pending and
+    /// is sent again next round, until an operator fixes what Stripe names.
+    Held { status: u16, message: String },
     /// Stripe refused the event itself; the message says why.
     Rejected { status: u16, message: String },
+}
+
+/// Stripe's error codes that fault one event's content (a value, a timestamp, a missing or
+/// malformed parameter): only these set a report aside. Any other refusal is
+/// [`Outcome::Held`].
+const EVENT_ERRORS: &[&str] = &[
+    "parameter_invalid",
+    "parameter_invalid_empty",
+    "parameter_invalid_integer",
+    "parameter_invalid_string_blank",
+    "parameter_invalid_string_empty",
+    "parameter_missing",
+    "parameter_unknown",
+    "timestamp_outside_window",
+    "timestamp_too_far_in_past",
+    "timestamp_in_future",
+];
+
+/// The outcome of a refusal Stripe answered with `status` and error `code`.
+pub fn refusal(status: u16, code: &str, message: String) -> Outcome {
+    if status == 429 || status >= 500 || status == 409 {
+        // 409: an idempotent request still in flight at Stripe.
+        Outcome::Retryable(format!("{status}: {message}"))
+    } else if status == 400 && EVENT_ERRORS.contains(&code) {
+        Outcome::Rejected { status, message }
+    } else {
+        Outcome::Held { status, message }
+    }
 }
 
 /// A Stripe client for meter events.
@@ -190,7 +222,7 @@ impl StripeMeters {
 
     /// Sends one report as a v1 meter event.
     pub async fn send(&self, report: &Report) -> Outcome {
-        let key = match idempotency_key(report.identifier.clone()) {
+        let key = match idempotency_key(report.request_key()) {
             Ok(k) => k,
             Err(refused) => return refused,
         };
@@ -218,18 +250,15 @@ fn classify(e: StripeError) -> Outcome {
             let message = err.message.clone().unwrap_or_else(|| code.clone());
             if code == "resource_already_exists" {
                 Outcome::Accepted
-            } else if status == 429 || status >= 500 || status == 409 {
-                // 409: an idempotent request still in flight at Stripe.
-                Outcome::Retryable(format!("{status}: {message}"))
             } else {
-                Outcome::Rejected { status, message }
+                refusal(status, &code, message)
             }
         }
         StripeError::Timeout => Outcome::Retryable("timed out".into()),
         StripeError::ClientError(m) => Outcome::Retryable(m),
         // An answer Stripe's own client cannot read: a proxy page, a truncated body.
         StripeError::JSONDeserialize(m) => Outcome::Retryable(format!("unreadable reply: {m}")),
-        StripeError::ConfigError(m) => Outcome::Rejected {
+        StripeError::ConfigError(m) => Outcome::Held {
             status: 0,
             message: m,
         },
@@ -293,11 +322,11 @@ impl MeterEventStream {
             .await
             .map_err(|e| Outcome::Retryable(format!("session reply: {e}")))?;
         if status != 200 {
+            // A session is about the account and key, never about an event.
             let message = format!("session: {}", body["error"]["message"]);
-            return Err(if status == 429 || status >= 500 {
-                Outcome::Retryable(message)
-            } else {
-                Outcome::Rejected { status, message }
+            return Err(match refusal(status, "", message) {
+                Outcome::Rejected { status, message } => Outcome::Held { status, message },
+                other => other,
             });
         }
         let token = body["authentication_token"]
@@ -352,10 +381,10 @@ impl MeterEventStream {
             *self.session.lock().await = None;
             return Outcome::Retryable(message);
         }
-        if status == 429 || status >= 500 {
-            Outcome::Retryable(message)
-        } else {
-            Outcome::Rejected { status, message }
-        }
+        refusal(
+            status,
+            body["error"]["code"].as_str().unwrap_or(""),
+            message,
+        )
     }
 }

@@ -3,8 +3,10 @@
 //! It checks what Stripe checks: `Authorization: Bearer sk_test_...`, form-encoded bodies,
 //! required fields, whole-number values, timestamps within the past 35 days and at most 5
 //! minutes ahead, `Idempotency-Key` replay (the stored answer, byte for byte) and `identifier`
-//! uniqueness (`resource_already_exists`). It records what it accepted and fails on demand:
-//! 429, 500, or accepting an event and then not answering for a while (a reply lost on the way).
+//! uniqueness (`resource_already_exists`), and that a meter exists for the `event_name`
+//! (`resource_missing`). It records what it accepted and fails on demand: 429, 500, refusals
+//! with Stripe's codes, or accepting an event and then not answering for a while (a reply lost
+//! on the way).
 
 #![allow(dead_code)]
 
@@ -36,6 +38,9 @@ pub enum Fault {
     AcceptThenStall(Duration),
     /// Close the connection without answering (and without accepting the event).
     DropConnection,
+    /// Refuse with this status and Stripe error code, as Stripe does (`parameter_invalid`,
+    /// `api_key_expired`, `resource_missing`...), without accepting the event.
+    Refuse(u16, &'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +182,12 @@ fn injected(fault: Option<Fault>) -> Result<Option<Duration>, (u16, String)> {
             "injected failure",
         )),
         Some(Fault::Status(status)) => Err(error(status, "api_error", "", "injected failure")),
+        Some(Fault::Refuse(status, code)) => Err(error(
+            status,
+            "invalid_request_error",
+            code,
+            "injected refusal",
+        )),
     }
 }
 
@@ -222,8 +233,11 @@ fn handle(
         Err(answer) => return (answer, None),
     };
     let answer = validate(&mut s, &form);
-    if let Some(k) = key {
-        // Stripe stores the answer of any request that reached it, success or 400.
+    if let Some(k) = key
+        && answer.0 != 400
+    {
+        // Stripe stores the answer of a request its endpoint executed; one whose parameters
+        // failed validation (a 400) saves nothing, so a retry with the key is checked anew.
         s.answers.insert(k, answer.clone());
     }
     (answer, stall)
@@ -277,6 +291,14 @@ fn accept(
             "Missing required param: payload[stripe_customer_id].",
         );
     };
+    if !METERS.contains(&event_name) {
+        return error(
+            400,
+            "invalid_request_error",
+            "resource_missing",
+            "No active meter found for this event_name",
+        );
+    }
     if !customer.starts_with("cus_") {
         return error(
             400,
