@@ -57,7 +57,9 @@ fn parse(c: &mut Criterion) {
         let mut buf = Vec::with_capacity(256 * 1_000);
         b.iter(|| {
             buf.clear();
-            for e in decode_batch(black_box(&batch), &catalog, &policy, NOW).expect("array") {
+            for e in
+                decode_batch(black_box(&batch), &catalog, &policy, NOW, usize::MAX).expect("array")
+            {
                 wire::encode_into(&e.expect("valid"), &mut buf);
             }
             black_box(&buf);

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tally_ingest::log::{EventLog, LogReader};
-use tally_schemas::event::decode_event;
+use tally_schemas::event::{BatchError, decode_event};
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 
 use crate::{Error, Result};
@@ -163,13 +163,19 @@ pub async fn from_file(
         let mut text = first;
         std::io::Read::read_to_string(&mut reader, &mut text)?;
         let now = clock.now_ms();
-        match tally_schemas::event::decode_batch(&text, catalog, &policy, now) {
+        // A file is read whole, with no limit on its events.
+        match tally_schemas::event::decode_batch(&text, catalog, &policy, now, usize::MAX) {
             Ok(events) => {
                 for (i, e) in events.into_iter().enumerate() {
                     feeder.push(i as u64, e).await?;
                 }
             }
-            Err(e) => feeder.summary.refuse(0, &e),
+            Err(BatchError::Invalid(e)) => feeder.summary.refuse(0, &e),
+            Err(BatchError::TooMany(n)) => {
+                return Err(Error::Config(format!(
+                    "{n} events are more than replay can hold"
+                )));
+            }
         }
     } else {
         let mut line_no = 0u64;

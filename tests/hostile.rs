@@ -168,3 +168,85 @@ fn open_loopback_refuses_foreign_host() {
     let (_, b) = body(client.get(&usage).send().unwrap());
     assert_eq!(b["usage"], 0);
 }
+
+/// Peak resident memory of a process, in bytes (`VmHWM`).
+fn peak_rss(p: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn memory_batch_of_zeros_is_refused_without_gigabytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let client = Client::new();
+    let (status, _) = body(
+        client
+            .post(format!("{}/v1/events", p.api))
+            .header("content-type", "application/json")
+            .body(event("m-1", "c-mem", "api_requests", 3))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 202);
+    // 16 MiB less a byte: under the body limit, 8 million elements.
+    let n = 8 * 1024 * 1024 - 1;
+    let mut zeros = String::with_capacity(2 * n + 2);
+    zeros.push('[');
+    zeros.push_str(&"0,".repeat(n - 1));
+    zeros.push_str("0]");
+    for content_type in ["application/cloudevents-batch+json", "application/json"] {
+        let (status, b) = body(
+            client
+                .post(format!("{}/v1/events", p.api))
+                .header("content-type", content_type)
+                .body(zeros.clone())
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(
+            (status, b["code"].as_str()),
+            (413, Some("too_many_events")),
+            "{b}"
+        );
+        assert!(
+            b["message"].as_str().unwrap().contains(&n.to_string()),
+            "{b}"
+        );
+    }
+    let lines = "0\n".repeat(n);
+    let (status, b) = body(
+        client
+            .post(format!("{}/v1/events", p.api))
+            .header("content-type", "application/x-ndjson")
+            .body(lines)
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(
+        (status, b["code"].as_str()),
+        (413, Some("too_many_events")),
+        "{b}"
+    );
+    let peak = peak_rss(&p);
+    eprintln!(
+        "peak resident memory after the zero batches: {} MiB",
+        peak >> 20
+    );
+    assert!(peak < 300 << 20, "peak resident memory {} MiB", peak >> 20);
+    // What was accepted before is still counted.
+    let usage = format!("{}/v1/usage?customer=c-mem&meter=api_requests", p.api);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while body(client.get(&usage).send().unwrap()).1["usage"] != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the accepted event is lost"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

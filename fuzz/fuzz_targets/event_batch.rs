@@ -5,14 +5,25 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use tally_schemas::event::{decode_batch, decode_event};
+use tally_schemas::event::{BatchError, decode_batch, decode_event};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(results) = decode_batch(text, &common::CATALOG, &common::POLICY, common::NOW_MS) else {
-        return;
+    // A small limit, so that bodies past it are fuzzed too: they are refused with the exact
+    // count, never decoded in part.
+    const MAX: usize = 16;
+    let results = match decode_batch(text, &common::CATALOG, &common::POLICY, common::NOW_MS, MAX) {
+        Ok(results) => results,
+        Err(BatchError::TooMany(n)) => {
+            let all = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+                .expect("a body counted past the limit is a JSON array");
+            assert!(n > MAX);
+            assert_eq!(all.len(), n);
+            return;
+        }
+        Err(BatchError::Invalid(_)) => return,
     };
     // The whole body is a JSON array: decoding each element's own text gives the same result
     // (the same event, or an error with the same code).

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
-use tally_schemas::event::{decode_batch, decode_event, split_ndjson};
+use tally_schemas::event::{BatchError, decode_batch, decode_event, split_ndjson};
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 use utoipa::{OpenApi, ToSchema};
 
@@ -242,22 +242,25 @@ fn decode_body(
         )
     };
     let is_array = text.trim_start().starts_with('[');
+    // The limit holds while decoding: lines or elements past it are counted, never kept.
     match kind {
         BodyKind::Ndjson => {
-            let lines: Vec<&str> = split_ndjson(text).collect();
-            if lines.len() > settings.max_batch_events {
-                return Err(too_many(lines.len()));
+            let lines = split_ndjson(text).count();
+            if lines > settings.max_batch_events {
+                return Err(too_many(lines));
             }
-            out.valid.reserve(lines.len());
-            for (i, line) in lines.into_iter().enumerate() {
+            out.valid.reserve(lines);
+            for (i, line) in split_ndjson(text).enumerate() {
                 take(i, decode_event(line, catalog, policy, now_ms), &mut out);
             }
         }
         BodyKind::Batch | BodyKind::Json if kind == BodyKind::Batch || is_array => {
-            let results = decode_batch(text, catalog, policy, now_ms)?;
-            if results.len() > settings.max_batch_events {
-                return Err(too_many(results.len()));
-            }
+            let results =
+                match decode_batch(text, catalog, policy, now_ms, settings.max_batch_events) {
+                    Ok(results) => results,
+                    Err(BatchError::TooMany(n)) => return Err(too_many(n)),
+                    Err(BatchError::Invalid(e)) => return Err(e.into()),
+                };
             out.valid.reserve(results.len());
             for (i, r) in results.into_iter().enumerate() {
                 take(i, r, &mut out);

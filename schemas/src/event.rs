@@ -198,15 +198,45 @@ fn json_error(e: serde_json::Error) -> EventError {
     }
 }
 
+/// Why a batch body was not decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The body as a whole is not a JSON array.
+    #[error(transparent)]
+    Invalid(#[from] EventError),
+    /// More elements than allowed: the count, found without keeping the elements past the
+    /// limit.
+    #[error("the batch has {0} events")]
+    TooMany(usize),
+}
+
 /// Splits a JSON array body into its elements, without decoding them, so that one bad event
-/// never hides the others. Fails only when the body as a whole is not a JSON array.
-pub fn split_batch(body: &str) -> Result<Vec<&RawValue>, EventError> {
-    serde_json::from_str::<Vec<&RawValue>>(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            EventError::InvalidType("a batch must be a JSON array of events".into())
-        }
-        _ => EventError::MalformedJson(e.to_string()),
-    })
+/// never hides the others. Fails when the body as a whole is not a JSON array, or holds more
+/// than `max` elements (those past `max` are counted, not kept: a body of tiny elements costs
+/// no more memory than `max` of them).
+pub fn split_batch(body: &str, max: usize) -> Result<Vec<&RawValue>, BatchError> {
+    let count = std::cell::Cell::new(None);
+    let seed = Elements {
+        max,
+        count: &count,
+        item: std::convert::identity::<&RawValue>,
+        kinds: std::marker::PhantomData,
+    };
+    let mut de = serde_json::Deserializer::from_str(body);
+    let parsed = serde::de::DeserializeSeed::deserialize(seed, &mut de).and_then(|v| {
+        de.end()?;
+        Ok(v)
+    });
+    match (parsed, count.get()) {
+        (Ok(_), Some(n)) => Err(BatchError::TooMany(n)),
+        (Ok(items), None) => Ok(items),
+        (Err(e), _) => Err(BatchError::Invalid(match e.classify() {
+            serde_json::error::Category::Data => {
+                EventError::InvalidType("a batch must be a JSON array of events".into())
+            }
+            _ => EventError::MalformedJson(e.to_string()),
+        })),
+    }
 }
 
 /// The non-blank lines of an NDJSON body, each one event.
@@ -218,58 +248,88 @@ pub fn split_ndjson(body: &str) -> impl Iterator<Item = &str> {
 
 /// Decodes and validates every event of a JSON array body, one result per element. The common
 /// case (every element a well-formed event object) is decoded in one pass; otherwise each
-/// element is decoded on its own so that one bad element never hides the others. Fails only when
-/// the body as a whole is not a JSON array.
+/// element is decoded on its own so that one bad element never hides the others. Fails when
+/// the body as a whole is not a JSON array, or holds more than `max` elements (counted without
+/// decoding those past `max`).
 pub fn decode_batch(
     body: &str,
     catalog: &Catalog,
     policy: &TimePolicy,
     now_ms: i64,
-) -> Result<Vec<Result<UsageEvent, EventError>>, EventError> {
-    let fast = BatchSeed {
-        catalog,
-        policy,
-        now_ms,
+    max: usize,
+) -> Result<Vec<Result<UsageEvent, EventError>>, BatchError> {
+    let count = std::cell::Cell::new(None);
+    let fast = Elements {
+        max,
+        count: &count,
+        item: |ObjectOnly(raw)| validate(raw, catalog, policy, now_ms),
+        kinds: std::marker::PhantomData,
     };
     let mut de = serde_json::Deserializer::from_str(body);
     if let Ok(results) = serde::de::DeserializeSeed::deserialize(fast, &mut de)
         && de.end().is_ok()
     {
-        return Ok(results);
+        return match count.get() {
+            Some(n) => Err(BatchError::TooMany(n)),
+            None => Ok(results),
+        };
     }
-    Ok(split_batch(body)?
+    Ok(split_batch(body, max)?
         .into_iter()
         .map(|raw| decode_event(raw.get(), catalog, policy, now_ms))
         .collect())
 }
 
-/// Decodes and validates the elements of an array as they are parsed, with no intermediate
-/// collection of raw events.
-struct BatchSeed<'c> {
-    catalog: &'c Catalog,
-    policy: &'c TimePolicy,
-    now_ms: i64,
+/// The elements of a JSON array, each parsed as `T` and mapped by `item` as it is parsed (no
+/// intermediate collection), at most `max` of them: past `max` the rest are only counted, into
+/// `count`.
+struct Elements<'c, T, R, F> {
+    max: usize,
+    count: &'c std::cell::Cell<Option<usize>>,
+    item: F,
+    kinds: std::marker::PhantomData<fn(T) -> R>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed<'_> {
-    type Value = Vec<Result<UsageEvent, EventError>>;
+impl<'de, T, R, F> serde::de::DeserializeSeed<'de> for Elements<'_, T, R, F>
+where
+    T: Deserialize<'de>,
+    F: FnMut(T) -> R,
+{
+    type Value = Vec<R>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
-    type Value = Vec<Result<UsageEvent, EventError>>;
+impl<'de, T, R, F> serde::de::Visitor<'de> for Elements<'_, T, R, F>
+where
+    T: Deserialize<'de>,
+    F: FnMut(T) -> R,
+{
+    type Value = Vec<R>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an array of CloudEvents")
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(ObjectOnly(raw)) = seq.next_element::<ObjectOnly<'de>>()? {
-            out.push(validate(raw, self.catalog, self.policy, self.now_ms));
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        mut self,
+        mut seq: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while out.len() < self.max {
+            match seq.next_element::<T>()? {
+                Some(v) => out.push((self.item)(v)),
+                None => return Ok(out),
+            }
+        }
+        let mut n = out.len();
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            n += 1;
+        }
+        if n > self.max {
+            self.count.set(Some(n));
         }
         Ok(out)
     }
@@ -277,7 +337,11 @@ impl<'de> serde::de::Visitor<'de> for BatchSeed<'_> {
 
 /// Number of elements of a JSON array body, without decoding them.
 pub fn batch_len(body: &str) -> Result<usize, EventError> {
-    split_batch(body).map(|v| v.len())
+    match split_batch(body, usize::MAX) {
+        Ok(v) => Ok(v.len()),
+        Err(BatchError::Invalid(e)) => Err(e),
+        Err(BatchError::TooMany(n)) => Ok(n),
+    }
 }
 
 /// Decodes and validates one event from its JSON text.
@@ -436,7 +500,8 @@ mod tests {
     #[test]
     fn a_batch_element_that_is_an_array_is_not_an_event() {
         let body = r#"[[], ["1.0", "e-1", "edge", "api_requests", "cust_42"], {"specversion":"1.0","id":"e-2","source":"edge","type":"api_requests","subject":"cust_42"}]"#;
-        let got = decode_batch(body, &Catalog::builtin(), &TimePolicy::default(), NOW).unwrap();
+        let got =
+            decode_batch(body, &Catalog::builtin(), &TimePolicy::default(), NOW, 100).unwrap();
         let codes: Vec<&str> = got
             .iter()
             .map(|r| r.as_ref().map_or_else(|e| e.code(), |_| "ok"))
@@ -516,10 +581,16 @@ mod tests {
             r#"{"specversion":"1.0","id":"a","source":"s","type":"api_requests","subject":"c"}"#;
         let cat = Catalog::builtin();
         let p = TimePolicy::default();
-        let all_good = decode_batch(&format!("[{good},{good}]"), &cat, &p, NOW).unwrap();
+        let all_good = decode_batch(&format!("[{good},{good}]"), &cat, &p, NOW, 100).unwrap();
         assert!(all_good.iter().all(|r| r.is_ok()) && all_good.len() == 2);
-        let mixed =
-            decode_batch(&format!("[{good},7,{{\"id\":1}},{good}]"), &cat, &p, NOW).unwrap();
+        let mixed = decode_batch(
+            &format!("[{good},7,{{\"id\":1}},{good}]"),
+            &cat,
+            &p,
+            NOW,
+            100,
+        )
+        .unwrap();
         let codes: Vec<_> = mixed
             .iter()
             .map(|r| r.as_ref().err().map(|e| e.code()))
@@ -532,10 +603,14 @@ mod tests {
 
     #[test]
     fn batches_split_without_decoding() {
-        let items = split_batch(r#"[{"a":1}, 5, "x"]"#).unwrap();
+        let items = split_batch(r#"[{"a":1}, 5, "x"]"#, 3).unwrap();
         assert_eq!(items.len(), 3);
-        assert_eq!(split_batch("{}").unwrap_err().code(), "invalid_type");
-        assert_eq!(split_batch("[{").unwrap_err().code(), "malformed_json");
+        let code = |body: &str| match split_batch(body, 3) {
+            Err(BatchError::Invalid(e)) => e.code(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code("{}"), "invalid_type");
+        assert_eq!(code("[{"), "malformed_json");
         let lines: Vec<_> = split_ndjson("{\"a\":1}\r\n\n  \n{\"b\":2}").collect();
         assert_eq!(lines, vec!["{\"a\":1}", "{\"b\":2}"]);
     }
