@@ -128,18 +128,22 @@ fn converge(
             return;
         }
         if Instant::now() > deadline {
-            for (j, s) in slots.iter().enumerate() {
-                let log = std::fs::read_to_string(dir.join(format!("p{j}/tally.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                eprintln!("{} (p{j}) last log lines: {tail:#?}", s.command);
-            }
+            print_log_tails(slots, dir);
             panic!("{what} did not converge: {d:?}");
         }
         for (j, s) in slots.iter_mut().enumerate() {
             s.supervise(env, &dir.join(format!("p{j}")));
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Prints each process's last log lines (for a failing run).
+fn print_log_tails(slots: &[Slot], dir: &std::path::Path) {
+    for (j, s) in slots.iter().enumerate() {
+        let log = std::fs::read_to_string(dir.join(format!("p{j}/tally.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        eprintln!("{} (p{j}) last log lines: {tail:#?}", s.command);
     }
 }
 
@@ -232,9 +236,12 @@ fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
     let acked = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let batches = Arc::new(AtomicU64::new(0));
+    // Why posts were retried: "503" or the client error, with counts.
+    let retries = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let ingest_urls = [slots[0].url(), slots[1].url()];
     let loader = {
         let (acked, stop, batches) = (acked.clone(), stop.clone(), batches.clone());
+        let retries = retries.clone();
         let client = client.clone();
         std::thread::spawn(move || {
             let mut k = 0u64;
@@ -260,13 +267,20 @@ fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
                         .header("content-type", "application/cloudevents-batch+json")
                         .body(body.clone())
                         .send();
-                    if let Ok(r) = sent {
-                        let status = r.status().as_u16();
-                        assert!(status == 202 || status == 503, "a valid batch got {status}");
-                        if status == 202 {
-                            break;
+                    let why = match sent {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            assert!(status == 202 || status == 503, "a valid batch got {status}");
+                            if status == 202 {
+                                break;
+                            }
+                            status.to_string()
                         }
-                    }
+                        Err(e) if e.is_timeout() => "timeout".to_owned(),
+                        Err(e) if e.is_connect() => "connect".to_owned(),
+                        Err(_) => "other error".to_owned(),
+                    };
+                    *retries.lock().unwrap().entry(why).or_default() += 1;
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 let mut a = acked.lock().unwrap();
@@ -331,6 +345,25 @@ fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
         ch.restart();
     }
     stop.store(true, Ordering::SeqCst);
+    // The loader finishes the batch in hand (posting until a 202); processes that exit by
+    // themselves meanwhile are started again, as a supervisor does.
+    let finishing = Instant::now();
+    while !loader.is_finished() {
+        if finishing.elapsed() > Duration::from_secs(120) {
+            print_log_tails(&slots, dir);
+            panic!(
+                "no ingest process acknowledged the last batch within 120 s of the chaos; \
+                 retries: {:?}",
+                retries.lock().unwrap()
+            );
+        }
+        for (j, s) in slots.iter_mut().enumerate() {
+            if s.supervise(&env, &dir.join(format!("p{j}"))) {
+                *restarts.entry(s.command).or_default() += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     loader.join().unwrap();
     // Until everything runs again (a process started while ClickHouse was down may have exited).
     let settle = Instant::now();
@@ -453,7 +486,9 @@ fn kills_a_broker_restart_and_a_clickhouse_outage_lose_and_double_nothing() {
         "Stripe, settled: nothing reported twice"
     );
     println!(
-        "chaos: {} batches acknowledged, kills {kills:?}, exits restarted {restarts:?}, broker restarted once, ClickHouse down 60 s",
-        batches.load(Ordering::SeqCst)
+        "chaos: {} batches acknowledged, kills {kills:?}, exits restarted {restarts:?}, \
+         posts retried {:?}, broker restarted once, ClickHouse down 60 s",
+        batches.load(Ordering::SeqCst),
+        retries.lock().unwrap()
     );
 }
