@@ -546,3 +546,66 @@ fn stripe_auth_and_configuration_refusals_are_retried_not_written_off() {
         assert_eq!(statuses.get(&status), Some(&1), "{statuses:?}");
     }
 }
+
+/// The billing period moves mid-period (`PUT period_anchor`): what was reported under the
+/// old period is not reported again under the new ones, and what comes after is reported
+/// once. Stripe's totals equal Tally's (this reported the first events a second time).
+#[test]
+fn billing_period_move_mid_period_reports_nothing_twice() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = StripeFake::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let p = reporting_to(&fake, dir.path());
+    put_customer(&p, "m-1", "cus_m1");
+    let post = |id: &str, minutes_ago: i64, value: u64| {
+        let event = json!({"specversion": "1.0", "id": id, "source": "edge-billing",
+            "type": "api_requests", "subject": "m-1", "time": now_rfc3339_minus(minutes_ago),
+            "data": {"value": value}});
+        assert_eq!(
+            p.post_batch(json!([event]).to_string()).status().as_u16(),
+            202
+        );
+    };
+    post("move-1", 240, 5);
+    post("move-2", 10, 10);
+    let key = ("cus_m1".to_owned(), "api_requests".to_owned());
+    wait_for("the first reports", Duration::from_secs(30), || {
+        fake.totals().get(&key) == Some(&15)
+    });
+    // The period now starts three hours ago: the first event falls in the new previous
+    // period, the second in the new current one, both already reported.
+    let r = reqwest::blocking::Client::new()
+        .put(format!("{}/v1/customers/m-1", p.api))
+        .json(&json!({"period_anchor": now_rfc3339_minus(180)}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    post("move-3", 5, 7);
+    wait_for("the report after the move", Duration::from_secs(30), || {
+        fake.totals().get(&key) == Some(&22)
+    });
+    // Rounds go on every 200 ms: nothing more is reported.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fake.totals().get(&key),
+        Some(&22),
+        "Stripe holds Tally's total"
+    );
+    let usage: Value = reqwest::blocking::Client::new()
+        .get(format!(
+            "{}/v1/usage?customer=m-1&meter=api_requests&from={}",
+            p.api,
+            now_rfc3339_minus(24 * 60)
+        ))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let counted: u64 = usage["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 22, "{usage}");
+}

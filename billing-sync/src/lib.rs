@@ -16,10 +16,14 @@
 //! Stripe refuses older events and anything more than 5 minutes ahead.
 //!
 //! # Nothing billed twice, nothing dropped
-//! Per (customer, meter) a mark is kept in the usage store: the total already reported per
-//! period, and the report in flight. A report is written to the mark *before* it is sent, and
-//! the reported total moves only after Stripe accepted it. Its identifier,
-//! `tally:{customer}:{meter}:{period start}:{period total after it}`, is both the meter event's
+//! Per (customer, meter) a mark is kept in the usage store: the usage already reported per
+//! counted time range, and the report in flight. A range is a billing period; when the period
+//! moves (`PUT period_anchor`, a subscription's new `current_period_start`), a period that
+//! overlaps ranges reported before is counted together with them, as one wider range, and only
+//! its usage beyond what they reported is sent: no unit is reported under two periods. A
+//! report is written to the mark *before* it is sent, and the reported total moves only after
+//! Stripe accepted it. Its identifier,
+//! `tally:{customer}:{meter}:{range start}:{range total after it}`, is both the meter event's
 //! `identifier` and the request's `Idempotency-Key`: a report sent again (after a timeout, a
 //! 5xx, or a crash between sending and recording) is the same event to Stripe. After a crash
 //! the pending report is sent again first, unchanged.
@@ -147,8 +151,13 @@ pub struct Report {
     pub event_name: String,
     /// The growth being reported.
     pub value: u64,
+    /// The counted range `[period_start_ms, period_end_ms)`: the billing period, widened to
+    /// the ranges reported before that it overlaps (after a billing period moved).
     pub period_start_ms: i64,
-    /// The period's usage reported once this is accepted.
+    /// 0 in reports written before ranges were kept: the period of `period_start_ms`.
+    #[serde(default)]
+    pub period_end_ms: i64,
+    /// The range's usage reported once this is accepted.
     pub period_total: u64,
     /// Usage counted up to here (exclusive).
     pub counted_until_ms: i64,
@@ -192,7 +201,15 @@ pub struct Rejected {
 /// Billing-sync's state of one (customer, meter), persisted in the usage store as JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {
-    /// Usage reported per billing period (by period start), for the last few periods.
+    /// Usage reported, by counted time range: disjoint ranges in time order, the last few.
+    /// A range is a billing period, or several periods' ranges merged once a billing period
+    /// moved across them (`PUT period_anchor`, a new `current_period_start`), so that no unit
+    /// is reported under two periods.
+    #[serde(default)]
+    pub ranges: Vec<Reported>,
+    /// Marks written before ranges were kept: usage reported by period start. Read once,
+    /// turned into ranges ([`Mark::upgrade`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reported: BTreeMap<i64, u64>,
     /// Written before sending, cleared once Stripe accepted it.
     pub pending: Option<Report>,
@@ -210,6 +227,17 @@ pub struct Mark {
     pub generation: u32,
 }
 
+/// Usage Stripe accepted over one counted range `[start_ms, end_ms)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reported {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub total: u64,
+}
+
+/// Ranges kept per mark: the current and previous periods, and a few before them.
+const KEPT_RANGES: usize = 6;
+
 /// A report Stripe accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
@@ -225,14 +253,60 @@ pub struct Accepted {
 const CANCEL_WINDOW_MS: i64 = 24 * 3_600_000 - 600_000;
 
 impl Mark {
-    /// Records `report` as done (accepted, or set aside after a refusal).
-    fn settle(&mut self, report: &Report) {
-        let done = self.reported.entry(report.period_start_ms).or_insert(0);
-        *done = (*done).max(report.period_total);
-        self.pending = None;
-        while self.reported.len() > 3 {
-            self.reported.pop_first();
+    /// Turns a mark written before ranges were kept into ranges: each period start's total
+    /// covers that period, as `record` places it now.
+    pub fn upgrade(&mut self, record: &Customer) {
+        for (start, total) in std::mem::take(&mut self.reported) {
+            let end = record.period_at(start).end_ms;
+            self.ranges.push(Reported {
+                start_ms: start,
+                end_ms: end,
+                total,
+            });
         }
+        self.ranges.sort_by_key(|r| r.start_ms);
+        if let Some(p) = self.pending.as_mut()
+            && p.period_end_ms == 0
+        {
+            p.period_end_ms = record.period_at(p.period_start_ms).end_ms;
+        }
+    }
+
+    /// The range to count for `[start_ms, end_ms)`: widened to the reported ranges it overlaps,
+    /// with the usage reported over them.
+    fn covering(&self, start_ms: i64, end_ms: i64) -> (i64, i64, u64) {
+        self.ranges
+            .iter()
+            .filter(|r| r.start_ms < end_ms && r.end_ms > start_ms)
+            .fold((start_ms, end_ms, 0), |(s, e, done), r| {
+                (s.min(r.start_ms), e.max(r.end_ms), done + r.total)
+            })
+    }
+
+    /// Records `report` as done (accepted, or set aside after a refusal): its range replaces
+    /// the ranges it covers.
+    fn settle(&mut self, report: &Report) {
+        let (start, end) = (report.period_start_ms, report.period_end_ms);
+        let mut total = report.period_total;
+        self.ranges.retain(|r| {
+            let overlaps = r.start_ms < end && r.end_ms > start;
+            if overlaps && (r.start_ms, r.end_ms) == (start, end) {
+                total = total.max(r.total);
+            }
+            !overlaps
+        });
+        let at = self.ranges.partition_point(|r| r.start_ms < start);
+        self.ranges.insert(
+            at,
+            Reported {
+                start_ms: start,
+                end_ms: end,
+                total,
+            },
+        );
+        self.pending = None;
+        let excess = self.ranges.len().saturating_sub(KEPT_RANGES);
+        self.ranges.drain(..excess);
     }
 
     /// Records `report` as accepted by Stripe at `now_ms`.
@@ -254,8 +328,12 @@ impl Mark {
 
     /// Records `cancelled` as cancelled by Stripe: its value is no longer reported.
     fn cancelled(&mut self, cancelled: &Accepted) {
-        if let Some(done) = self.reported.get_mut(&cancelled.period_start_ms) {
-            *done = done.saturating_sub(cancelled.value);
+        if let Some(r) = self
+            .ranges
+            .iter_mut()
+            .find(|r| r.start_ms == cancelled.period_start_ms)
+        {
+            r.total = r.total.saturating_sub(cancelled.value);
         }
         self.recent.retain(|a| a.identifier != cancelled.identifier);
         self.pending_cancel = None;
@@ -405,7 +483,7 @@ async fn due(
     let current = record.period_at(until - 1);
     let previous = record.period_at(current.start_ms - 1);
     // A customer seen for the first time is billed from its current period.
-    let periods = if mark.reported.is_empty() {
+    let periods = if mark.ranges.is_empty() {
         vec![current]
     } else {
         vec![previous, current]
@@ -414,15 +492,17 @@ async fn due(
         if period.end_ms <= now_ms - STRIPE_MAX_AGE_MS {
             continue;
         }
-        let upto = period.end_ms.min(until);
+        // The period with the ranges reported before that it overlaps: after a billing period
+        // moved, what was reported under the old periods counts against the new one.
+        let (start, end, done) = mark.covering(period.start_ms, period.end_ms);
+        let upto = end.min(until);
         let total = store
-            .total(customer, meter, aggregation, period.start_ms, upto)
+            .total(customer, meter, aggregation, start, upto)
             .await?;
-        let done = mark.reported.get(&period.start_ms).copied().unwrap_or(0);
         if total < done {
-            // A correction: cancel the latest report of the period while Stripe still can.
+            // A correction: cancel the latest report of the range while Stripe still can.
             let latest = mark.recent.iter().rev().find(|a| {
-                a.period_start_ms == period.start_ms
+                a.period_start_ms == start
                     && a.period_total == done
                     && now_ms - a.accepted_at_ms < CANCEL_WINDOW_MS
             });
@@ -444,11 +524,12 @@ async fn due(
             stripe_customer_id: stripe_id.to_owned(),
             event_name: event_name.to_owned(),
             value: total - done,
-            period_start_ms: period.start_ms,
+            period_start_ms: start,
+            period_end_ms: end,
             period_total: total,
             counted_until_ms: upto,
             timestamp_s: timestamp_ms.div_euclid(1000),
-            identifier: identifier(customer, meter, period.start_ms, total, mark.generation),
+            identifier: identifier(customer, meter, start, total, mark.generation),
         })));
     }
     Ok(None)
@@ -706,9 +787,10 @@ impl Syncer {
         for (customer, record, stripe_id, meter) in
             linked(self.store.as_ref(), &self.catalog).await?
         {
-            let mark = marks
+            let mut mark = marks
                 .remove(&(customer.clone(), meter.clone()))
                 .unwrap_or_default();
+            mark.upgrade(&record);
             jobs.push((customer, meter, stripe_id, record, mark));
         }
         Ok(jobs)
@@ -1177,5 +1259,115 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn ms(t: &str) -> i64 {
+        tally_schemas::period::parse_rfc3339(t).unwrap()
+    }
+
+    async fn add_usage(store: &SqliteStore, catalog: &Catalog, offset: u64, value: u64, t: &str) {
+        let rec = Record {
+            partition: 0,
+            offset,
+            event: UsageEvent {
+                id: offset.to_string(),
+                source: "s".into(),
+                customer: "a".into(),
+                meter: "api_requests".into(),
+                value,
+                time_ms: ms(t),
+                received_ms: ms(t),
+            },
+        };
+        store
+            .apply(&Rollup::from_records(&[rec], catalog))
+            .await
+            .unwrap();
+    }
+
+    /// Moving the billing period mid-period (`PUT period_anchor`) reports nothing a second
+    /// time: usage reported under the old period counts against the new periods that overlap
+    /// it (this reported the first 100 again, under the new previous period).
+    #[tokio::test]
+    async fn billing_period_move_reports_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let catalog = Catalog::builtin();
+        let mut record = Customer::new_default(&catalog);
+        record.stripe_customer_id = Some("cus_1".into());
+        store.put_customer("a", &record).await.unwrap();
+        let settle = Duration::from_secs(120);
+        let mut marks = HashMap::new();
+        let mut sent = 0;
+        let round = async |marks: &mut HashMap<(String, String), Mark>, now: &str| {
+            let reports = plan_round(&catalog, &store, ms(now), settle, marks)
+                .await
+                .unwrap();
+            reports.iter().map(|r| r.value).sum::<u64>()
+        };
+        add_usage(&store, &catalog, 0, 100, "2026-11-05T00:00:00Z").await;
+        sent += round(&mut marks, "2026-11-06T00:00:00Z").await;
+        assert_eq!(sent, 100);
+        // The anchor moves to the 10th: the previous period is now Oct 10 - Nov 10, the
+        // current Nov 10 - Dec 10; both overlap what was reported for November.
+        record.period_anchor_ms = Some(ms("2026-10-10T00:00:00Z"));
+        store.put_customer("a", &record).await.unwrap();
+        add_usage(&store, &catalog, 1, 50, "2026-11-12T00:00:00Z").await;
+        for now in [
+            "2026-11-13T00:00:00Z",
+            "2026-11-13T00:10:00Z",
+            "2026-11-20T00:00:00Z",
+        ] {
+            sent += round(&mut marks, now).await;
+        }
+        assert_eq!(sent, 150, "Stripe holds Tally's total");
+        // On: the next period (Dec 10) reports only its own usage, and a late event of
+        // November is billed once.
+        add_usage(&store, &catalog, 2, 7, "2026-12-11T00:00:00Z").await;
+        add_usage(&store, &catalog, 3, 3, "2026-11-21T00:00:00Z").await;
+        for now in [
+            "2026-12-12T00:00:00Z",
+            "2026-12-12T00:10:00Z",
+            "2026-12-13T00:00:00Z",
+        ] {
+            sent += round(&mut marks, now).await;
+        }
+        assert_eq!(sent, 160);
+        let mark = &marks[&("a".to_owned(), "api_requests".to_owned())];
+        let covered: u64 = mark.ranges.iter().map(|r| r.total).sum();
+        assert_eq!(covered, 160, "{:?}", mark.ranges);
+        assert!(
+            mark.ranges.windows(2).all(|w| w[0].end_ms <= w[1].start_ms),
+            "disjoint: {:?}",
+            mark.ranges
+        );
+    }
+
+    #[test]
+    fn a_mark_written_before_ranges_is_upgraded() {
+        let catalog = Catalog::builtin();
+        let record = Customer::new_default(&catalog);
+        let nov = ms("2026-11-01T00:00:00Z");
+        let old = format!(
+            r#"{{"reported":{{"{nov}":100}},"pending":{{"customer":"a","meter":"api_requests",
+            "stripe_customer_id":"cus_1","event_name":"api_requests","value":5,
+            "period_start_ms":{nov},"period_total":105,"counted_until_ms":{nov},
+            "timestamp_s":0,"identifier":"tally:a:api_requests:{nov}:105"}}}}"#
+        );
+        let mut mark: Mark = serde_json::from_str(&old).unwrap();
+        mark.upgrade(&record);
+        let dec = ms("2026-12-01T00:00:00Z");
+        assert_eq!(
+            mark.ranges,
+            [Reported {
+                start_ms: nov,
+                end_ms: dec,
+                total: 100
+            }]
+        );
+        assert_eq!(mark.pending.as_ref().unwrap().period_end_ms, dec);
+        assert!(mark.reported.is_empty());
+        let again: Mark = serde_json::from_str(&serde_json::to_string(&mark).unwrap()).unwrap();
+        assert_eq!(again, mark);
     }
 }
