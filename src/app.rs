@@ -236,6 +236,10 @@ impl App {
         let fatal = Arc::new(Mutex::new(None));
         let mut router = Router::new();
         let mut enforcer = None;
+        // The enforcer's state, made first: ingest in the same process reads its period totals
+        // to refuse events past the usage cap.
+        let enforcer_state = (wants(Component::Enforcer) && log.is_some())
+            .then(|| Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open)));
 
         if let (true, Some(log)) = (wants(Component::Ingest), &log) {
             router = router.merge(tally_ingest::router(IngestState {
@@ -249,6 +253,13 @@ impl App {
                         late_window_ms: config.late_window.as_millis() as i64,
                         future_tolerance_ms: config.future_tolerance.as_millis() as i64,
                     },
+                }),
+                room: enforcer_state.clone().map(|state| {
+                    let room: tally_ingest::UsageRoom =
+                        Arc::new(move |customer, meter, time_ms| {
+                            state.room(customer, meter, time_ms)
+                        });
+                    room
                 }),
             }));
         }
@@ -273,8 +284,7 @@ impl App {
             );
             spawn(&tasks, "aggregator", run, stop.clone(), fatal.clone());
         }
-        if let (true, Some(log)) = (wants(Component::Enforcer), &log) {
-            let state = Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open));
+        if let (Some(state), Some(log)) = (enforcer_state, &log) {
             router = router
                 .merge(tally_enforcer::http::router(EnforcerHttp {
                     state: state.clone(),

@@ -504,6 +504,126 @@ fn the_analytics_queries_agree_on_both_stores() {
     });
 }
 
+/// Quantities at the usage cap: no store wraps, fails or turns a sum negative. A customer's
+/// totals are held at the cap, a meter's total over customers is exact past 2^63, and both
+/// stores answer the same (ClickHouse's `sum(UInt64)` wrapped, SQLite's `SUM` failed).
+#[test]
+fn overflow_sums_are_exact_and_held_at_the_cap_on_both_stores() {
+    let ch = ClickHouse::shared();
+    let config = ClickHouseConfig::new(ch.http.clone(), unique_name("overflow"));
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::builtin();
+    let max = tally_schemas::quantity::MAX;
+    let at = |t: &str| common::ms(t);
+    let rec = |offset: u64, customer: &str, value: u64, t: &str| {
+        let mut r = record(0, offset, &format!("o{offset}"), customer, value);
+        r.event.time_ms = at(t);
+        r
+    };
+    let batches = [
+        vec![rec(0, "a", max, "2026-11-02T00:00:00Z")],
+        vec![
+            rec(1, "a", max, "2026-11-02T00:00:10Z"),
+            rec(2, "b", max - 10, "2026-11-02T00:00:10Z"),
+        ],
+        vec![
+            rec(3, "a", max, "2026-11-03T00:00:00Z"),
+            rec(4, "c", 5, "2026-11-03T00:00:00Z"),
+        ],
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        ClickHouseStore::migrate(&config).await.unwrap();
+        let clickhouse = ClickHouseStore::new(&config);
+        let sqlite = SqliteStore::open(dir.path().join("store.db")).unwrap();
+        let (nov, now) = (at("2026-11-01T00:00:00Z"), at("2026-11-21T10:00:00Z"));
+        let meters = [("api_requests".to_owned(), Aggregation::Count)];
+        for store in [&clickhouse as &dyn UsageStore, &sqlite] {
+            for b in &batches {
+                let r = Rollup::from_records(b, &catalog);
+                assert_eq!(store.apply(&r).await.unwrap(), Applied::Written);
+            }
+            let total = store
+                .total("a", "api_requests", Aggregation::Count, nov, now)
+                .await
+                .unwrap();
+            assert_eq!(total, max, "a customer's total is held at the cap");
+            assert_eq!(
+                store.totals("b", &meters, nov, now).await.unwrap(),
+                [max - 10]
+            );
+            let top = store
+                .top_customers("api_requests", Aggregation::Count, nov, now, 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                top,
+                [
+                    ("a".to_owned(), max),
+                    ("b".to_owned(), max - 10),
+                    ("c".to_owned(), 5)
+                ]
+            );
+            let day = store
+                .series(
+                    "a",
+                    "api_requests",
+                    Aggregation::Count,
+                    nov,
+                    now,
+                    Window::Day,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                day,
+                [
+                    (at("2026-11-02T00:00:00Z"), max),
+                    (at("2026-11-03T00:00:00Z"), max)
+                ]
+            );
+            // b and c over customers: exact past 2^63.
+            let b_and_c = store
+                .meter_total("api_requests", Aggregation::Count, nov, now)
+                .await
+                .unwrap();
+            assert_eq!(b_and_c.customers, 3);
+            assert_eq!(b_and_c.usage, u64::MAX, "past u64: held at u64::MAX");
+            let from_3rd = store
+                .meter_total(
+                    "api_requests",
+                    Aggregation::Count,
+                    at("2026-11-03T00:00:00Z"),
+                    now,
+                )
+                .await
+                .unwrap();
+            assert_eq!((from_3rd.usage, from_3rd.customers), (max + 5, 2));
+            let snap = store
+                .snapshot(SnapshotRequest {
+                    default_since_ms: nov,
+                    since_by_customer: vec![],
+                    additive_meters: vec!["api_requests".into()],
+                })
+                .await
+                .unwrap();
+            let mut totals = snap.totals.clone();
+            totals.sort();
+            assert_eq!(
+                totals,
+                [
+                    ("a".to_owned(), "api_requests".to_owned(), max),
+                    ("b".to_owned(), "api_requests".to_owned(), max - 10),
+                    ("c".to_owned(), "api_requests".to_owned(), 5),
+                ]
+            );
+        }
+    });
+}
+
 /// The webhook outbox keeps the latest state of each (notification, URL) and forgets finished
 /// deliveries, in both stores.
 #[test]

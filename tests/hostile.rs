@@ -241,3 +241,147 @@ fn memory_batch_of_zeros_is_refused_without_gigabytes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The usage (period to date) the enforcer counted for `customer`.
+fn checked_usage(client: &Client, p: &Proc, customer: &str) -> u64 {
+    let (status, b) = body(
+        client
+            .get(format!(
+                "{}/v1/check?customer={customer}&meter=api_requests&quantity=0",
+                p.api
+            ))
+            .send()
+            .unwrap(),
+    );
+    // 429 once blocked: the answer still carries the usage.
+    assert!(status == 200 || status == 429, "{status}: {b}");
+    b["usage"].as_u64().unwrap()
+}
+
+fn wait_for_usage(client: &Client, p: &Proc, customer: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while checked_usage(client, p, customer) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{customer} never reached {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn overflow_events_at_the_cap_are_refused_and_totals_stay_exact() {
+    let max = i64::MAX as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let client = Client::new();
+    let post = |events: Vec<String>| {
+        body(
+            client
+                .post(format!("{}/v1/events", p.api))
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(format!("[{}]", events.join(",")))
+                .send()
+                .unwrap(),
+        )
+    };
+    let (status, b) = post(vec![
+        event("o-1", "c-big", "api_requests", max),
+        event("o-2", "c-big2", "api_requests", max - 10),
+    ]);
+    assert_eq!((status, b["accepted"].as_u64()), (202, Some(2)), "{b}");
+    wait_for_usage(&client, &p, "c-big", max);
+    // One more unit for c-big would pass the cap: refused by index, the valid ones kept.
+    let (status, b) = post(vec![
+        event("o-3", "c-big", "api_requests", 1),
+        event("o-4", "c-small", "api_requests", 5),
+        event("o-5", "c-big2", "api_requests", 5),
+        event("o-6", "c-big2", "api_requests", 6),
+    ]);
+    assert_eq!(status, 202, "{b}");
+    assert_eq!(
+        (b["accepted"].as_u64(), b["rejected"].as_u64()),
+        (Some(2), Some(2)),
+        "{b}"
+    );
+    // c-big's unit, and c-big2's 6 after its 5 of the same request.
+    for (n, index) in [0, 3].into_iter().enumerate() {
+        assert_eq!(b["errors"][n]["index"], index, "{b}");
+        assert_eq!(b["errors"][n]["code"], "usage_cap_exceeded", "{b}");
+    }
+    let (status, b) = body(
+        client
+            .post(format!("{}/v1/events", p.api))
+            .header("content-type", "application/json")
+            .body(event("o-7", "c-big", "api_requests", max))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(
+        (status, b["code"].as_str()),
+        (400, Some("usage_cap_exceeded")),
+        "{b}"
+    );
+    wait_for_usage(&client, &p, "c-big2", max - 5);
+    wait_for_usage(&client, &p, "c-small", 5);
+
+    // Every query still answers, exactly: c-big at the cap, the meter's total over customers
+    // past 2^63.
+    let query = |p: &Proc, path: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, b) = body(client.get(format!("{}{path}", p.api)).send().unwrap());
+            assert_eq!(status, 200, "{path}: {b}");
+            if b.to_string().contains("c-small") || b["meters"].is_array() {
+                return b;
+            }
+            assert!(std::time::Instant::now() < deadline, "{path}: {b}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let meter_total = |p: &Proc| -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, b) = body(
+                client
+                    .get(format!("{}/v1/usage/totals", p.api))
+                    .send()
+                    .unwrap(),
+            );
+            assert_eq!(status, 200, "totals: {b}");
+            let usage = b["meters"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["meter"] == "api_requests"))
+                .and_then(|m| m["usage"].as_u64())
+                .unwrap_or(0);
+            if usage == 2 * max || std::time::Instant::now() > deadline {
+                return usage;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(meter_total(&p), 2 * max);
+    let top = query(&p, "/v1/usage/top?meter=api_requests");
+    let customers: Vec<(&str, u64)> = top["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["customer"].as_str().unwrap(),
+                c["usage"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        customers,
+        [("c-big", max), ("c-big2", max - 5), ("c-small", 5)],
+        "{top}"
+    );
+    // The enforcer's start-up snapshot reads the same totals.
+    drop(p);
+    let p = start(dir.path(), &[]);
+    assert_eq!(checked_usage(&client, &p, "c-big"), max);
+    assert_eq!(checked_usage(&client, &p, "c-small"), 5);
+    assert_eq!(meter_total(&p), 2 * max);
+}

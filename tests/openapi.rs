@@ -147,6 +147,7 @@ fn every_event_error_code_is_documented() {
         E::NotInteger,
         E::NegativeValue,
         E::ValueOutOfRange,
+        E::UsageCapExceeded,
     ];
     // A new variant must be added to `all` (and to the document): this match stops compiling.
     fn _every_variant_listed(e: &E) {
@@ -165,7 +166,8 @@ fn every_event_error_code_is_documented() {
             | E::InFuture { .. }
             | E::NotInteger
             | E::NegativeValue
-            | E::ValueOutOfRange => {}
+            | E::ValueOutOfRange
+            | E::UsageCapExceeded => {}
         }
     }
     let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();

@@ -32,7 +32,7 @@ impl Cell {
     /// Merges `other` into `self`; commutative and associative.
     pub fn merge(&mut self, other: Cell) {
         match (self, other) {
-            (Cell::Add(a), Cell::Add(b)) => *a = a.saturating_add(b),
+            (Cell::Add(a), Cell::Add(b)) => *a = tally_schemas::quantity::add(*a, b),
             (
                 Cell::Latest { time_ms, value },
                 Cell::Latest {

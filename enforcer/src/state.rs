@@ -504,7 +504,7 @@ impl State {
                 };
             }
             before = c.usage;
-            c.usage = c.usage.saturating_add(event.value);
+            c.usage = tally_schemas::quantity::add(c.usage, event.value);
         } else {
             if (event.time_ms, event.value) <= (c.time_ms, c.usage) {
                 return;
@@ -537,6 +537,34 @@ impl State {
                 c.soft_crossed_s = 0;
             }
         }
+    }
+
+    /// For an event of an additive meter: the start of its billing period and how much more
+    /// the customer's total of that period may grow before the usage cap
+    /// ([`tally_schemas::quantity::MAX`]), as far as this state has counted. `None` for a gauge
+    /// or an unknown meter. Ingest refuses an event larger than the room
+    /// (`usage_cap_exceeded`) when it shares the process with the enforcer.
+    pub fn room(&self, customer: &str, meter: &str, time_ms: i64) -> Option<(i64, u64)> {
+        let &(i, agg) = self.meters.get(meter)?;
+        if !agg.is_additive() {
+            return None;
+        }
+        let max = tally_schemas::quantity::MAX;
+        let Some(e) = self.customers.get(customer) else {
+            return Some((self.calendar_month(time_ms).start_ms, max));
+        };
+        let period = match e.extra() {
+            None => self.calendar_month(time_ms),
+            Some(x) if x.period.contains(time_ms) => x.period,
+            Some(x) => x.record.period_at(time_ms),
+        };
+        let c = e.counter(i);
+        let used = if c.time_ms == period.start_ms {
+            c.usage
+        } else {
+            0
+        };
+        Some((period.start_ms, max.saturating_sub(used)))
     }
 
     /// The plan in force for a customer at `now_ms`.

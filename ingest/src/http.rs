@@ -13,6 +13,7 @@
 //! `rate_limited` with `Retry-After` when the caller's API key is over its event rate, 503 with
 //! `Retry-After` when the log cannot take the events (nothing of either request is acknowledged).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -58,6 +59,12 @@ impl Default for IngestSettings {
 #[derive(Clone)]
 pub struct EventAllowance(pub Arc<dyn Fn(u32) -> Result<(), std::time::Duration> + Send + Sync>);
 
+/// What this process knows of each customer's period totals (an enforcer in the same
+/// process): for an event's customer, meter and time, the start of its billing period and how
+/// much more that period's total may grow before the usage cap (see
+/// [`tally_schemas::quantity`]). `None`: not known here; the stores hold such totals at the cap.
+pub type UsageRoom = Arc<dyn Fn(&str, &str, i64) -> Option<(i64, u64)> + Send + Sync>;
+
 /// Everything the ingest handler needs.
 #[derive(Clone)]
 pub struct IngestState {
@@ -65,6 +72,9 @@ pub struct IngestState {
     pub catalog: Arc<Catalog>,
     pub clock: Arc<dyn Clock>,
     pub settings: Arc<IngestSettings>,
+    /// Events that would push a known period total past the cap are refused
+    /// (`usage_cap_exceeded`).
+    pub room: Option<UsageRoom>,
 }
 
 /// Most per-event errors listed in one reply; the counts stay exact.
@@ -197,6 +207,8 @@ impl utoipa::Modify for EventCodes {
 /// The events of one request, decoded.
 struct Decoded {
     valid: Vec<UsageEvent>,
+    /// The position in the request of each valid event.
+    index: Vec<usize>,
     faults: Vec<EventFault>,
     rejected: usize,
     /// The body was one event rather than a batch.
@@ -212,13 +224,17 @@ fn decode_body(
 ) -> Result<Decoded, ApiError> {
     let mut out = Decoded {
         valid: Vec::new(),
+        index: Vec::new(),
         faults: Vec::new(),
         rejected: 0,
         single: false,
     };
     let policy = &settings.time_policy;
     let take = |index: usize, r: Result<UsageEvent, EventError>, out: &mut Decoded| match r {
-        Ok(e) => out.valid.push(e),
+        Ok(e) => {
+            out.valid.push(e);
+            out.index.push(index);
+        }
         Err(e) => {
             out.rejected += 1;
             metrics::REJECTED.with_label_values(&[e.code()]).inc();
@@ -385,5 +401,58 @@ fn decode_utf8(
 ) -> Result<Decoded, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed_json", "the body is not UTF-8"))?;
-    decode_body(kind, text, &state.catalog, &state.settings, now_ms)
+    let mut decoded = decode_body(kind, text, &state.catalog, &state.settings, now_ms)?;
+    if let Some(room) = &state.room {
+        refuse_past_cap(&mut decoded, room);
+    }
+    Ok(decoded)
+}
+
+/// Moves the valid events that would push their customer's period total past the usage cap
+/// (what the process counted so far plus the earlier events of this request) to the faults.
+fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
+    let mut left: HashMap<(String, String, i64), u64> = HashMap::new();
+    let mut refused = Vec::new();
+    let mut keep = vec![true; decoded.valid.len()];
+    for (n, e) in decoded.valid.iter().enumerate() {
+        if e.value == 0 {
+            continue;
+        }
+        let Some((period, known)) = room(&e.customer, &e.meter, e.time_ms) else {
+            continue;
+        };
+        let left = left
+            .entry((e.customer.clone(), e.meter.clone(), period))
+            .or_insert(known);
+        if e.value > *left {
+            keep[n] = false;
+            refused.push(decoded.index[n]);
+        } else {
+            *left -= e.value;
+        }
+    }
+    if refused.is_empty() {
+        return;
+    }
+    (decoded.valid, decoded.index) = std::mem::take(&mut decoded.valid)
+        .into_iter()
+        .zip(std::mem::take(&mut decoded.index))
+        .zip(keep)
+        .filter_map(|(pair, keep)| keep.then_some(pair))
+        .unzip();
+    let e = EventError::UsageCapExceeded;
+    metrics::REJECTED
+        .with_label_values(&[e.code()])
+        .inc_by(refused.len() as u64);
+    decoded.rejected += refused.len();
+    for index in refused {
+        if decoded.faults.len() < MAX_LISTED_ERRORS {
+            decoded.faults.push(EventFault {
+                index,
+                code: e.code(),
+                message: e.to_string(),
+            });
+        }
+    }
+    decoded.faults.sort_by_key(|f| f.index);
 }

@@ -26,7 +26,7 @@ pub mod sqlite;
 use std::future::Future;
 
 pub use error::{Error, Result};
-pub use http::{EventAllowance, IngestSettings, IngestState, router};
+pub use http::{EventAllowance, IngestSettings, IngestState, UsageRoom, router};
 
 /// Serves the ingest API on `listener` until `shutdown` resolves, then drains in-flight requests.
 pub async fn run(

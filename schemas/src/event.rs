@@ -7,7 +7,7 @@
 //! | `type` | the meter | a meter of the catalogue |
 //! | `subject` | the customer | 1-128 bytes of `A-Z a-z 0-9 . _ : @ -` |
 //! | `time` | when the usage happened (RFC 3339) | optional (default: receipt time); at most the late window old and the future tolerance ahead |
-//! | `data.value` | the quantity, in the meter's unit | optional (default 1); a whole number from 0 to 2^63-1 |
+//! | `data.value` | the quantity, in the meter's unit | optional (default 1); a whole number from 0 to 2^63-1 ([`crate::quantity::MAX`]) |
 //!
 //! Each failure has a stable machine-readable [`EventError::code`].
 
@@ -81,6 +81,11 @@ pub enum EventError {
     NegativeValue,
     #[error("data.value must be at most 9223372036854775807")]
     ValueOutOfRange,
+    /// Raised at ingest, not by the decoder (see [`crate::quantity`]).
+    #[error(
+        "this event would push the customer's period total of the meter past 9223372036854775807"
+    )]
+    UsageCapExceeded,
 }
 
 impl EventError {
@@ -102,6 +107,7 @@ impl EventError {
         "value_not_integer",
         "negative_value",
         "value_out_of_range",
+        "usage_cap_exceeded",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -121,6 +127,7 @@ impl EventError {
             EventError::NotInteger => "value_not_integer",
             EventError::NegativeValue => "negative_value",
             EventError::ValueOutOfRange => "value_out_of_range",
+            EventError::UsageCapExceeded => "usage_cap_exceeded",
         }
     }
 }
@@ -428,7 +435,7 @@ fn required<'a>(
 
 fn value_of(n: &serde_json::Number) -> Result<u64, EventError> {
     if let Some(v) = n.as_u64() {
-        if v > i64::MAX as u64 {
+        if v > crate::quantity::MAX {
             return Err(EventError::ValueOutOfRange);
         }
         return Ok(v);
@@ -439,7 +446,9 @@ fn value_of(n: &serde_json::Number) -> Result<u64, EventError> {
     // A float: fractional, exponent form or beyond u64.
     match n.as_f64() {
         Some(f) if f < 0.0 => Err(EventError::NegativeValue),
-        Some(f) if f.fract() == 0.0 && f > i64::MAX as f64 => Err(EventError::ValueOutOfRange),
+        Some(f) if f.fract() == 0.0 && f > crate::quantity::MAX as f64 => {
+            Err(EventError::ValueOutOfRange)
+        }
         _ => Err(EventError::NotInteger),
     }
 }

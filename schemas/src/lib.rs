@@ -11,6 +11,7 @@
 //! - [`catalog`]: meters, plans, limits and the quota policy (`catalog.toml`).
 //! - [`customer`]: a customer's plan, overrides, billing period and payment state.
 //! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
+//! - [`quantity`]: the usage cap, and overflow-free sums of stored quantities.
 //! - [`quota`]: the 80 / 100 / 110 % decision rules, threshold crossings and notifications.
 //! - [`clock`]: wall-clock time behind a trait, so tests control it.
 //! - [`clickhouse`]: the ClickHouse schema as migrations (for the production path).
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod customer;
 pub mod event;
 pub mod period;
+pub mod quantity;
 pub mod quota;
 pub mod wire;
 

@@ -38,7 +38,7 @@ use async_trait::async_trait;
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use tally_ingest::log::Record;
-use tally_schemas::{Aggregation, Customer, Window};
+use tally_schemas::{Aggregation, Customer, Window, quantity};
 
 use super::{Applied, MeterTotal, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::blocks::Resume;
@@ -75,6 +75,15 @@ fn ch(e: clickhouse::error::Error) -> Error {
 
 /// Ids looked up per query (keeps each query well under `max_query_size`).
 const LOOKUP_CHUNK: usize = 5_000;
+
+/// `sum(value)` as two exact parts, `h` (the high 32 bits) and `l` (the low ones): ClickHouse's
+/// `sum(UInt64)` wraps past 2^64. Joined by [`joined`] (see [`tally_schemas::quantity`]).
+const SPLIT_SUM: &str = "sum(bitShiftRight(value, 32)) AS h, sum(bitAnd(value, 4294967295)) AS l";
+
+/// A customer's total from its split sums: exact, held at the cap.
+fn joined((h, l): (u64, u64)) -> u64 {
+    quantity::join_capped(h.into(), l.into())
+}
 
 #[derive(Row, Serialize, Deserialize)]
 struct CellRow {
@@ -519,12 +528,12 @@ impl UsageStore for ClickHouseStore {
         to_ms: i64,
     ) -> Result<u64> {
         if aggregation.is_additive() {
-            let v: u64 = self
+            let v: (u64, u64) = self
                 .client
-                .query(
-                    "SELECT sum(value) FROM usage_block_cells FINAL
-                     WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)",
-                )
+                .query(&format!(
+                    "SELECT {SPLIT_SUM} FROM usage_block_cells FINAL
+                     WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)"
+                ))
                 .bind(customer)
                 .bind(meter)
                 .bind(seconds(from_ms))
@@ -532,7 +541,7 @@ impl UsageStore for ClickHouseStore {
                 .fetch_one()
                 .await
                 .map_err(ch)?;
-            Ok(v)
+            Ok(joined(v))
         } else {
             let v: Option<u64> = self
                 .client
@@ -568,18 +577,19 @@ impl UsageStore for ClickHouseStore {
         };
         let sql = if aggregation.is_additive() {
             format!(
-                "SELECT toUInt32({bucket}) AS b, sum(value) FROM usage_block_cells FINAL
+                "SELECT toUInt32({bucket}) AS b, {SPLIT_SUM} FROM usage_block_cells FINAL
                  WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                  GROUP BY b ORDER BY b"
             )
         } else {
             format!(
-                "SELECT toUInt32({bucket}) AS b, argMax(value, (minute, last_ms, value)) FROM usage_block_cells
+                "SELECT b, bitShiftRight(v, 32), bitAnd(v, 4294967295) FROM (
+                 SELECT toUInt32({bucket}) AS b, argMax(value, (minute, last_ms, value)) AS v FROM usage_block_cells
                  WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-                 GROUP BY b ORDER BY b"
+                 GROUP BY b) ORDER BY b"
             )
         };
-        let rows: Vec<(u32, u64)> = self
+        let rows: Vec<(u32, u64, u64)> = self
             .client
             .query(&sql)
             .bind(customer)
@@ -590,7 +600,8 @@ impl UsageStore for ClickHouseStore {
             .await
             .map_err(ch)?;
         Ok(super::bucket(
-            rows.into_iter().map(|(b, v)| (b as i64 * 1000, v)),
+            rows.into_iter()
+                .map(|(b, h, l)| (b as i64 * 1000, joined((h, l)))),
             window,
             aggregation,
         ))
@@ -606,11 +617,11 @@ impl UsageStore for ClickHouseStore {
         // Two reads of the customer's rows (the primary key's prefix), whatever the meters.
         let sums = self
             .client
-            .query(
-                "SELECT meter, sum(value) FROM usage_block_cells FINAL
+            .query(&format!(
+                "SELECT meter, {SPLIT_SUM} FROM usage_block_cells FINAL
                  WHERE customer = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-                 GROUP BY meter",
-            )
+                 GROUP BY meter"
+            ))
             .bind(customer)
             .bind(seconds(from_ms))
             .bind(seconds(to_ms));
@@ -623,10 +634,14 @@ impl UsageStore for ClickHouseStore {
             .bind(customer)
             .bind(seconds(to_ms));
         let (sums, latest) = tokio::try_join!(
-            sums.fetch_all::<(String, u64)>(),
+            sums.fetch_all::<(String, u64, u64)>(),
             latest.fetch_all::<(String, u64)>()
         )
         .map_err(ch)?;
+        let sums: Vec<(String, u64)> = sums
+            .into_iter()
+            .map(|(m, h, l)| (m, joined((h, l))))
+            .collect();
         Ok(per_meter(meters, &sums, &latest))
     }
 
@@ -639,29 +654,38 @@ impl UsageStore for ClickHouseStore {
         limit: usize,
     ) -> Result<Vec<(String, u64)>> {
         let query = if aggregation.is_additive() {
+            // The sums normalised to (high, low < 2^32) order exactly, without overflow.
             self.client
-                .query(
-                    "SELECT customer, sum(value) AS v FROM usage_block_cells FINAL
-                     WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-                     GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
-                )
+                .query(&format!(
+                    "SELECT customer, h + bitShiftRight(l, 32) AS hi, bitAnd(l, 4294967295) AS lo
+                     FROM (SELECT customer, {SPLIT_SUM} FROM usage_block_cells FINAL
+                           WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                           GROUP BY customer HAVING h > 0 OR l > 0)
+                     ORDER BY hi DESC, lo DESC, customer LIMIT ?"
+                ))
                 .bind(meter)
                 .bind(seconds(from_ms))
         } else {
             self.client
                 .query(
-                    "SELECT customer, argMax(value, (minute, last_ms, value)) AS v FROM usage_block_cells
-                     WHERE meter = ? AND minute < toDateTime(?)
-                     GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?",
+                    "SELECT customer, bitShiftRight(v, 32), bitAnd(v, 4294967295) FROM (
+                         SELECT customer, argMax(value, (minute, last_ms, value)) AS v
+                         FROM usage_block_cells WHERE meter = ? AND minute < toDateTime(?)
+                         GROUP BY customer HAVING v > 0)
+                     ORDER BY v DESC, customer LIMIT ?",
                 )
                 .bind(meter)
         };
-        query
+        let rows: Vec<(String, u64, u64)> = query
             .bind(seconds(to_ms))
             .bind(limit as u64)
             .fetch_all()
             .await
-            .map_err(ch)
+            .map_err(ch)?;
+        Ok(rows
+            .into_iter()
+            .map(|(c, h, l)| (c, joined((h, l))))
+            .collect())
     }
 
     async fn meter_totals(
@@ -673,19 +697,19 @@ impl UsageStore for ClickHouseStore {
         // One scan for the additive meters and one for the gauges, whatever their number.
         let sums = self
             .client
-            .query(
-                "SELECT meter, sum(v), count() FROM (
-                     SELECT meter, customer, sum(value) AS v FROM usage_block_cells FINAL
+            .query(&format!(
+                "SELECT meter, sum(h), sum(l), count() FROM (
+                     SELECT meter, customer, {SPLIT_SUM} FROM usage_block_cells FINAL
                      WHERE minute >= toDateTime(?) AND minute < toDateTime(?)
-                     GROUP BY meter, customer HAVING v > 0)
-                 GROUP BY meter",
-            )
+                     GROUP BY meter, customer HAVING h > 0 OR l > 0)
+                 GROUP BY meter"
+            ))
             .bind(seconds(from_ms))
             .bind(seconds(to_ms));
         let latest = self
             .client
             .query(
-                "SELECT meter, sum(v), count() FROM (
+                "SELECT meter, sum(bitShiftRight(v, 32)), sum(bitAnd(v, 4294967295)), count() FROM (
                      SELECT meter, customer, argMax(value, (minute, last_ms, value)) AS v
                      FROM usage_block_cells WHERE minute < toDateTime(?)
                      GROUP BY meter, customer HAVING v > 0)
@@ -697,23 +721,27 @@ impl UsageStore for ClickHouseStore {
         let (sums, latest) = tokio::try_join!(
             async {
                 if additive {
-                    sums.fetch_all::<(String, u64, u64)>().await
+                    sums.fetch_all::<(String, u64, u64, u64)>().await
                 } else {
                     Ok(Vec::new())
                 }
             },
             async {
                 if gauges {
-                    latest.fetch_all::<(String, u64, u64)>().await
+                    latest.fetch_all::<(String, u64, u64, u64)>().await
                 } else {
                     Ok(Vec::new())
                 }
             }
         )
         .map_err(ch)?;
-        let total = |rows: Vec<(String, u64, u64)>| -> Vec<(String, MeterTotal)> {
+        // Several customers: exact up to u64::MAX, not held at one customer's cap.
+        let total = |rows: Vec<(String, u64, u64, u64)>| -> Vec<(String, MeterTotal)> {
             rows.into_iter()
-                .map(|(m, usage, customers)| (m, MeterTotal { usage, customers }))
+                .map(|(m, h, l, customers)| {
+                    let usage = quantity::join(h.into(), l.into());
+                    (m, MeterTotal { usage, customers })
+                })
                 .collect()
         };
         Ok(per_meter(meters, &total(sums), &total(latest)))
@@ -728,27 +756,30 @@ impl UsageStore for ClickHouseStore {
     ) -> Result<MeterTotal> {
         let query = if aggregation.is_additive() {
             self.client
-                .query(
-                    "SELECT sum(v), count() FROM (
-                         SELECT customer, sum(value) AS v FROM usage_block_cells FINAL
+                .query(&format!(
+                    "SELECT sum(h), sum(l), count() FROM (
+                         SELECT customer, {SPLIT_SUM} FROM usage_block_cells FINAL
                          WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-                         GROUP BY customer HAVING v > 0)",
-                )
+                         GROUP BY customer HAVING h > 0 OR l > 0)"
+                ))
                 .bind(meter)
                 .bind(seconds(from_ms))
         } else {
             self.client
                 .query(
-                    "SELECT sum(v), count() FROM (
+                    "SELECT sum(bitShiftRight(v, 32)), sum(bitAnd(v, 4294967295)), count() FROM (
                          SELECT customer, argMax(value, (minute, last_ms, value)) AS v
                          FROM usage_block_cells WHERE meter = ? AND minute < toDateTime(?)
                          GROUP BY customer HAVING v > 0)",
                 )
                 .bind(meter)
         };
-        let (usage, customers): (u64, u64) =
+        let (h, l, customers): (u64, u64, u64) =
             query.bind(seconds(to_ms)).fetch_one().await.map_err(ch)?;
-        Ok(MeterTotal { usage, customers })
+        Ok(MeterTotal {
+            usage: quantity::join(h.into(), l.into()),
+            customers,
+        })
     }
 
     async fn snapshot(&self, req: SnapshotRequest) -> Result<Snapshot> {
@@ -767,10 +798,10 @@ impl UsageStore for ClickHouseStore {
                 .iter()
                 .map(|(c, _)| c.as_str())
                 .collect();
-            let rows: Vec<(String, String, u64)> = self
+            let rows: Vec<(String, String, u64, u64)> = self
                 .client
                 .query(&format!(
-                    "SELECT customer, meter, sum(value) FROM usage_block_cells FINAL
+                    "SELECT customer, meter, {SPLIT_SUM} FROM usage_block_cells FINAL
                      WHERE has(?, meter) AND minute >= toDateTime(?) AND customer != '' AND {covered}
                      GROUP BY customer, meter"
                 ))
@@ -783,13 +814,14 @@ impl UsageStore for ClickHouseStore {
                 .map_err(ch)?;
             totals.extend(
                 rows.into_iter()
-                    .filter(|(c, _, _)| !special.contains(c.as_str())),
+                    .filter(|(c, _, _, _)| !special.contains(c.as_str()))
+                    .map(|(c, m, h, l)| (c, m, joined((h, l)))),
             );
             for (customer, since) in &req.since_by_customer {
-                let rows: Vec<(String, u64)> = self
+                let rows: Vec<(String, u64, u64)> = self
                     .client
                     .query(&format!(
-                        "SELECT meter, sum(value) FROM usage_block_cells FINAL
+                        "SELECT meter, {SPLIT_SUM} FROM usage_block_cells FINAL
                          WHERE customer = ? AND has(?, meter) AND minute >= toDateTime(?) AND {covered}
                          GROUP BY meter"
                     ))
@@ -803,6 +835,7 @@ impl UsageStore for ClickHouseStore {
                     .map_err(ch)?;
                 totals.extend(
                     rows.into_iter()
+                        .map(|(m, h, l)| (m, joined((h, l))))
                         .filter(|(_, v)| *v > 0)
                         .map(|(m, v)| (customer.clone(), m, v)),
                 );

@@ -282,7 +282,7 @@ pub(crate) fn bucket(
         match out.last_mut() {
             Some((b, v)) if *b == bucket => {
                 if aggregation.is_additive() {
-                    *v = v.saturating_add(value);
+                    *v = tally_schemas::quantity::add(*v, value);
                 } else {
                     *v = value;
                 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
-use tally_schemas::{Aggregation, Customer, Window};
+use tally_schemas::{Aggregation, Customer, Window, quantity};
 
 use super::{Applied, MeterTotal, Snapshot, SnapshotRequest, UsageStore, WebhookDelivery};
 use crate::rollup::{Cell, Rollup};
@@ -118,7 +118,9 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
             "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (customer, meter, minute_ms)
-             DO UPDATE SET value = value + excluded.value",
+             DO UPDATE SET value = CASE WHEN value > 9223372036854775807 - excluded.value
+                                        THEN 9223372036854775807
+                                        ELSE value + excluded.value END",
         )?;
         let mut latest = tx.prepare_cached(
             "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
@@ -172,13 +174,18 @@ fn total(
     from_ms: i64,
     to_ms: i64,
 ) -> Result<u64> {
-    let v: Option<i64> = if aggregation.is_additive() {
-        c.prepare_cached(
-            "SELECT SUM(value) FROM usage_minute
-             WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
-        )?
-        .query_row(params![customer, meter, from_ms, to_ms], |r| r.get(0))?
-    } else {
+    if aggregation.is_additive() {
+        let (high, low): (Option<i64>, Option<i64>) = c
+            .prepare_cached(
+                "SELECT SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
+            )?
+            .query_row(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        return Ok(joined(high, low));
+    }
+    let v: Option<i64> = {
         c.prepare_cached(
             "SELECT value FROM usage_minute
              WHERE customer = ?1 AND meter = ?2 AND minute_ms < ?3
@@ -188,6 +195,12 @@ fn total(
         .optional()?
     };
     Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+/// A customer's total from the sums of the high and low parts of its cells (see
+/// [`tally_schemas::quantity`]): exact, held at the cap.
+fn joined(high: Option<i64>, low: Option<i64>) -> u64 {
+    quantity::join_capped(high.unwrap_or(0).into(), low.unwrap_or(0).into())
 }
 
 #[async_trait]
@@ -254,18 +267,21 @@ impl UsageStore for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         Self::with(&self.reader, move |c| {
             let mut stmt = c.prepare_cached(if aggregation.is_additive() {
-                "SELECT customer, SUM(value) AS v FROM usage_minute
-                 WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
-                 GROUP BY customer HAVING v > 0 ORDER BY v DESC, customer LIMIT ?4"
+                // The sums normalised to (high, low < 2^32) order exactly, without overflow.
+                "SELECT customer, h + (l >> 32) AS hi, l & 4294967295 AS lo FROM (
+                     SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
+                     FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                     GROUP BY customer)
+                 WHERE h > 0 OR l > 0 ORDER BY hi DESC, lo DESC, customer LIMIT ?4"
             } else {
-                "SELECT customer, value AS v FROM (
+                "SELECT customer, value >> 32, value & 4294967295 AS v FROM (
                      SELECT customer, value, ROW_NUMBER() OVER
                          (PARTITION BY customer ORDER BY minute_ms DESC) AS n
                      FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
-                 WHERE n = 1 AND v > 0 ORDER BY v DESC, customer LIMIT ?4"
+                 WHERE n = 1 AND value > 0 ORDER BY value DESC, customer LIMIT ?4"
             })?;
             let rows = stmt.query_map(params![meter, from_ms, to_ms, limit], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -281,24 +297,25 @@ impl UsageStore for SqliteStore {
     ) -> Result<MeterTotal> {
         let meter = meter.to_owned();
         Self::with(&self.reader, move |c| {
-            let (usage, customers): (Option<i64>, i64) = c
+            let (high, low, customers): (Option<i64>, Option<i64>, i64) = c
                 .prepare_cached(if aggregation.is_additive() {
-                    "SELECT SUM(v), COUNT(*) FROM (
-                         SELECT customer, SUM(value) AS v FROM usage_minute
-                         WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
-                         GROUP BY customer HAVING v > 0)"
+                    "SELECT SUM(h), SUM(l), COUNT(*) FROM (
+                         SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
+                         FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                         GROUP BY customer HAVING h > 0 OR l > 0)"
                 } else {
-                    "SELECT SUM(value), COUNT(*) FROM (
+                    "SELECT SUM(value >> 32), SUM(value & 4294967295), COUNT(*) FROM (
                          SELECT customer, value, ROW_NUMBER() OVER
                              (PARTITION BY customer ORDER BY minute_ms DESC) AS n
                          FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
                      WHERE n = 1 AND value > 0"
                 })?
                 .query_row(params![meter, from_ms, to_ms], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
             Ok(MeterTotal {
-                usage: usage.unwrap_or(0).max(0) as u64,
+                // Several customers: exact up to u64::MAX, not held at one customer's cap.
+                usage: quantity::join(high.unwrap_or(0).into(), low.unwrap_or(0).into()),
                 customers: customers.max(0) as u64,
             })
         })
@@ -317,17 +334,17 @@ impl UsageStore for SqliteStore {
                 .collect();
             {
                 let mut stmt = tx.prepare(
-                    "SELECT customer, SUM(value) FROM usage_minute
+                    "SELECT customer, SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
                      WHERE meter = ?1 AND minute_ms >= ?2 GROUP BY customer",
                 )?;
                 for meter in &req.additive_meters {
                     let rows = stmt.query_map(params![meter, req.default_since_ms], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                        Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
                     })?;
                     for row in rows {
                         let (customer, sum) = row?;
                         if !special.contains_key(customer.as_str()) {
-                            totals.push((customer, meter.clone(), sum.max(0) as u64));
+                            totals.push((customer, meter.clone(), sum));
                         }
                     }
                 }
@@ -570,6 +587,95 @@ mod tests {
             store.apply(&overlap).await,
             Err(Error::Fenced { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn overflow_sums_are_exact_and_held_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let cat = Catalog::builtin();
+        let max = quantity::MAX;
+        // "a": the cap twice in one cell (two batches), then in two more minutes.
+        let batches = [
+            vec![rec(1, "a", "api_requests", max, 60_000)],
+            vec![
+                rec(2, "a", "api_requests", max, 61_000),
+                rec(3, "b", "api_requests", max - 10, 61_000),
+            ],
+            vec![
+                rec(4, "a", "api_requests", max, 120_000),
+                rec(5, "a", "api_requests", 1, 180_000),
+                rec(6, "c", "api_requests", 5, 180_000),
+            ],
+        ];
+        for b in &batches {
+            let r = Rollup::from_records(b, &cat);
+            assert_eq!(store.apply(&r).await.unwrap(), Applied::Written);
+        }
+        let total = |c: &'static str| {
+            let store = &store;
+            async move {
+                store
+                    .total(c, "api_requests", Aggregation::Count, 0, i64::MAX)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(total("a").await, max, "held at the cap, not an error");
+        assert_eq!(total("b").await, max - 10);
+        let series = store
+            .series(
+                "a",
+                "api_requests",
+                Aggregation::Count,
+                0,
+                240_000,
+                Window::Minute,
+            )
+            .await
+            .unwrap();
+        assert_eq!(series, vec![(60_000, max), (120_000, max), (180_000, 1)]);
+        let top = store
+            .top_customers("api_requests", Aggregation::Count, 0, i64::MAX, 10)
+            .await
+            .unwrap();
+        let want: Vec<(String, u64)> =
+            vec![("a".into(), max), ("b".into(), max - 10), ("c".into(), 5)];
+        assert_eq!(top, want);
+        // Across customers: exact beyond 2^63 (a's three cells are summed as stored).
+        let m = store
+            .meter_total("api_requests", Aggregation::Count, 0, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(m.customers, 3);
+        assert_eq!(
+            m.usage,
+            u64::MAX,
+            "3 * max + ... is past u64: held at u64::MAX"
+        );
+        let m = store
+            .meter_total("api_requests", Aggregation::Count, 100_000, i64::MAX)
+            .await
+            .unwrap();
+        assert_eq!(m.usage, max + 1 + 5);
+        let snap = store
+            .snapshot(SnapshotRequest {
+                additive_meters: vec!["api_requests".into()],
+                default_since_ms: 0,
+                since_by_customer: vec![("b".into(), 0)],
+            })
+            .await
+            .unwrap();
+        let mut totals = snap.totals.clone();
+        totals.sort();
+        assert_eq!(
+            totals,
+            vec![
+                ("a".into(), "api_requests".into(), max),
+                ("b".into(), "api_requests".into(), max - 10),
+                ("c".into(), "api_requests".into(), 5),
+            ]
+        );
     }
 
     #[tokio::test]
