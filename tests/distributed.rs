@@ -909,3 +909,72 @@ fn clickhouse_down_for_a_minute_then_the_aggregator_catches_up() {
     p.b.ch.restart();
     p.wait_totals(&want, Duration::from_secs(120));
 }
+
+/// Repeats the enforcer cannot remember by itself are not counted again: events counted
+/// before it started, sent again through another ingest process (a client's retry), some from
+/// two hours back (`tally replay` of old events). The enforcer asks ClickHouse where each was
+/// first counted; it and the aggregator agree.
+#[test]
+fn enforcer_repeats_older_than_its_memory_count_once() {
+    let p = Pipeline::shared();
+    let ingest = p.start("ingest");
+    let _aggregator = p.start("aggregator");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut want = BTreeMap::new();
+    let events: Vec<Value> = (0..200)
+        .map(|i| {
+            let customer = format!("rep-{}", i % 5);
+            *want.entry(customer.clone()).or_insert(0u64) += 2;
+            let minutes_ago = if i % 2 == 0 { 120 } else { 1 };
+            json!({"specversion": "1.0", "id": format!("rep-{i}"), "source": "edge-1",
+                   "type": "api_requests", "subject": customer,
+                   "time": tally_schemas::period::rfc3339(now - minutes_ago * 60_000),
+                   "data": {"value": 2}})
+        })
+        .collect();
+    let body = Value::Array(events).to_string();
+    assert_eq!(ingest.post_batch(body.clone()).status().as_u16(), 202);
+    p.wait_totals(&want, Duration::from_secs(60));
+    let enforcer = p.start("enforcer");
+    let client = servers::client();
+    let seen = |c: &str| {
+        usage(
+            &client,
+            format!(
+                "{}/v1/check?customer={c}&meter=api_requests&quantity=0",
+                enforcer.api
+            ),
+        )
+    };
+    let wait_seen = |c: &str, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen(c) != want {
+            assert!(
+                Instant::now() < deadline,
+                "enforcer sees {} for {c}, want {want}",
+                seen(c)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for (c, v) in &want {
+        wait_seen(c, *v);
+    }
+    // The same events through another ingest process, whose memory holds none of them, then
+    // one new event: once the enforcer counted it, it has read past the repeats.
+    let other = p.start("ingest");
+    assert_eq!(other.post_batch(body).status().as_u16(), 202);
+    let marker = json!([{"specversion": "1.0", "id": "rep-marker", "source": "edge-1",
+        "type": "api_requests", "subject": "rep-0", "data": {"value": 1}}]);
+    assert_eq!(other.post_batch(marker.to_string()).status().as_u16(), 202);
+    *want.get_mut("rep-0").unwrap() += 1;
+    p.wait_totals(&want, Duration::from_secs(60));
+    wait_seen("rep-0", want["rep-0"]);
+    for (c, v) in &want {
+        assert_eq!(seen(c), *v, "the enforcer counted repeats of {c}");
+    }
+    assert!(metric(&enforcer, "tally_enforcer_repeats_skipped_total") >= 200.0);
+}

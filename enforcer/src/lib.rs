@@ -72,6 +72,47 @@ impl Default for EnforcerSettings {
     }
 }
 
+/// How far ahead of its receipt an event's time may be (ingest's future tolerance, with room).
+const FUTURE_MARGIN_MS: i64 = 10 * 60_000;
+
+/// For each record of `batch`, whether it repeats an event already counted at another offset:
+/// asked of the store for the records whose event time is before what the reader remembers by
+/// itself (a retry that reached another ingest process, `tally replay` of old events, anything
+/// read again after a restart). If the store cannot answer, they are counted (the enforcer
+/// keeps answering; its counters converge to the store's at the next start).
+async fn repeats(
+    batch: &[tally_ingest::log::Record],
+    remembers_since_ms: Option<i64>,
+    store: &dyn UsageStore,
+) -> Vec<bool> {
+    let mut out = vec![false; batch.len()];
+    let Some(since) = remembers_since_ms else {
+        return out;
+    };
+    let horizon = since.saturating_add(FUTURE_MARGIN_MS);
+    let (idx, doubtful): (Vec<usize>, Vec<tally_ingest::log::Record>) = batch
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.event.time_ms < horizon)
+        .map(|(i, r)| (i, r.clone()))
+        .unzip();
+    if doubtful.is_empty() {
+        return out;
+    }
+    match store.counted_at(&doubtful).await {
+        Ok(counted) => {
+            for ((i, r), at) in idx.into_iter().zip(&doubtful).zip(counted) {
+                out[i] = at.is_some_and(|o| o != r.offset);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, records = doubtful.len(),
+                "repeats not checked against the store; counted");
+        }
+    }
+    out
+}
+
 /// Records a customer change in memory; re-reads its counters when its current period moved.
 pub async fn update_customer(
     state: &State,
@@ -278,9 +319,14 @@ pub async fn run(
             }
             batch = reader.poll(10_000, settings.follow_linger) => {
                 let batch = batch?;
-                for rec in &batch {
-                    state.apply(&rec.event, &mut notes);
+                let repeats = repeats(&batch, reader.remembers_since_ms(), store.as_ref()).await;
+                for (rec, repeat) in batch.iter().zip(repeats) {
                     position.insert(rec.partition, rec.offset + 1);
+                    if repeat {
+                        metrics::REPEATS_SKIPPED.inc();
+                        continue;
+                    }
+                    state.apply(&rec.event, &mut notes);
                 }
                 metrics::EVENTS_APPLIED.inc_by(batch.len() as u64);
                 for n in notes.drain(..) {

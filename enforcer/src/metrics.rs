@@ -10,6 +10,14 @@ use prometheus::{
     register_int_gauge,
 };
 
+pub static REPEATS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_enforcer_repeats_skipped_total",
+        "Log records not counted: repeats of events the store counted at another offset"
+    )
+    .expect("metric registers once")
+});
+
 pub static DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         Opts::new(

@@ -366,50 +366,82 @@ fn pair_list(records: &[Record], idx: &[usize]) -> String {
     s
 }
 
-#[async_trait]
-impl UsageStore for ClickHouseStore {
-    async fn first_seen(&self, records: &[Record]) -> Result<Vec<bool>> {
-        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, r) in records.iter().enumerate() {
-            by_partition.entry(r.partition).or_default().push(i);
-        }
-        let mut keep = vec![false; records.len()];
-        let mut new_ids = Vec::new();
-        for (partition, idx) in by_partition {
-            let index: HashMap<(&str, &str), usize> = idx
-                .iter()
-                .map(|&i| {
-                    (
-                        (
-                            records[i].event.source.as_str(),
-                            records[i].event.id.as_str(),
-                        ),
-                        i,
-                    )
-                })
-                .collect();
-            // The offset at which each (source, id) was counted, per what is stored.
-            let mut counted: HashMap<(&str, &str), u64> = HashMap::new();
-            for chunk in idx.chunks(LOOKUP_CHUNK) {
-                let sql = format!(
-                    "SELECT source, id, min(offset) FROM event_ids
-                     WHERE partition = {partition} AND (source, id) IN ({}) GROUP BY source, id",
-                    pair_list(records, chunk)
-                );
-                let found: Vec<(String, String, u64)> = self
-                    .client
-                    .query_raw(&sql)
-                    .with_setting("max_query_size", "67108864")
-                    .fetch_all()
-                    .await
-                    .map_err(ch)?;
-                for (source, id, offset) in found {
-                    if let Some(&i) = index.get(&(source.as_str(), id.as_str())) {
-                        let e = &records[i].event;
-                        counted.insert((e.source.as_str(), e.id.as_str()), offset);
-                    }
+impl ClickHouseStore {
+    /// The offset at which each (source, id) of `records[idx]` (all of `partition`) was first
+    /// counted, per `event_ids`.
+    async fn counted_in<'r>(
+        &self,
+        partition: u32,
+        records: &'r [Record],
+        idx: &[usize],
+        index: &HashMap<(&str, &str), usize>,
+    ) -> Result<HashMap<(&'r str, &'r str), u64>> {
+        let mut counted = HashMap::new();
+        for chunk in idx.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT source, id, min(offset) FROM event_ids
+                 WHERE partition = {partition} AND (source, id) IN ({}) GROUP BY source, id",
+                pair_list(records, chunk)
+            );
+            let found: Vec<(String, String, u64)> = self
+                .client
+                .query_raw(&sql)
+                .with_setting("max_query_size", "67108864")
+                .fetch_all()
+                .await
+                .map_err(ch)?;
+            for (source, id, offset) in found {
+                if let Some(&i) = index.get(&(source.as_str(), id.as_str())) {
+                    let e = &records[i].event;
+                    counted.insert((e.source.as_str(), e.id.as_str()), offset);
                 }
             }
+        }
+        Ok(counted)
+    }
+}
+
+/// The indexes of `records`, per partition.
+fn by_partition(records: &[Record]) -> BTreeMap<u32, Vec<usize>> {
+    let mut out: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        out.entry(r.partition).or_default().push(i);
+    }
+    out
+}
+
+/// (source, id) -> index, of `records[idx]`.
+fn id_index<'r>(records: &'r [Record], idx: &[usize]) -> HashMap<(&'r str, &'r str), usize> {
+    idx.iter()
+        .map(|&i| {
+            let e = &records[i].event;
+            ((e.source.as_str(), e.id.as_str()), i)
+        })
+        .collect()
+}
+
+#[async_trait]
+impl UsageStore for ClickHouseStore {
+    async fn counted_at(&self, records: &[Record]) -> Result<Vec<Option<u64>>> {
+        let mut out = vec![None; records.len()];
+        for (partition, idx) in by_partition(records) {
+            let index = id_index(records, &idx);
+            let counted = self.counted_in(partition, records, &idx, &index).await?;
+            for i in idx {
+                let e = &records[i].event;
+                out[i] = counted.get(&(e.source.as_str(), e.id.as_str())).copied();
+            }
+        }
+        Ok(out)
+    }
+
+    async fn first_seen(&self, records: &[Record]) -> Result<Vec<bool>> {
+        let mut keep = vec![false; records.len()];
+        let mut new_ids = Vec::new();
+        for (partition, idx) in by_partition(records) {
+            let index = id_index(records, &idx);
+            // The offset at which each (source, id) was counted, per what is stored.
+            let mut counted = self.counted_in(partition, records, &idx, &index).await?;
             for i in idx {
                 let r = &records[i];
                 let key = (r.event.source.as_str(), r.event.id.as_str());

@@ -56,6 +56,13 @@ pub struct Snapshot {
 
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
+    /// For each record, the offset (in its partition) at which its (`source`, `id`) was first
+    /// counted, as far as the store knows; `None` when not counted yet. Reads only. Stores fed
+    /// by a log that drops duplicates itself know none.
+    async fn counted_at(&self, records: &[Record]) -> Result<Vec<Option<u64>>> {
+        Ok(vec![None; records.len()])
+    }
+
     /// For each record, whether it is the first of its (`source`, `id`) within the
     /// de-duplication window, remembering the ones that are. A record read again (same partition
     /// and offset) is still the first. Stores fed by a log that drops duplicates itself keep

@@ -510,6 +510,10 @@ struct RecentIds {
     window: Duration,
     set: HashSet<u128>,
     order: VecDeque<(i64, u128)>,
+    /// Wall-clock time this filter began: it knows nothing received before.
+    began_ms: i64,
+    /// The latest receipt time among forgotten ids (the window passed, or the cap was hit).
+    forgot_up_to_ms: i64,
 }
 
 fn digest(e: &UsageEvent) -> u128 {
@@ -530,7 +534,16 @@ impl RecentIds {
             window,
             set: HashSet::new(),
             order: VecDeque::new(),
+            began_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            forgot_up_to_ms: i64::MIN,
         }
+    }
+
+    /// Receipt times from which every id received is still held.
+    fn complete_since_ms(&self) -> i64 {
+        self.began_ms.max(self.forgot_up_to_ms.saturating_add(1))
     }
 
     fn contains(&self, key: u128) -> bool {
@@ -546,6 +559,7 @@ impl RecentIds {
             }
             self.order.pop_front();
             self.set.remove(&key);
+            self.forgot_up_to_ms = self.forgot_up_to_ms.max(t);
         }
         if self.set.insert(key) {
             self.order.push_back((received_ms, key));
@@ -782,6 +796,13 @@ impl LogReader for KafkaReader {
                 event,
             });
         }
+    }
+
+    /// Receipt time is at most the future tolerance after an event's time, so an event whose
+    /// time is at or after this plus that tolerance was received while the filter held every
+    /// id (see [`LogReader::remembers_since_ms`]; callers add the tolerance).
+    fn remembers_since_ms(&self) -> Option<i64> {
+        (!self.group).then(|| self.recent.complete_since_ms())
     }
 
     async fn commit(&mut self, positions: &BTreeMap<u32, u64>) -> Result<()> {

@@ -94,4 +94,13 @@ pub trait LogReader: Send {
     async fn commit(&mut self, _positions: &BTreeMap<u32, u64>) -> Result<()> {
         Ok(())
     }
+
+    /// The event time (ms) from which this reader drops repeats of an event by itself: a
+    /// record whose event `time` is earlier may repeat one it no longer remembers, or read
+    /// before it began (a retry to another ingest process, `tally replay`); a caller that must
+    /// not count it twice asks the store where the aggregator first counted it. `None`: the log never
+    /// holds a repeat (it drops them when appending).
+    fn remembers_since_ms(&self) -> Option<i64> {
+        None
+    }
 }
