@@ -15,6 +15,10 @@
 //!   with the log positions they cover) and the enforcer then follows the log from exactly those
 //!   positions, so its counters converge to the store's without counting anything twice. It is
 //!   ready (`/readyz`) once it caught up with the log's end as of start-up.
+//! - A repeat of an event (same `source` and `id`) is counted once. Repeats the log reader
+//!   remembers are dropped by it; older ones (a retry that reached another ingest process,
+//!   `tally replay` of old events, anything read again after a restart) are looked up in the
+//!   store's de-duplication ids and skipped when first counted at another offset.
 //! - Before it is ready it fails open by default (answers from what it has, marked
 //!   `"degraded": true`); with `fail_open = false` it answers 503 `not_ready`.
 //! - Decisions follow [`tally_schemas::quota`]: 80 % warn, 100 % soft limit with a 48 h grace
