@@ -411,6 +411,12 @@ fn decode_utf8(
 /// Moves the valid events that would push their customer's period total past the usage cap
 /// (what the process counted so far plus the earlier events of this request) to the faults.
 fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
+    // A customer whose room holds the whole request's usage needs no per-event bookkeeping
+    // (the usual case: no strings are copied).
+    let request_total = decoded
+        .valid
+        .iter()
+        .fold(0u64, |t, e| t.saturating_add(e.value));
     let mut left: HashMap<(String, String, i64), u64> = HashMap::new();
     let mut refused = Vec::new();
     let mut keep = vec![true; decoded.valid.len()];
@@ -421,6 +427,9 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
         let Some((period, known)) = room(&e.customer, &e.meter, e.time_ms) else {
             continue;
         };
+        if known >= request_total {
+            continue;
+        }
         let left = left
             .entry((e.customer.clone(), e.meter.clone(), period))
             .or_insert(known);
