@@ -274,6 +274,7 @@ impl App {
                 max_batch_events: config.aggregator_batch_events,
                 flush_interval: config.flush_interval,
                 group: config.kafka_consumer_group.clone(),
+                stall_rejoin: config.aggregator_stall_rejoin,
             };
             let run = tally_aggregator::run(
                 settings,

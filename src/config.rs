@@ -72,6 +72,10 @@ pub struct Config {
     /// Longest an event waits in the aggregator before it is written. `TALLY_FLUSH_INTERVAL`.
     #[serde(with = "duration")]
     pub flush_interval: Duration,
+    /// How long a partition with unread records may make no progress in the store before an
+    /// aggregator rejoins its consumer group. `TALLY_AGGREGATOR_STALL_REJOIN`.
+    #[serde(with = "duration")]
+    pub aggregator_stall_rejoin: Duration,
     /// Whether the enforcer answers before its state is loaded (fail open) or answers 503
     /// (fail closed). `TALLY_FAIL_OPEN`.
     pub fail_open: bool,
@@ -184,6 +188,7 @@ impl Default for Config {
             log_retention: Duration::from_secs(7 * 86_400),
             aggregator_batch_events: 50_000,
             flush_interval: Duration::from_millis(200),
+            aggregator_stall_rejoin: Duration::from_secs(60),
             fail_open: true,
             customer_refresh: Duration::from_secs(1),
             webhook_urls: Vec::new(),

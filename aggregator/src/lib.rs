@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 pub use error::{Error, Result};
 use tally_ingest::log::EventLog;
 use tally_schemas::Catalog;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::blocks::Cutter;
@@ -74,6 +75,9 @@ pub struct AggregatorSettings {
     pub flush_interval: Duration,
     /// Consumer group the aggregators share the log's partitions in.
     pub group: String,
+    /// How long a partition with unread records may make no progress in the store before
+    /// this aggregator rejoins the group (see [`run`]).
+    pub stall_rejoin: Duration,
 }
 
 impl Default for AggregatorSettings {
@@ -82,6 +86,7 @@ impl Default for AggregatorSettings {
             max_batch_events: 50_000,
             flush_interval: Duration::from_millis(200),
             group: "tally-aggregator".into(),
+            stall_rejoin: Duration::from_secs(60),
         }
     }
 }
@@ -104,7 +109,14 @@ pub async fn run(
     }
     let mut epoch = reader.assignment_epoch();
     let mut maintained: Option<Instant> = None;
-    tokio::spawn(report_lag(log.clone(), store.clone(), shutdown.clone()));
+    let stalled = Arc::new(Notify::new());
+    tokio::spawn(report_lag(
+        log.clone(),
+        store.clone(),
+        settings.stall_rejoin,
+        stalled.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!("aggregator started");
     loop {
         if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
@@ -115,6 +127,11 @@ pub async fn run(
         }
         let mut batch = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = stalled.notified() => {
+                metrics::REJOINS.inc();
+                reader.rejoin()?;
+                continue;
+            }
             b = reader.poll(settings.max_batch_events, settings.flush_interval) => b?,
         };
         // A full batch: more is waiting (catching up).
@@ -177,13 +194,22 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// Sets `tally_log_consumer_lag{consumer="aggregator"}` every [`LAG_INTERVAL`]: the log's end
 /// offsets against the positions in the store, which are the whole consumer group's (every
 /// replica reports the same figures, and a stuck replica's partitions show their lag).
+///
+/// Also the group's watchdog: a partition with unread records whose stored position has not
+/// moved for `stall` (while the store answers) is read by nobody; `stalled` is notified and
+/// the aggregator rejoins its group, at most once per `stall`. A member that was assigned
+/// nothing cannot tell otherwise that the group lost a partition: tansu 0.6.0 can form a group
+/// whose assignment is empty when its leader times out while the group forms.
 async fn report_lag(
     log: Arc<dyn EventLog>,
     store: Arc<dyn UsageStore>,
+    stall: Duration,
+    stalled: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(LAG_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut watch = StallWatch::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -194,10 +220,69 @@ async fn report_lag(
             store.offsets()
         ) {
             Ok((ends, positions)) => {
-                tally_ingest::metrics::set_lag("aggregator", &positions, &ends)
+                tally_ingest::metrics::set_lag("aggregator", &positions, &ends);
+                if watch.observe(&positions, &ends, Instant::now(), stall) {
+                    tracing::warn!(
+                        stall_s = stall.as_secs(),
+                        "a partition with unread records made no progress; rejoining the group"
+                    );
+                    stalled.notify_one();
+                }
             }
-            Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
+            Err(e) => {
+                // Nothing is known: progress is timed afresh once the store answers again.
+                watch = StallWatch::default();
+                tracing::debug!(error = %e, "consumer lag not measured");
+            }
         }
+    }
+}
+
+/// Since when each partition's stored position has not moved while records wait after it.
+#[derive(Default)]
+struct StallWatch {
+    /// Partition: (stored position, since when it is there with records after it).
+    since: BTreeMap<u32, (u64, Instant)>,
+    /// The last time it answered that a partition stalled.
+    last_alarm: Option<Instant>,
+}
+
+impl StallWatch {
+    /// Whether a partition stalled for `stall` (and no alarm was raised within `stall`).
+    fn observe(
+        &mut self,
+        positions: &BTreeMap<u32, u64>,
+        ends: &[(u32, u64)],
+        now: Instant,
+        stall: Duration,
+    ) -> bool {
+        let mut stalled = false;
+        for &(p, end) in ends {
+            let at = positions.get(&p).copied().unwrap_or(0);
+            if at >= end {
+                self.since.remove(&p);
+                continue;
+            }
+            let since = match self.since.get(&p) {
+                Some(&(pos, t)) if pos == at => t,
+                _ => {
+                    self.since.insert(p, (at, now));
+                    now
+                }
+            };
+            stalled |= now.duration_since(since) >= stall;
+        }
+        if stalled
+            && self
+                .last_alarm
+                .is_none_or(|t| now.duration_since(t) >= stall)
+        {
+            self.last_alarm = Some(now);
+            // Progress is timed afresh after the rejoin.
+            self.since.clear();
+            return true;
+        }
+        false
     }
 }
 
@@ -306,4 +391,37 @@ async fn flush(
         metrics::CELLS.inc_by(rollup.cells.len() as u64);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_with_unread_records_and_no_progress_raises_one_alarm_per_stall() {
+        let stall = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = StallWatch::default();
+        let ends = [(0, 100), (1, 50)];
+        let mut positions = BTreeMap::from([(0, 100), (1, 10)]);
+        assert!(!w.observe(&positions, &ends, at(0), stall));
+        assert!(!w.observe(&positions, &ends, at(29), stall));
+        assert!(w.observe(&positions, &ends, at(30), stall));
+        // Timed afresh after the alarm, and never twice within a stall.
+        assert!(!w.observe(&positions, &ends, at(35), stall));
+        assert!(!w.observe(&positions, &ends, at(59), stall));
+        assert!(w.observe(&positions, &ends, at(66), stall));
+        // Progress, or nothing left to read, is no stall.
+        for s in (70..200).step_by(5) {
+            positions.insert(1, 10 + s);
+            assert!(!w.observe(&positions, &ends, at(s), stall), "{s}");
+        }
+        positions.insert(1, 50);
+        assert!(!w.observe(&positions, &ends, at(300), stall));
+        assert!(!w.observe(&positions, &ends, at(400), stall));
+        // A partition never written counts from 0.
+        assert!(!w.observe(&BTreeMap::new(), &[(2, 5)], at(500), stall));
+        assert!(w.observe(&BTreeMap::new(), &[(2, 5)], at(530), stall));
+    }
 }

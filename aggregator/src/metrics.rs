@@ -23,6 +23,15 @@ pub static DUPLICATES: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static REJOINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_group_rejoins_total",
+        "Times this aggregator rejoined its consumer group because a partition with unread \
+         records made no progress"
+    )
+    .expect("metric registers once")
+});
+
 pub static CELLS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tally_aggregator_cells_total",

@@ -42,7 +42,12 @@ struct Server {
 
 impl Server {
     fn start(kind: &str, ports: &[u16]) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        // TALLY_TEST_KEEP_SERVER_DIRS=1 keeps the server's data and log (for a failing run).
+        if std::env::var_os("TALLY_TEST_KEEP_SERVER_DIRS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("{kind} server directory kept: {}", dir.path().display());
+        }
         let mut args = vec![kind.to_owned(), dir.path().display().to_string()];
         args.extend(ports.iter().map(|p| p.to_string()));
         let mut s = Server {
@@ -255,6 +260,7 @@ impl Backends {
             ("TALLY_KAFKA_CONSUMER_GROUP", self.group.clone()),
             ("TALLY_KAFKA_PARTITIONS", "4".into()),
             ("TALLY_KAFKA_SESSION_TIMEOUT", "6s".into()),
+            ("TALLY_AGGREGATOR_STALL_REJOIN", "30s".into()),
             ("TALLY_KAFKA_DELIVERY_TIMEOUT", "3s".into()),
             ("TALLY_CLICKHOUSE_URL", self.ch.http.clone()),
             ("TALLY_CLICKHOUSE_DATABASE", self.db.clone()),

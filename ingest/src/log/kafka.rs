@@ -7,7 +7,8 @@
 //! compression, lingering a few milliseconds to batch. [`EventLog::append`] returns only when the
 //! broker acknowledged every event of the call; if any delivery fails or times out
 //! (`delivery_timeout`), the call fails and the caller answers 503: events of that call may or
-//! may not be on the topic, and the client's retry is de-duplicated downstream. Ingest processes
+//! may not be on the topic (the producer keeps trying for up to five minutes), and the client's
+//! retry is de-duplicated downstream. Ingest processes
 //! hold no state and can run side by side.
 //!
 //! Duplicates are dropped for the whole de-duplication window by the aggregator, against its
@@ -160,7 +161,16 @@ impl KafkaLog {
     }
 
     fn new_producer(config: &KafkaLogConfig, down: &Arc<AtomicBool>) -> Result<Producer_> {
-        let timeout_ms = config.delivery_timeout.as_millis().max(1).to_string();
+        // librdkafka keeps retrying a message for much longer than an append waits (the append
+        // gives up at `delivery_timeout` and the client retries, a duplicate dropped
+        // downstream). A message librdkafka times out makes the idempotent producer bump its
+        // epoch by itself, and tansu 0.6.0 cannot take a produce with an epoch it did not hand
+        // out (its storage stops serving); on Apache Kafka the bump is harmless.
+        let timeout_ms = config
+            .delivery_timeout
+            .max(MESSAGE_TIMEOUT)
+            .as_millis()
+            .to_string();
         config
             .client()
             .set("enable.idempotence", "true")
@@ -227,6 +237,11 @@ impl KafkaLog {
                 self.config.session_timeout.as_millis().to_string(),
             )
             .set("fetch.wait.max.ms", "50")
+            // A leader that assigned while the topic's metadata was unavailable (a broker
+            // restarting) gives every member nothing; librdkafka rejoins once a metadata
+            // refresh shows the partitions. Refresh often so the group is not idle for the
+            // default five minutes.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .create_with_context(GroupContext {
                 events: events.clone(),
             })
@@ -248,6 +263,13 @@ impl KafkaLog {
             .map_err(|e| Error::Kafka(e.to_string()))?
     }
 }
+
+/// How long librdkafka itself tries to deliver a message (`message.timeout.ms`), unless
+/// `delivery_timeout` is longer.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest a notification claim waits for the broker's acknowledgement.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The producer, with its context.
 type Producer_ = FutureProducer<ProducerWatch>;
@@ -361,8 +383,17 @@ impl EventLog for KafkaLog {
         }
         let mut failure = None;
         let mut unexplained = false;
+        let deadline = tokio::time::Instant::now() + self.config.delivery_timeout;
         for d in deliveries {
-            match d.await {
+            // Past the deadline the append fails; what is still queued may be delivered later.
+            let Ok(delivered) = tokio::time::timeout_at(deadline, d).await else {
+                failure = Some(Error::Kafka(format!(
+                    "not acknowledged within {:?}",
+                    self.config.delivery_timeout
+                )));
+                break;
+            };
+            match delivered {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     // Timeouts and transport errors heal by themselves; others may not.
@@ -715,6 +746,15 @@ impl KafkaReader {
 
 #[async_trait]
 impl LogReader for KafkaReader {
+    fn rejoin(&mut self) -> Result<()> {
+        if !self.group {
+            return Ok(());
+        }
+        tracing::warn!("rejoining the consumer group");
+        self.consumer.unsubscribe();
+        self.consumer.subscribe(&[&self.topic]).map_err(kafka)
+    }
+
     fn seek(&mut self, partition: u32, next_offset: u64) {
         self.floors.insert(partition, next_offset);
         // The cursor moves: whatever was buffered for the partition comes again, in order.
@@ -937,12 +977,13 @@ impl Claims {
         };
         let payload = serde_json::to_vec(&claim).map_err(|e| Error::Append(e.to_string()))?;
         let key_text = format!("{}/{}/{}/{}", key.0, key.1, key.2, key.3);
-        let delivery = producer
-            .send(
-                FutureRecord::to(topic).key(&key_text).payload(&payload),
-                Duration::from_secs(5),
-            )
+        let send = producer.send(
+            FutureRecord::to(topic).key(&key_text).payload(&payload),
+            Duration::from_secs(5),
+        );
+        let delivery = tokio::time::timeout(CLAIM_TIMEOUT, send)
             .await
+            .map_err(|_| Error::Kafka("notification claim not acknowledged in time".into()))?
             .map_err(|(e, _)| kafka(e))?;
         self.wait_past(delivery.offset).await;
         let state = self.state.lock().expect("claims lock");

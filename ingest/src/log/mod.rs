@@ -103,4 +103,11 @@ pub trait LogReader: Send {
     fn remembers_since_ms(&self) -> Option<i64> {
         None
     }
+
+    /// Leaves the consumer group and joins it again, for a caller that saw partitions nobody
+    /// reads (a group stuck with an assignment that leaves them out). Readers that are not
+    /// group members do nothing.
+    fn rejoin(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
