@@ -122,6 +122,7 @@ fn decide(c: &mut Criterion) {
                 customer: &names[i],
                 meter: "api_requests",
                 quantity: 0,
+                passing: false,
             }))
         })
     });
@@ -134,6 +135,7 @@ fn decide(c: &mut Criterion) {
                 customer: &names[j],
                 meter: "api_requests",
                 quantity: 0,
+                passing: false,
             }))
         })
     });
@@ -145,6 +147,7 @@ fn decide(c: &mut Criterion) {
                 customer: &names[j],
                 meter: "api_requests",
                 quantity: 1,
+                passing: false,
             }))
         })
     });

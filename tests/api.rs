@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{NOW, Tally, event, ms};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn every_content_type_is_accepted() {
@@ -284,6 +284,79 @@ async fn the_soft_limit_grace_expires_after_48_hours() {
     let (s, _, b) = t.check("grace", "api_requests", 1).await;
     assert_eq!(s.as_u16(), 429, "{b}");
     assert_eq!(b["grace_until"], "2026-11-23T10:00:00Z");
+}
+
+/// The enforcer's check and the query API's period usage of customer `lc` agree on the grace.
+async fn grace_agrees(t: &Tally, decision: &str, state: &str, until: &str) {
+    let (_, _, check) = t.check("lc", "api_requests", 0).await;
+    let (_, usage) = t.get("/v1/usage?customer=lc&meter=api_requests").await;
+    assert_eq!(
+        (&check["decision"], &check["grace_until"]),
+        (&json!(decision), &json!(until)),
+        "{check}"
+    );
+    assert_eq!(
+        (&usage["state"], &usage["grace_until"], &usage["limit"]),
+        (&json!(state), &json!(until), &json!(100_000)),
+        "{usage}"
+    );
+}
+
+#[tokio::test]
+async fn a_limit_changed_mid_period_gives_a_fresh_grace_in_the_enforcer_and_the_query_api() {
+    let t = Tally::start().await;
+    let (s, _) = t
+        .put("/v1/customers/lc", json!({"plan": "professional"}))
+        .await;
+    assert_eq!(s.as_u16(), 200);
+    t.post(
+        "/v1/events",
+        "application/json",
+        event(
+            "lc-1",
+            "lc",
+            "api_requests",
+            105_000,
+            "2026-11-02T10:00:00Z",
+        ),
+    )
+    .await;
+    t.wait_usage("lc", "api_requests", 105_000).await;
+    // Down to starter (100k) at NOW: 105 % of the new limit, with no event crossing it.
+    let (s, _) = t.put("/v1/customers/lc", json!({"plan": "starter"})).await;
+    assert_eq!(s.as_u16(), 200);
+    let until = "2026-11-23T10:00:00Z";
+    // The query API reads the store: wait for the aggregator.
+    for _ in 0..500 {
+        let (_, usage) = t.get("/v1/usage?customer=lc&meter=api_requests").await;
+        if usage["usage"] == 105_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    grace_agrees(&t, "warn", "over", until).await;
+    t.clock.set(ms("2026-11-23T09:59:59Z"));
+    grace_agrees(&t, "warn", "over", until).await;
+    t.clock.set(ms(until));
+    grace_agrees(&t, "block", "blocked", until).await;
+    // The change time is kept with the customer: the same after a restart.
+    let t = t.restart().await;
+    grace_agrees(&t, "block", "blocked", until).await;
+    // Back up to professional: under its soft limit, no grace anywhere.
+    let (s, _) = t
+        .put("/v1/customers/lc", json!({"plan": "professional"}))
+        .await;
+    assert_eq!(s.as_u16(), 200);
+    let (_, _, check) = t.check("lc", "api_requests", 0).await;
+    let (_, usage) = t.get("/v1/usage?customer=lc&meter=api_requests").await;
+    assert_eq!(
+        (&check["decision"], &check["grace_until"]),
+        (&json!("allow"), &Value::Null)
+    );
+    assert_eq!(
+        (&usage["state"], &usage["grace_until"]),
+        (&json!("ok"), &Value::Null)
+    );
 }
 
 #[tokio::test]
@@ -652,6 +725,27 @@ async fn every_gateway_protocol_answers_the_same_decision() {
             assert_eq!(h.contains_key("retry-after"), decision == "block", "{uri}");
         }
     }
+    // The URL is the gateway's configuration and wins over headers a client may send.
+    for uri in [
+        "/v1/forward-auth/nginx/fa-block/api_requests/1",
+        "/v1/forward-auth/traefik?customer=fa-block&meter=api_requests&quantity=1",
+    ] {
+        let req = Request::get(uri)
+            .header("x-tally-customer", "fa-ok")
+            .header("x-tally-meter", "build_minutes")
+            .header("x-tally-quantity", "0")
+            .body(Body::empty())
+            .unwrap();
+        let (_, h, _) = t.send(req).await;
+        assert_eq!(h["tally-decision"], "block", "{uri}");
+    }
+    // Envoy's URL ends with the client's path and query: never read.
+    let req = Request::get("/v1/forward-auth/envoy/x?customer=fa-block")
+        .header("x-tally-customer", "fa-ok")
+        .body(Body::empty())
+        .unwrap();
+    let (_, h, _) = t.send(req).await;
+    assert_eq!(h["tally-decision"], "allow");
     let (s, _, b) = t
         .send(
             Request::get("/v1/forward-auth/envoy/x")
@@ -679,6 +773,8 @@ async fn every_gateway_protocol_answers_the_same_decision() {
 
 #[tokio::test]
 async fn plan_rate_limits_allow_bursts_then_answer_429() {
+    use axum::body::Body;
+    use axum::http::Request;
     let dir = tempfile::tempdir().unwrap();
     let catalog = tally_schemas::catalog::DEFAULT_CATALOG_TOML.replace(
         "rate_limit = { per_second = 20, burst = 40 }",
@@ -713,6 +809,20 @@ async fn plan_rate_limits_allow_bursts_then_answer_429() {
             .unwrap()
             .ends_with("\"rate\";q=1;w=1")
     );
+    // A status check (quantity 0 on the check API) does not count; a request passing through
+    // a gateway does, whatever quantity it names.
+    for _ in 0..5 {
+        let (s, _, _) = t.check("rl-gw", "api_requests", 0).await;
+        assert_eq!(s.as_u16(), 200);
+    }
+    for n in 0..4 {
+        let req = Request::get("/v1/forward-auth/traefik/rl-gw")
+            .header("x-tally-quantity", "0")
+            .body(Body::empty())
+            .unwrap();
+        let (s, _, _) = t.send(req).await;
+        assert_eq!(s.as_u16(), if n < 3 { 200 } else { 429 }, "request {n}");
+    }
     // Quota blocks say so.
     t.post(
         "/v1/events",

@@ -111,7 +111,8 @@ http {{
     // Usage: one customer well under its limit, one past 110 %.
     let events = json!([
         {"specversion": "1.0", "id": "n1", "source": "edge", "type": "api_requests", "subject": "ngx-ok", "data": {"value": 100}},
-        {"specversion": "1.0", "id": "n2", "source": "edge", "type": "api_requests", "subject": "ngx-over", "data": {"value": 12000}}
+        {"specversion": "1.0", "id": "n2", "source": "edge", "type": "api_requests", "subject": "ngx-over", "data": {"value": 12000}},
+        {"specversion": "1.0", "id": "n3", "source": "edge", "type": "api_requests", "subject": "ngx-edge", "data": {"value": 10999}}
     ]);
     let r = tally.post_batch(events.to_string());
     assert_eq!(r.status().as_u16(), 202);
@@ -169,4 +170,21 @@ http {{
 
     let r = client.get(&gateway).send().unwrap();
     assert_eq!(r.status().as_u16(), 401, "no customer header");
+
+    // What a client sends in X-Tally-* headers never reaches Tally. At 10,999 of 10,000 one
+    // more request reaches 110 % and is blocked; a client claiming quantity 0 (which would
+    // stay under 110 %) or another customer's id is blocked all the same.
+    for (name, value) in [
+        ("x-tally-quantity", "0"),
+        ("x-tally-customer", "ngx-ok"),
+        ("x-tally-meter", "build_minutes"),
+    ] {
+        let r = client
+            .get(&gateway)
+            .header("x-customer-id", "ngx-edge")
+            .header(name, value)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 429, "{name}: {value}");
+    }
 }

@@ -327,7 +327,9 @@ async fn period_usage(
     let (plan_id, plan) = record.plan_at(&s.catalog, now);
     let crossed = match limit.finite() {
         Some(l) if quota::reaches(usage, l, s.catalog.policy.soft_percent) => {
-            soft_crossed(s, customer, meter_name, meter.aggregation, period, l).await?
+            let crossed =
+                soft_crossed(s, customer, meter_name, meter.aggregation, period, l).await?;
+            quota::grace_start(crossed, record.limit_since(&s.catalog, meter_name, now))
         }
         _ => None,
     };

@@ -8,12 +8,21 @@
 //! `invalid_signature`, `signature_expired`), and nothing is applied.
 //!
 //! # Events
-//! - `customer.subscription.created` / `updated`: the customer's plan (the subscription's first
+//! - `customer.subscription.created` / `updated` of a subscription that is paid for (status
+//!   `active`, `trialing` or `past_due`): the customer's plan (the subscription's first
 //!   price, or its product, mapped through `stripe_plans`; a price whose `lookup_key` is a plan
 //!   id needs no mapping), its current billing period (`current_period_start` / `_end`, on the
-//!   subscription or, in newer API versions, on its item) and its Stripe customer id.
+//!   subscription or, in newer API versions, on its item) and its Stripe customer id. Limits
+//!   are monthly: a subscription billed yearly (or over several months) sets the anchor of
+//!   monthly quota periods, not one long period.
+//! - Any other status (`incomplete`, `incomplete_expired`, `unpaid`, `paused`, `canceled`)
+//!   grants no paid plan: the customer is on the default plan (`unpaid`: the fallback plan).
 //! - `customer.subscription.deleted`: back to the catalogue's default plan; the period follows
 //!   the last one's anchor.
+//! - The plan follows one subscription at a time, the newest (by the subscription's own
+//!   `created`) that was paid for: events of an older subscription the customer replaced
+//!   (its `deleted` above all) and of a newer one not paid for yet change nothing
+//!   (`other_subscription`).
 //! - `invoice.payment_failed`: the 7-day payment grace starts at the event's time (if not
 //!   already running); `invoice.payment_succeeded` / `invoice.paid`: it ends.
 //! - `v1.billing.meter.error_report_triggered`: Stripe could not process some meter events;
@@ -21,8 +30,8 @@
 //!
 //! The Tally customer is the subscription's `metadata.tally_customer_id`, else the customer
 //! linked to the Stripe customer id. Stripe delivers at least once and in any order: each record
-//! keeps the (`created`, id) of the latest subscription and invoice event applied, and an event
-//! that is not newer is acknowledged without being applied. Other event types are acknowledged
+//! keeps the (`created`, id) of the latest event applied of its current subscription and of its
+//! invoices, and an event that is not newer is acknowledged without being applied. Other event types are acknowledged
 //! and ignored.
 
 use std::collections::HashMap;
@@ -232,6 +241,36 @@ fn newer(last: &Option<(i64, String)>, created: i64, id: &str) -> bool {
     }
 }
 
+/// Whether a subscription bills by the year (its first price's interval, or a period longer
+/// than any month).
+fn yearly(sub: &Value) -> bool {
+    let item = &sub["items"]["data"][0];
+    let interval = item["price"]["recurring"]["interval"]
+        .as_str()
+        .or(item["plan"]["interval"].as_str())
+        .or(sub["plan"]["interval"].as_str());
+    let count = item["price"]["recurring"]["interval_count"]
+        .as_i64()
+        .unwrap_or(1);
+    let months = match interval {
+        Some("year") => 12 * count,
+        Some("month") => count,
+        _ => 1,
+    };
+    let long = match (
+        sub["current_period_start"]
+            .as_i64()
+            .or(item["current_period_start"].as_i64()),
+        sub["current_period_end"]
+            .as_i64()
+            .or(item["current_period_end"].as_i64()),
+    ) {
+        (Some(start), Some(end)) => end - start > 31 * 86_400,
+        _ => false,
+    };
+    months > 1 || long
+}
+
 impl StripeWebhooks {
     /// The Tally customer an object belongs to, with its record.
     async fn customer_of(&self, object: &Value) -> Result<Option<(String, Customer)>, ApiError> {
@@ -277,6 +316,13 @@ impl StripeWebhooks {
 
     async fn save(&self, id: String, mut record: Customer) -> Result<(), ApiError> {
         record.updated_ms = self.clock.now_ms();
+        let before = self
+            .store
+            .customer(&id)
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?
+            .unwrap_or_else(|| Customer::new_default(&self.catalog));
+        record.note_limit_changes(&before, &self.catalog, record.updated_ms);
         self.store
             .put_customer(&id, &record)
             .await
@@ -297,43 +343,72 @@ impl StripeWebhooks {
         let Some((id, mut record)) = self.customer_of(sub).await? else {
             return Ok("unknown_customer");
         };
+        let this = (
+            sub["created"].as_i64().unwrap_or(0),
+            sub["id"].as_str().unwrap_or_default().to_owned(),
+        );
+        let status = sub["status"].as_str().unwrap_or("active");
+        // Stripe's statuses of a subscription that is paid for (past_due: the invoice is being
+        // retried, and the payment grace runs from `invoice.payment_failed`).
+        let grants = !deleted && matches!(status, "active" | "trialing" | "past_due");
         let events = record.stripe_events.get_or_insert_with(Default::default);
+        match &events.current_subscription {
+            Some(current) if current.1 != this.1 => {
+                // Another subscription than the one the plan follows: an older one (replaced,
+                // now ending) changes nothing; a newer one takes over once it is paid for.
+                if this < *current || !grants {
+                    return Ok("other_subscription");
+                }
+                events.subscription = None;
+            }
+            _ => {}
+        }
         if !newer(&events.subscription, created, event_id) {
             return Ok("stale");
         }
         events.subscription = Some((created, event_id.to_owned()));
+        events.current_subscription = Some(this);
         if let Some(stripe_id) = sub["customer"].as_str() {
             record.stripe_customer_id = Some(stripe_id.to_owned());
         }
-        if deleted {
-            record.plan = self.catalog.policy.default_plan.clone();
-            if let Some(p) = record.current_period.take() {
+        if !grants {
+            // Ended, or not (or no longer) paid for: incomplete, incomplete_expired, unpaid,
+            // paused, canceled.
+            record.plan = if status == "unpaid" {
+                self.catalog.policy.fallback_plan.clone()
+            } else {
+                self.catalog.policy.default_plan.clone()
+            };
+            if deleted && let Some(p) = record.current_period.take() {
                 record.period_anchor_ms = Some(p.start_ms);
             }
-        } else {
-            match self.plan_of(sub) {
-                Some(plan) => record.plan = plan,
-                None => tracing::warn!(
-                    customer = %id,
-                    "subscription's price maps to no plan (stripe_plans); plan unchanged"
-                ),
-            }
-            let item = &sub["items"]["data"][0];
-            let start = sub["current_period_start"]
-                .as_i64()
-                .or(item["current_period_start"].as_i64());
-            let end = sub["current_period_end"]
-                .as_i64()
-                .or(item["current_period_end"].as_i64());
-            if let (Some(start), Some(end)) = (start, end)
-                && start < end
-            {
-                record.current_period = Some(Period {
-                    start_ms: start * 1000,
-                    end_ms: end * 1000,
-                });
-                record.period_anchor_ms = Some(start * 1000);
-            }
+            self.save(id, record).await?;
+            return Ok("applied");
+        }
+        match self.plan_of(sub) {
+            Some(plan) => record.plan = plan,
+            None => tracing::warn!(
+                customer = %id,
+                "subscription's price maps to no plan (stripe_plans); plan unchanged"
+            ),
+        }
+        let item = &sub["items"]["data"][0];
+        let start = sub["current_period_start"]
+            .as_i64()
+            .or(item["current_period_start"].as_i64());
+        let end = sub["current_period_end"]
+            .as_i64()
+            .or(item["current_period_end"].as_i64());
+        if let (Some(start), Some(end)) = (start, end)
+            && start < end
+        {
+            record.period_anchor_ms = Some(start * 1000);
+            // Limits are monthly: a yearly (or longer) subscription's period holds twelve
+            // quota periods anchored on its start, not one.
+            record.current_period = (!yearly(sub)).then_some(Period {
+                start_ms: start * 1000,
+                end_ms: end * 1000,
+            });
         }
         self.save(id, record).await?;
         Ok("applied")
@@ -368,6 +443,202 @@ impl StripeWebhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_aggregator::store::sqlite::SqliteStore;
+    use tally_schemas::ManualClock;
+
+    const DAY: i64 = 86_400;
+
+    fn hooks(dir: &std::path::Path) -> StripeWebhooks {
+        let catalog = Arc::new(Catalog::builtin());
+        StripeWebhooks {
+            secret: None,
+            plans: [
+                ("price_pro", "professional"),
+                ("price_pro_year", "professional"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            catalog,
+            store: Arc::new(SqliteStore::open(dir.join("u.db")).unwrap()),
+            clock: Arc::new(ManualClock::new(1_796_000_000_000)),
+            on_change: None,
+            status: crate::StatusHandle::default(),
+        }
+    }
+
+    /// A subscription object of customer `c`.
+    fn sub(id: &str, created: i64, status: &str, price: &str, start: i64, end: i64) -> Value {
+        let interval = if price.ends_with("year") {
+            "year"
+        } else {
+            "month"
+        };
+        json!({"id": id, "object": "subscription", "created": created, "status": status,
+               "customer": "cus_c", "metadata": {"tally_customer_id": "c"},
+               "current_period_start": start, "current_period_end": end,
+               "items": {"data": [{"price": {"id": price,
+                   "recurring": {"interval": interval, "interval_count": 1}}}]}})
+    }
+
+    async fn plan(h: &StripeWebhooks) -> String {
+        h.store.customer("c").await.unwrap().unwrap().plan
+    }
+
+    #[tokio::test]
+    async fn the_deletion_of_a_replaced_subscription_keeps_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hooks(dir.path());
+        let t = 1_795_000_000;
+        let old = sub("sub_old", t, "active", "price_pro", t, t + 30 * DAY);
+        assert_eq!(
+            h.apply_subscription("evt_1", t, false, &old).await.unwrap(),
+            "applied"
+        );
+        // The customer subscribes again, then the old subscription is cancelled.
+        let new = sub(
+            "sub_new",
+            t + 10,
+            "active",
+            "price_pro",
+            t + 10,
+            t + 10 + 30 * DAY,
+        );
+        assert_eq!(
+            h.apply_subscription("evt_2", t + 10, false, &new)
+                .await
+                .unwrap(),
+            "applied"
+        );
+        let mut ended = old.clone();
+        ended["status"] = json!("canceled");
+        assert_eq!(
+            h.apply_subscription("evt_3", t + 20, true, &ended)
+                .await
+                .unwrap(),
+            "other_subscription"
+        );
+        assert_eq!(plan(&h).await, "professional");
+        // A late update of the old subscription changes nothing either.
+        assert_eq!(
+            h.apply_subscription("evt_4", t + 30, false, &old)
+                .await
+                .unwrap(),
+            "other_subscription"
+        );
+        // The new one's own deletion does.
+        let mut gone = new.clone();
+        gone["status"] = json!("canceled");
+        assert_eq!(
+            h.apply_subscription("evt_5", t + 40, true, &gone)
+                .await
+                .unwrap(),
+            "applied"
+        );
+        assert_eq!(plan(&h).await, "free");
+    }
+
+    #[tokio::test]
+    async fn subscriptions_not_paid_for_grant_no_paid_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hooks(dir.path());
+        let t = 1_795_000_000;
+        for (i, status) in ["incomplete", "incomplete_expired", "unpaid", "paused"]
+            .into_iter()
+            .enumerate()
+        {
+            let s = sub("sub_1", t, status, "price_pro", t, t + 30 * DAY);
+            let created = t + i as i64;
+            assert_eq!(
+                h.apply_subscription(&format!("evt_{i}"), created, false, &s)
+                    .await
+                    .unwrap(),
+                "applied"
+            );
+            assert_eq!(plan(&h).await, "free", "{status}");
+        }
+        let paid = sub("sub_1", t, "active", "price_pro", t, t + 30 * DAY);
+        h.apply_subscription("evt_9", t + 9, false, &paid)
+            .await
+            .unwrap();
+        assert_eq!(plan(&h).await, "professional");
+        // A newer subscription still incomplete does not take over (nor downgrade).
+        let pending = sub(
+            "sub_2",
+            t + 50,
+            "incomplete",
+            "price_pro",
+            t + 50,
+            t + 50 + 30 * DAY,
+        );
+        assert_eq!(
+            h.apply_subscription("evt_10", t + 50, false, &pending)
+                .await
+                .unwrap(),
+            "other_subscription"
+        );
+        assert_eq!(plan(&h).await, "professional");
+        // Once paid it does, and the first subscription's end changes nothing.
+        let mut paid2 = pending.clone();
+        paid2["status"] = json!("active");
+        assert_eq!(
+            h.apply_subscription("evt_11", t + 60, false, &paid2)
+                .await
+                .unwrap(),
+            "applied"
+        );
+        let mut ended = paid.clone();
+        ended["status"] = json!("canceled");
+        assert_eq!(
+            h.apply_subscription("evt_12", t + 70, true, &ended)
+                .await
+                .unwrap(),
+            "other_subscription"
+        );
+        assert_eq!(plan(&h).await, "professional");
+    }
+
+    #[tokio::test]
+    async fn a_yearly_subscription_keeps_monthly_quota_periods() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hooks(dir.path());
+        let start = 1_793_491_200; // 2026-11-01T00:00:00Z
+        let s = sub(
+            "sub_y",
+            start,
+            "active",
+            "price_pro_year",
+            start,
+            start + 365 * DAY,
+        );
+        h.apply_subscription("evt_1", start, false, &s)
+            .await
+            .unwrap();
+        let c = h.store.customer("c").await.unwrap().unwrap();
+        assert_eq!(c.plan, "professional");
+        let p = c.period_at((start + 40 * DAY) * 1000);
+        assert_eq!(
+            (p.start_ms, p.end_ms),
+            (
+                tally_schemas::period::parse_rfc3339("2026-12-01T00:00:00Z").unwrap(),
+                tally_schemas::period::parse_rfc3339("2027-01-01T00:00:00Z").unwrap()
+            )
+        );
+        // A monthly one follows Stripe's period.
+        let m = sub(
+            "sub_y",
+            start,
+            "active",
+            "price_pro",
+            start,
+            start + 30 * DAY,
+        );
+        h.apply_subscription("evt_2", start + 1, false, &m)
+            .await
+            .unwrap();
+        let c = h.store.customer("c").await.unwrap().unwrap();
+        assert_eq!(c.period_at(start * 1000).end_ms, (start + 30 * DAY) * 1000);
+    }
 
     fn sign(secret: &str, t: i64, body: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();

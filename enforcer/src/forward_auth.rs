@@ -1,11 +1,15 @@
 //! Forward-auth for gateways that ask an external URL about every request:
 //! `/v1/forward-auth/{gateway}` with `gateway` one of `nginx`, `traefik`, `envoy`, any method.
 //!
-//! The customer comes from the `X-Tally-Customer` header, the meter from `X-Tally-Meter`
-//! (default `api_requests`) and the quantity from `X-Tally-Quantity` (default 1). For nginx and
-//! Traefik they may instead be given in the path: `/v1/forward-auth/nginx/{customer}/{meter}`.
-//! Envoy's HTTP ext_authz appends the original request path to the URL, so with Envoy they come
-//! from headers only.
+//! The customer, meter (default `api_requests`) and quantity (default 1) come from the path,
+//! `/v1/forward-auth/nginx/{customer}/{meter}/{quantity}` (each part optional from the end),
+//! else from the query string (`?customer=&meter=&quantity=`), else from the
+//! `X-Tally-Customer`, `X-Tally-Meter` and `X-Tally-Quantity` headers. What the URL gives wins:
+//! it is the gateway's configuration, while headers may come from the client.
+//! A gateway that passes headers must set or remove every `X-Tally-*` header itself (the
+//! examples in `deploy/` do). Envoy's HTTP ext_authz appends the original request path (the
+//! client's) to the URL, so with Envoy they come from headers only. Every call is a request
+//! passing through: it counts against the plan's request rate even with quantity 0.
 //!
 //! | decision | nginx `auth_request` | Traefik ForwardAuth, Envoy ext_authz |
 //! |---|---|---|
@@ -17,7 +21,7 @@
 //! and, when blocked, `Retry-After`, for the gateway to pass on.
 
 use axum::extract::{RawPathParams, State as AxState};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tally_ingest::problem::ApiError;
 use tally_schemas::Decision;
@@ -82,6 +86,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 pub async fn handle(
     AxState(s): AxState<EnforcerHttp>,
     params: RawPathParams,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let params: Vec<(&str, &str)> = params.iter().collect();
@@ -93,16 +98,34 @@ pub async fn handle(
         )
     })?;
     let rest = params.get(1).map(|(_, v)| *v).unwrap_or("");
-    let mut segments = rest.split('/').filter(|p| !p.is_empty());
-    let (path_customer, path_meter) = if gateway == Gateway::Envoy {
-        (None, None)
+    // Positional: an empty part (an unset gateway variable) is absent, not skipped.
+    let mut segments = rest.strip_prefix('/').unwrap_or(rest).split('/');
+    // Envoy's URL ends with the client's path and query: never read.
+    let query: Vec<(String, String)> = match (gateway, uri.query()) {
+        (Gateway::Envoy, _) | (_, None) => Vec::new(),
+        (_, Some(q)) => form_urlencoded::parse(q.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+    };
+    let from_query = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let (path_customer, path_meter, path_quantity) = if gateway == Gateway::Envoy {
+        (None, None, None)
     } else {
+        let mut next = || segments.next().filter(|p| !p.is_empty()).map(str::to_owned);
+        let (c, m, q) = (next(), next(), next());
         (
-            segments.next().map(str::to_owned),
-            segments.next().map(str::to_owned),
+            c.or_else(|| from_query("customer")),
+            m.or_else(|| from_query("meter")),
+            q.or_else(|| from_query("quantity")),
         )
     };
-    let customer = header(&headers, "x-tally-customer").or(path_customer);
+    let customer = path_customer.or_else(|| header(&headers, "x-tally-customer"));
     let Some(customer) = customer else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -110,13 +133,13 @@ pub async fn handle(
             "no customer: send X-Tally-Customer",
         ));
     };
-    let meter = header(&headers, "x-tally-meter")
-        .or(path_meter)
+    let meter = path_meter
+        .or_else(|| header(&headers, "x-tally-meter"))
         .unwrap_or_else(|| "api_requests".to_owned());
-    let quantity = match header(&headers, "x-tally-quantity") {
+    let quantity = match path_quantity.or_else(|| header(&headers, "x-tally-quantity")) {
         None => None,
         Some(q) => Some(q.parse::<u64>().map_err(|_| {
-            ApiError::bad_request("invalid_request", "X-Tally-Quantity must be a whole number")
+            ApiError::bad_request("invalid_request", "the quantity must be a whole number")
         })?),
     };
     let req = CheckRequest {

@@ -7,8 +7,10 @@
 //!   descriptor is blocked. The quota headers of the first Tally descriptor are returned in
 //!   `response_headers_to_add`.
 //! - `envoy.service.auth.v3.Authorization/Check` (ext_authz): the customer, meter and quantity
-//!   come from the `x-tally-customer`, `x-tally-meter` and `x-tally-quantity` request headers or
-//!   the route's `context_extensions` (`tally_customer`, `tally_meter`). Allowed: status OK
+//!   come from the route's `context_extensions` (`tally_customer`, `tally_meter`,
+//!   `tally_quantity`: Envoy's configuration, which wins), else the `x-tally-customer`,
+//!   `x-tally-meter` and `x-tally-quantity` request headers. Every check counts against the
+//!   plan's request rate, even with quantity 0. Allowed: status OK
 //!   with the quota headers for the response. Blocked: `PERMISSION_DENIED` with a 429 denied
 //!   response (problem JSON body, `Retry-After`). No customer: `UNAUTHENTICATED` with 401.
 //!
@@ -198,10 +200,11 @@ impl Authorization for AuthzGrpc {
             .map(|h| h.headers)
             .unwrap_or_default();
         let ext = &attrs.context_extensions;
+        // The route's context extensions are Envoy's configuration: they win over request
+        // headers, which the client may have sent.
         let pick = |header: &str, extension: &str| {
-            headers
-                .get(header)
-                .or_else(|| ext.get(extension))
+            ext.get(extension)
+                .or_else(|| headers.get(header))
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };

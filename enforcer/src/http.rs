@@ -191,6 +191,8 @@ pub fn answer(
             customer: &customer,
             meter: &meter,
             quantity,
+            // Only the check API answers status queries; gateways ask about real requests.
+            passing: protocol != "http",
         })
         .map_err(|e| match e {
             CheckError::UnknownMeter => {
@@ -585,6 +587,7 @@ async fn put_customer(
         .await
         .map_err(|e| ApiError::unavailable(&e))?
         .unwrap_or_else(|| Customer::new_default(&catalog));
+    let before = c.clone();
     if let Some(plan) = u.plan {
         if catalog.plan(&plan).is_none() {
             return Err(ApiError::bad_request(
@@ -616,6 +619,7 @@ async fn put_customer(
         c.payment_failed_at_ms = time_member("payment_failed_at", failed)?;
     }
     c.updated_ms = s.state.clock().now_ms();
+    c.note_limit_changes(&before, &catalog, c.updated_ms);
     s.store
         .put_customer(&id, &c)
         .await

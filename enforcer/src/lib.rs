@@ -127,8 +127,13 @@ pub async fn update_customer(
     let now = state.clock().now_ms();
     let new_period = record.period_at(now);
     let old = state.set_customer(id, record);
-    let old_period = old.map_or_else(|| calendar_month(now), |o| o.period_at(now));
-    if old_period != new_period {
+    let old_period = old
+        .as_ref()
+        .map_or_else(|| calendar_month(now), |o| o.period_at(now));
+    if old_period == new_period {
+        // A limit changed within the period may put usage past thresholds at once.
+        state.queue(state.limit_crossings(id, old.as_deref(), now));
+    } else {
         for (name, meter) in &state.catalog().meters {
             if meter.aggregation.is_additive() {
                 let total = store
@@ -299,6 +304,11 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = state.queued() => {
+                for n in state.take_queued() {
+                    let _ = notes_tx.send(n);
+                }
+            }
             _ = refresh.tick() => {
                 match store.customers_since(last_update).await {
                     Ok(changed) => {
@@ -310,6 +320,9 @@ pub async fn run(
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
+                }
+                for n in state.take_queued() {
+                    let _ = notes_tx.send(n);
                 }
                 metrics::CUSTOMERS.set(state.customers_len() as i64);
                 if lag_measured.elapsed() >= LAG_INTERVAL {
@@ -342,6 +355,9 @@ pub async fn run(
                 }
             }
         }
+    }
+    for n in state.take_queued() {
+        let _ = notes_tx.send(n);
     }
     drop(notes_tx);
     // Let queued notifications go out, within bounds.

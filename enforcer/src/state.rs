@@ -211,6 +211,10 @@ pub struct Question<'a> {
     pub customer: &'a str,
     pub meter: &'a str,
     pub quantity: u64,
+    /// A request passing through a gateway (forward-auth, ext_authz, the rate limit service):
+    /// it counts against the plan's request rate whatever its quantity. Otherwise (the check
+    /// API) quantity 0 is a status query and does not count.
+    pub passing: bool,
 }
 
 /// A check's answer with what the protocols report beside the verdict.
@@ -267,6 +271,10 @@ pub struct State {
     month: RwLock<Period>,
     ready: AtomicBool,
     fail_open: bool,
+    /// Notifications of thresholds that limit changes crossed, for the follower to publish.
+    crossed_by_changes: std::sync::Mutex<Vec<Notification>>,
+    /// Woken when notifications are queued.
+    queued: tokio::sync::Notify,
 }
 
 impl State {
@@ -313,6 +321,8 @@ impl State {
             fallback_plan: plan_index[&catalog.policy.fallback_plan],
             default_customer: Arc::new(Customer::new_default(&catalog)),
             month: RwLock::new(NO_PERIOD),
+            crossed_by_changes: std::sync::Mutex::new(Vec::new()),
+            queued: tokio::sync::Notify::new(),
             catalog,
             clock,
             meters,
@@ -396,6 +406,84 @@ impl State {
             period: NO_PERIOD,
         })
         .map(|x| x.record)
+    }
+
+    /// Thresholds that customer `id`'s usage reaches under its limits in force at `now_ms` and
+    /// did not under `old`'s (a limit lowered or a plan changed): notified at `now_ms`, which
+    /// is also when the soft-limit grace starts if the soft limit is among them. Called after
+    /// [`State::set_customer`]; notifications are deduplicated per period downstream as usual.
+    pub fn limit_crossings(
+        &self,
+        id: &str,
+        old: Option<&Customer>,
+        now_ms: i64,
+    ) -> Vec<Notification> {
+        let default = Customer::new_default(&self.catalog);
+        let old = old.unwrap_or(&default);
+        let policy = &self.catalog.policy;
+        let mut out = Vec::new();
+        let Some(mut e) = self.customers.get_mut(id) else {
+            return out;
+        };
+        let record = self.record_of(&e);
+        let period = record.period_at(now_ms);
+        for (name, &(i, agg)) in &self.meters {
+            let before = old.limit_at(&self.catalog, name, now_ms);
+            let after = self.limit_of(&e, i, now_ms);
+            let (Some(after_l), true) = (after.finite(), before != after) else {
+                continue;
+            };
+            let c = e.counter_mut(i);
+            let counted = !agg.is_additive() || c.time_ms == period.start_ms;
+            let usage = if counted { c.usage } else { 0 };
+            for t in [
+                policy.warn_percent,
+                policy.soft_percent,
+                policy.block_percent,
+            ] {
+                let was = before.finite().is_some_and(|l| quota::reaches(usage, l, t));
+                if !quota::reaches(usage, after_l, t) || was {
+                    continue;
+                }
+                if t == policy.soft_percent && counted {
+                    c.set_soft_crossed(now_ms);
+                }
+                out.push(Notification {
+                    customer: id.to_owned(),
+                    meter: name.clone(),
+                    period_start_ms: period.start_ms,
+                    period_end_ms: period.end_ms,
+                    threshold: t,
+                    usage,
+                    limit: after_l,
+                    crossed_ms: now_ms,
+                });
+            }
+        }
+        out
+    }
+
+    /// Queues notifications for the follower to publish ([`State::take_queued`]).
+    pub fn queue(&self, notes: Vec<Notification>) {
+        if !notes.is_empty()
+            && let Ok(mut q) = self.crossed_by_changes.lock()
+        {
+            q.extend(notes);
+            self.queued.notify_one();
+        }
+    }
+
+    /// Completes when notifications were queued since the last call.
+    pub async fn queued(&self) {
+        self.queued.notified().await
+    }
+
+    /// The notifications queued by [`State::queue`].
+    pub fn take_queued(&self) -> Vec<Notification> {
+        self.crossed_by_changes
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
     }
 
     /// Sets a counter from the store at start-up or after a period change.
@@ -489,6 +577,7 @@ impl State {
             Some(x) => x.record.period_at(event.time_ms),
         };
         let limit = self.limit_of(&e, i, event.time_ms);
+        let limit_since = self.limit_since(&e, i, event.time_ms);
         let policy = &self.catalog.policy;
         let c = e.counter_mut(i);
         let before;
@@ -514,7 +603,12 @@ impl State {
             c.time_ms = event.time_ms;
         }
         for t in quota::thresholds_crossed(policy, limit, before, c.usage) {
-            if t == policy.soft_percent && c.soft_crossed_s == 0 {
+            // A crossing of the soft limit in force; one recorded against an earlier limit
+            // (before the change) gives way to it.
+            if t == policy.soft_percent
+                && c.soft_crossed_ms()
+                    .is_none_or(|crossed| limit_since.is_some_and(|since| crossed < since))
+            {
                 c.set_soft_crossed(event.time_ms);
             }
             out.push(Notification {
@@ -577,6 +671,17 @@ impl State {
     }
 
     /// The limit on meter `i` for a customer at `now_ms`.
+    /// When meter `i`'s limit in force at `now_ms` took effect, if it changed
+    /// ([`tally_schemas::customer::Customer::limit_since`]).
+    fn limit_since(&self, c: &CustomerState, i: usize, now_ms: i64) -> Option<i64> {
+        let x = c.extra()?;
+        if x.record.limit_changed_ms.is_empty() && x.record.payment_failed_at_ms.is_none() {
+            return None; // the usual case, on the path of every event
+        }
+        let meter = self.catalog.meters.keys().nth(i)?;
+        x.record.limit_since(&self.catalog, meter, now_ms)
+    }
+
     fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
         if let Some(x) = c.extra()
             && now_ms < x.fallback_from_ms
@@ -620,6 +725,14 @@ impl State {
         };
         let limit = self.limit_of(c, i, now);
         let plan = self.plan_of(c, now);
+        // The grace runs only while usage is past the soft limit in force, and from no earlier
+        // than that limit took effect (as the query API computes it).
+        let crossed = match limit.finite() {
+            Some(l) if quota::reaches(usage, l, self.catalog.policy.soft_percent) => {
+                quota::grace_start(crossed, self.limit_since(c, i, now))
+            }
+            _ => None,
+        };
         let mut verdict = quota::decide(
             &self.catalog.policy,
             limit,
@@ -629,11 +742,12 @@ impl State {
             crossed,
             now,
         );
-        // Every check that asks for something counts against the plan's request rate, unless
-        // the quota already refused it; quantity 0 is a status query and does not count.
+        // Every request a gateway passes, and every check that asks for something, counts
+        // against the plan's request rate, unless the quota already refused it; quantity 0 on
+        // the check API is a status query and does not count.
         let rate = match &plan.rate {
             Some((per_second, burst, limiter))
-                if q.quantity > 0 && verdict.decision != quota::Decision::Block =>
+                if (q.passing || q.quantity > 0) && verdict.decision != quota::Decision::Block =>
             {
                 let key = self.rate_keys.hash_one(q.customer);
                 Some(match limiter.check_key(&key) {
@@ -748,6 +862,7 @@ mod tests {
             customer,
             meter,
             quantity,
+            passing: false,
         }
     }
 
@@ -851,6 +966,93 @@ mod tests {
                 .verdict
                 .decision,
             Decision::Block
+        );
+    }
+
+    /// Moves customer `id` to `plan` at the clock's time, as the customer API does.
+    fn change_plan(s: &State, id: &str, plan: &str) {
+        let now = s.clock().now_ms();
+        let before = s
+            .customers
+            .get(id)
+            .and_then(|e| e.extra().map(|x| (*x.record).clone()))
+            .unwrap_or_else(|| Customer::new_default(s.catalog()));
+        let mut after = before.clone();
+        after.plan = plan.into();
+        after.note_limit_changes(&before, s.catalog(), now);
+        s.set_customer(id, after);
+    }
+
+    fn decision(s: &State, id: &str) -> (Decision, Option<i64>) {
+        let v = s.check(ask(id, "api_requests", 0)).unwrap().verdict;
+        (v.decision, v.grace_until_ms)
+    }
+
+    #[test]
+    fn a_lowered_limit_gives_a_fresh_grace_from_the_change() {
+        let (s, clock) = state("2026-11-02T10:00:00Z");
+        change_plan(&s, "c", "professional");
+        // 105k of professional's 1M: fine.
+        s.apply(
+            &ev("c", "api_requests", 105_000, "2026-11-02T10:00:00Z"),
+            &mut Vec::new(),
+        );
+        assert_eq!(decision(&s, "c"), (Decision::Allow, None));
+        // Down to starter (100k): 105 % of the new limit, past its soft limit without an
+        // event crossing it. The grace runs 48 h from the change, then blocks.
+        clock.set(ms("2026-11-10T00:00:00Z"));
+        change_plan(&s, "c", "starter");
+        let until = ms("2026-11-12T00:00:00Z");
+        assert_eq!(decision(&s, "c"), (Decision::Warn, Some(until)));
+        clock.set(until - 1000);
+        assert_eq!(decision(&s, "c").0, Decision::Warn);
+        clock.set(until);
+        assert_eq!(decision(&s, "c").0, Decision::Block);
+    }
+
+    #[test]
+    fn a_raised_limit_gives_a_fresh_grace_from_its_own_crossing() {
+        let (s, clock) = state("2026-11-02T10:00:00Z");
+        change_plan(&s, "c", "starter");
+        s.apply(
+            &ev("c", "api_requests", 100_000, "2026-11-02T10:00:00Z"),
+            &mut Vec::new(),
+        );
+        // Past starter's soft limit for 72 h: blocked.
+        clock.set(ms("2026-11-05T10:00:00Z"));
+        assert_eq!(decision(&s, "c").0, Decision::Block);
+        // Up to professional (1M): far below; the old grace is gone.
+        change_plan(&s, "c", "professional");
+        assert_eq!(decision(&s, "c"), (Decision::Allow, None));
+        // Crossing professional's soft limit starts a grace of its own.
+        s.apply(
+            &ev("c", "api_requests", 900_000, "2026-11-06T08:00:00Z"),
+            &mut Vec::new(),
+        );
+        clock.set(ms("2026-11-06T09:00:00Z"));
+        let until = ms("2026-11-08T08:00:00Z");
+        assert_eq!(decision(&s, "c"), (Decision::Warn, Some(until)));
+        clock.set(until);
+        assert_eq!(decision(&s, "c").0, Decision::Block);
+    }
+
+    #[test]
+    fn the_fallback_plan_after_a_failed_payment_gives_a_fresh_grace() {
+        let (s, clock) = state("2026-11-02T10:00:00Z");
+        change_plan(&s, "c", "starter");
+        s.apply(
+            &ev("c", "api_requests", 10_500, "2026-11-02T10:00:00Z"),
+            &mut Vec::new(),
+        );
+        let mut record = (*s.customers.get("c").unwrap().extra().unwrap().record).clone();
+        record.payment_failed_at_ms = Some(ms("2026-11-03T00:00:00Z"));
+        s.set_customer("c", record);
+        // Seven days later the customer falls back to free (10k): 105 % of it, grace from
+        // the fallback.
+        clock.set(ms("2026-11-10T01:00:00Z"));
+        assert_eq!(
+            decision(&s, "c"),
+            (Decision::Warn, Some(ms("2026-11-12T00:00:00Z")))
         );
     }
 

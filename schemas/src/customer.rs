@@ -30,6 +30,10 @@ pub struct Customer {
     /// When the latest unpaid invoice failed; the payment grace runs from here.
     #[serde(default)]
     pub payment_failed_at_ms: Option<i64>,
+    /// When each meter's limit last changed (a new plan, override or payment state), so that
+    /// the soft-limit grace runs against the limit in force: see [`Customer::limit_since`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limit_changed_ms: BTreeMap<String, i64>,
     /// Last change, for replicas that poll for changes.
     #[serde(default)]
     pub updated_ms: i64,
@@ -42,8 +46,13 @@ pub struct Customer {
 /// The latest Stripe event applied per kind: (`created`, event id).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StripeEvents {
+    /// Of the customer's current subscription ([`StripeEvents::current_subscription`]).
     #[serde(default)]
     pub subscription: Option<(i64, String)>,
+    /// The subscription the plan follows, as (its `created`, its id): events of an older
+    /// subscription (one the customer replaced) are not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_subscription: Option<(i64, String)>,
     #[serde(default)]
     pub invoice: Option<(i64, String)>,
 }
@@ -58,6 +67,7 @@ impl Customer {
             current_period: None,
             stripe_customer_id: None,
             payment_failed_at_ms: None,
+            limit_changed_ms: BTreeMap::new(),
             updated_ms: 0,
             stripe_events: None,
         }
@@ -115,12 +125,67 @@ impl Customer {
         }
         self.plan_at(catalog, now_ms).1.limit(meter)
     }
+
+    /// Records `now_ms` as the change time of every meter whose limit at `now_ms` differs from
+    /// `before`'s. Every writer of a customer record calls it.
+    pub fn note_limit_changes(&mut self, before: &Customer, catalog: &Catalog, now_ms: i64) {
+        for meter in catalog.meters.keys() {
+            if before.limit_at(catalog, meter, now_ms) != self.limit_at(catalog, meter, now_ms) {
+                self.limit_changed_ms.insert(meter.clone(), now_ms);
+            }
+        }
+    }
+
+    /// When the limit in force on `meter` at `now_ms` took effect, if it ever changed: the
+    /// latest recorded change, or the end of a failed payment's grace when the fallback plan
+    /// changed this limit. The soft-limit grace never starts before it
+    /// ([`crate::quota::grace_start`]): a limit raised or lowered mid-period gives a fresh
+    /// grace against the new limit.
+    pub fn limit_since(&self, catalog: &Catalog, meter: &str, now_ms: i64) -> Option<i64> {
+        let changed = self.limit_changed_ms.get(meter).copied();
+        let fallback = self
+            .payment_grace_until(catalog)
+            .filter(|&from| now_ms >= from)
+            .filter(|&from| {
+                self.limit_at(catalog, meter, from.saturating_sub(1))
+                    != self.limit_at(catalog, meter, from)
+            });
+        changed.max(fallback)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::period::parse_rfc3339 as ms;
+
+    #[test]
+    fn limit_changes_are_recorded_per_meter_and_the_fallback_counts_as_one() {
+        let c = Catalog::builtin();
+        let t0 = ms("2026-11-02T10:00:00Z").unwrap();
+        let mut before = Customer::new_default(&c);
+        before.plan = "starter".into();
+        let mut after = before.clone();
+        after
+            .limit_overrides
+            .insert("bandwidth_bytes".into(), Limit::Finite(5));
+        after.note_limit_changes(&before, &c, t0);
+        assert_eq!(after.limit_since(&c, "bandwidth_bytes", t0), Some(t0));
+        assert_eq!(after.limit_since(&c, "api_requests", t0), None);
+        // The payment grace running out changes the limits that differ on the fallback plan.
+        after.payment_failed_at_ms = Some(t0);
+        let from = after.payment_grace_until(&c).unwrap();
+        assert_eq!(after.limit_since(&c, "api_requests", from - 1), None);
+        assert_eq!(after.limit_since(&c, "api_requests", from), Some(from));
+        assert_eq!(
+            after.limit_since(&c, "bandwidth_bytes", from + 5),
+            Some(from)
+        );
+        // A record that changes nothing records nothing.
+        let mut same = after.clone();
+        same.note_limit_changes(&after, &c, from + 10);
+        assert_eq!(same.limit_changed_ms, after.limit_changed_ms);
+    }
 
     #[test]
     fn payment_grace_then_fallback_to_free() {

@@ -92,6 +92,15 @@ pub fn thresholds_crossed(
     out.into_iter().flatten()
 }
 
+/// When the soft-limit grace starts: when usage reached the soft limit of the limit in force
+/// (`crossed_ms`), but never before that limit took effect (`limit_since_ms`, from
+/// [`crate::customer::Customer::limit_since`]). Usage that was already past the new soft limit
+/// when the limit changed starts its grace at the change. Only meaningful while usage is at or
+/// past the soft limit.
+pub fn grace_start(crossed_ms: Option<i64>, limit_since_ms: Option<i64>) -> Option<i64> {
+    crossed_ms.max(limit_since_ms)
+}
+
 /// Decides whether `quantity` more units may be used.
 pub fn decide(
     policy: &QuotaPolicy,
