@@ -237,11 +237,6 @@ impl KafkaLog {
                 self.config.session_timeout.as_millis().to_string(),
             )
             .set("fetch.wait.max.ms", "50")
-            // A leader that assigned while the topic's metadata was unavailable (a broker
-            // restarting) gives every member nothing; librdkafka rejoins once a metadata
-            // refresh shows the partitions. Refresh often so the group is not idle for the
-            // default five minutes.
-            .set("topic.metadata.refresh.interval.ms", "10000")
             .create_with_context(GroupContext {
                 events: events.clone(),
             })
