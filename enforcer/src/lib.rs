@@ -150,7 +150,7 @@ async fn load(
     state: &State,
     log: &dyn EventLog,
     store: &dyn UsageStore,
-    notes: &mpsc::UnboundedSender<Notification>,
+    notes: &mpsc::Sender<Notification>,
 ) -> Result<(std::collections::BTreeMap<u32, u64>, i64)> {
     let now = state.clock().now_ms();
     let mut last_update = 0;
@@ -191,7 +191,7 @@ async fn load(
     }
     for n in state.pending_crossings() {
         state.load_crossing(&n);
-        let _ = notes.send(n);
+        let _ = notes.send(n).await;
     }
     tracing::info!(
         customers = state.customers_len(),
@@ -205,7 +205,7 @@ async fn load(
 async fn publish(
     log: Arc<dyn EventLog>,
     hooks: webhooks::Webhooks,
-    mut rx: mpsc::UnboundedReceiver<Notification>,
+    mut rx: mpsc::Receiver<Notification>,
 ) {
     while let Some(n) = rx.recv().await {
         let mut backoff = Duration::from_millis(50);
@@ -252,6 +252,13 @@ async fn publish(
     }
 }
 
+/// Notifications waiting for the publisher, at most.
+const NOTIFICATION_QUEUE: usize = 10_000;
+
+/// How often customers without a record and without usage in the current period are
+/// forgotten (their state is the same as a customer never seen).
+const EVICT_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// How often the follower measures its consumer lag (`tally_log_consumer_lag`).
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -263,7 +270,9 @@ pub async fn run(
     store: Arc<dyn UsageStore>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+    // Bounded: a burst of crossings (a start-up after a crash, a catalogue change) waits for
+    // the publisher instead of growing memory; the follower reads on once there is room.
+    let (notes_tx, notes_rx) = mpsc::channel(NOTIFICATION_QUEUE);
     let hooks = webhooks::Webhooks::new(settings.webhooks.clone(), store.clone());
     if hooks.is_enabled() {
         tokio::spawn(hooks.clone().sweep(shutdown.clone()));
@@ -294,6 +303,7 @@ pub async fn run(
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut notes = Vec::new();
     let mut lag_measured = std::time::Instant::now() - LAG_INTERVAL;
+    let mut evicted = std::time::Instant::now();
     loop {
         if !state.is_ready() {
             catch_up.retain(|(p, end)| position.get(p).copied().unwrap_or(0) < *end);
@@ -306,7 +316,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = state.queued() => {
                 for n in state.take_queued() {
-                    let _ = notes_tx.send(n);
+                    let _ = notes_tx.send(n).await;
                 }
             }
             _ = refresh.tick() => {
@@ -322,7 +332,12 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
                 }
                 for n in state.take_queued() {
-                    let _ = notes_tx.send(n);
+                    let _ = notes_tx.send(n).await;
+                }
+                if evicted.elapsed() >= EVICT_INTERVAL {
+                    evicted = std::time::Instant::now();
+                    let n = state.evict_idle();
+                    tracing::debug!(customers = n, "idle customers forgotten");
                 }
                 metrics::CUSTOMERS.set(state.customers_len() as i64);
                 if lag_measured.elapsed() >= LAG_INTERVAL {
@@ -347,7 +362,7 @@ pub async fn run(
                 }
                 metrics::EVENTS_APPLIED.inc_by(batch.len() as u64);
                 for n in notes.drain(..) {
-                    let _ = notes_tx.send(n);
+                    let _ = notes_tx.send(n).await;
                 }
                 if batch.is_empty() && !state.is_ready() {
                     // Nothing more to read: whatever remains below the start-up end is gone.
@@ -357,7 +372,7 @@ pub async fn run(
         }
     }
     for n in state.take_queued() {
-        let _ = notes_tx.send(n);
+        let _ = notes_tx.send(n).await;
     }
     drop(notes_tx);
     // Let queued notifications go out, within bounds.

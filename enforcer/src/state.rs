@@ -463,6 +463,39 @@ impl State {
         out
     }
 
+    /// Forgets customers whose state is the same as a customer never seen: no stored record,
+    /// no usage of an additive meter in the current calendar month and no gauge (a gauge
+    /// keeps its latest report's time, which orders late reports).
+    /// Nothing is lost (their next event starts them again, as it would have); it bounds the
+    /// memory to the customers active this period and those with a record. Returns how many
+    /// were forgotten.
+    pub fn evict_idle(&self) -> usize {
+        let month = calendar_month(self.clock.now_ms()).start_ms;
+        let additive: Vec<bool> = self
+            .catalog
+            .meters
+            .values()
+            .map(|m| m.aggregation.is_additive())
+            .collect();
+        let idle = |c: &Counter| {
+            c.meter == NO_METER
+                || match additive.get(usize::from(c.meter)) {
+                    Some(true) => c.time_ms < month,
+                    Some(false) => c.time_ms == i64::MIN,
+                    None => true,
+                }
+        };
+        let before = self.customers.len();
+        self.customers.retain(|_, c| {
+            let tail_idle = c
+                .tail
+                .as_ref()
+                .is_none_or(|t| t.extra.is_none() && t.counters.iter().all(idle));
+            !(tail_idle && idle(&c.first))
+        });
+        before - self.customers.len()
+    }
+
     /// Queues notifications for the follower to publish ([`State::take_queued`]).
     pub fn queue(&self, notes: Vec<Notification>) {
         if !notes.is_empty()
@@ -1054,6 +1087,47 @@ mod tests {
             decision(&s, "c"),
             (Decision::Warn, Some(ms("2026-11-12T00:00:00Z")))
         );
+    }
+
+    #[test]
+    fn idle_customers_are_forgotten_without_changing_any_answer() {
+        let (s, clock) = state("2026-11-21T10:00:00Z");
+        let mut notes = Vec::new();
+        s.apply(
+            &ev("old", "api_requests", 9_000, "2026-10-30T00:00:00Z"),
+            &mut notes,
+        );
+        s.apply(
+            &ev("now", "api_requests", 9_000, "2026-11-20T00:00:00Z"),
+            &mut notes,
+        );
+        s.apply(
+            &ev("g", "wasm_modules", 2, "2026-10-01T00:00:00Z"),
+            &mut notes,
+        );
+        change_plan(&s, "rec", "starter");
+        let answers = |s: &State| {
+            ["old", "now", "g", "rec", "never"].map(|c| {
+                let m = if c == "g" {
+                    "wasm_modules"
+                } else {
+                    "api_requests"
+                };
+                let a = s.check(ask(c, m, 1)).unwrap();
+                (a.usage, a.verdict.decision, a.limit)
+            })
+        };
+        let before = answers(&s);
+        // Only last month's customer without a record goes.
+        assert_eq!(s.evict_idle(), 1);
+        assert_eq!(s.customers_len(), 3);
+        assert_eq!(answers(&s), before);
+        // Next month, the current month's customer is idle too.
+        clock.set(ms("2026-12-02T00:00:00Z"));
+        let before = answers(&s);
+        assert_eq!(s.evict_idle(), 1);
+        assert_eq!(answers(&s), before);
+        assert_eq!(s.customers_len(), 2);
     }
 
     #[test]
