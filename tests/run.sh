@@ -4,78 +4,31 @@
 # binary, nginx in front of the enforcer, the distributed pipeline on a real Kafka-compatible
 # broker and a real ClickHouse server, with their fault tests).
 #
-# Installs what is missing: Debian packages (nginx, curl, clickhouse-server, chromium, and the
-# linters of deploy/: prometheus for promtool, yamllint, docker-compose), the tansu broker (cargo
-# install), playwright-core (npm, for the dashboard test in headless Chromium) and
-# kubernetes-validate (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default
+# Installs what is missing first (tests/install.sh: Debian packages, the tansu broker,
+# playwright-core, kubernetes-validate, cargo-fuzz, cached in $TALLY_TOOLS_DIR, default
 # ~/.cache/tally-tools). Ends with the fuzz smoke runs (fuzz/run.sh smoke). Starts one broker
 # and one ClickHouse server in private directories on free ports for the whole suite (tests use
 # a fresh topic and database each; fault tests start their own), and stops them at the end.
+#
+#   tests/run.sh --quick    the in-process tier only: formatting, lints, unit tests and the
+#                           end-to-end tests that need no server, gateway, browser or linter
+#                           (installs nothing; a few minutes once built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-install_debs() {
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
-}
-missing=()
-[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx-light)
-command -v curl >/dev/null || missing+=(curl)
-[ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server clickhouse-client)
-[ -x /usr/bin/chromium ] || missing+=(chromium)
-command -v node >/dev/null || missing+=(nodejs npm)
-# Linters of deploy/ (tests/deploy.rs): promtool, yamllint, docker-compose.
-command -v promtool >/dev/null || missing+=(prometheus)
-command -v yamllint >/dev/null || missing+=(yamllint)
-command -v docker-compose >/dev/null || missing+=(docker-compose)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    install_debs "${missing[@]}"
+if [ "${1:-}" = --quick ]; then
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo test --workspace --locked --lib --bins \
+        --test api --test auth --test billing --test components --test crash --test grpc \
+        --test hostile --test openapi --test query --test replay
+    echo "quick tier passed; not run: the Kafka and ClickHouse tests (distributed, chaos,"
+    echo "webhooks, clickhouse_schema, readme), nginx, dashboard, deploy and the fuzz smoke runs"
+    exit 0
 fi
 
-tools="${TALLY_TOOLS_DIR:-$HOME/.cache/tally-tools}"
-tansu_version=0.6.0
-export TANSU_BIN="$tools/tansu-$tansu_version/bin/tansu"
-if ! [ -x "$TANSU_BIN" ]; then
-    echo "installing tansu $tansu_version (a Kafka-compatible broker; takes 15-25 minutes once)"
-    CARGO_TARGET_DIR="$tools/tansu-target" cargo install tansu --version "$tansu_version" --locked \
-        --features dynostore,libsql --root "$tools/tansu-$tansu_version" --quiet
-fi
-
-# playwright-core drives Chromium in the dashboard test; installed from the lock file, outside
-# the repository.
-node_dir="$tools/dashboard-node"
-if ! cmp -s tests/dashboard/package-lock.json "$node_dir/package-lock.json" \
-    || ! [ -d "$node_dir/node_modules/playwright-core" ]; then
-    echo "installing playwright-core (dashboard test)"
-    mkdir -p "$node_dir"
-    cp tests/dashboard/package.json tests/dashboard/package-lock.json "$node_dir/"
-    (cd "$node_dir" && npm ci --ignore-scripts --no-audit --no-fund --silent)
-fi
-export TALLY_TEST_NODE_PATH="$node_dir/node_modules"
-export TALLY_TEST_CHROMIUM=/usr/bin/chromium
-
-# kubernetes-validate (Kubernetes' JSON schemas, offline) for the manifests in deploy/.
-kube_validate_version=1.37.0
-pyenv="$tools/pyenv"
-if ! "$pyenv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$kube_validate_version"; then
-    echo "installing kubernetes-validate $kube_validate_version"
-    python3 -m venv "$pyenv"
-    "$pyenv/bin/pip" install --quiet "kubernetes-validate==$kube_validate_version"
-fi
-export TALLY_TEST_KUBERNETES_VALIDATE="$pyenv/bin/kubernetes-validate"
-
-# cargo-fuzz for the fuzz smoke runs (fuzz/run.sh smoke).
-cargo_fuzz_version=0.13.2
-if ! "$tools/cargo-fuzz/bin/cargo-fuzz" --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then
-    echo "installing cargo-fuzz $cargo_fuzz_version"
-    CARGO_TARGET_DIR="$tools/cargo-fuzz-target" cargo install cargo-fuzz --version "$cargo_fuzz_version" \
-        --locked --root "$tools/cargo-fuzz" --quiet
-    rm -rf "$tools/cargo-fuzz-target"
-fi
-export PATH="$tools/cargo-fuzz/bin:$PATH"
+# shellcheck source=tests/install.sh
+. tests/install.sh
 
 free_port() { tests/servers.sh free-port; }
 servers_dir="$(mktemp -d)"
