@@ -10,6 +10,9 @@ use tally_schemas::clickhouse::{MIGRATIONS, statements};
 
 #[test]
 fn the_schema_applies_twice_and_its_read_patterns_hold() {
+    if servers::skip_without_servers(false) {
+        return;
+    }
     let ch = servers::ClickHouse::shared();
     let db = servers::unique_name("schema");
     let q = |sql: &str| ch.query(&sql.replace("{db}", &db));

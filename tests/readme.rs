@@ -97,6 +97,9 @@ fn the_readme_walkthrough_works_verbatim() {
 /// commands still run verbatim.
 #[test]
 fn the_readme_walkthrough_works_on_kafka_and_clickhouse() {
+    if servers::skip_without_servers(false) {
+        return;
+    }
     let backends = servers::Backends::shared();
     let env = backends.env();
     let env = servers::pairs(&env);

@@ -66,6 +66,9 @@ fn each_notification_is_delivered_once_by_one_of_two_replicas() {
 /// on `<topic>.notifications`.
 #[test]
 fn each_notification_is_delivered_once_on_kafka_and_clickhouse() {
+    if servers::skip_without_servers(false) {
+        return;
+    }
     let backends = servers::Backends::shared();
     let env = backends.env();
     let env = servers::pairs(&env);

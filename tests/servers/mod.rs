@@ -22,6 +22,49 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Whether a test that needs a Kafka broker and ClickHouse must be skipped on this machine:
+/// neither the suite's servers (`tests/run.sh` starts them) nor, when `private` or those are
+/// not configured, tansu and clickhouse-server to start the test's own. A skipped test says so
+/// on stderr (past the test harness's capture) and passes; with `TALLY_TEST_REQUIRE_SERVERS`
+/// set (`tests/run.sh` sets it) it fails instead, so the full suite never skips silently.
+pub fn skip_without_servers(private: bool) -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+    if !private && set("TALLY_TEST_KAFKA_BROKERS") && set("TALLY_TEST_CLICKHOUSE_URL") {
+        return false;
+    }
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
+    };
+    let tansu =
+        std::env::var_os("TANSU_BIN").is_some_and(|p| Path::new(&p).is_file()) || on_path("tansu");
+    let clickhouse = [
+        "/usr/bin/clickhouse-server",
+        "/usr/sbin/clickhouse-server",
+        "/usr/bin/clickhouse",
+    ]
+    .iter()
+    .any(|p| Path::new(p).is_file());
+    if tansu && clickhouse {
+        return false;
+    }
+    let why = format!(
+        "needs a Kafka broker and ClickHouse (tansu found: {tansu}, clickhouse-server found: \
+         {clickhouse}); tests/run.sh installs and starts them"
+    );
+    assert!(
+        std::env::var_os("TALLY_TEST_REQUIRE_SERVERS").is_none(),
+        "{why}"
+    );
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    // Written past the harness's capture of print!, so that a plain `cargo test` shows it.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped {test}: {why}\n").as_bytes(),
+    );
+    true
+}
+
 /// A name no other test of this run uses: `prefix_<pid>_<n>`.
 pub fn unique_name(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
