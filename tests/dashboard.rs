@@ -7,6 +7,7 @@
 //! names the directory with playwright-core; `TALLY_TEST_CHROMIUM` the browser).
 
 mod common;
+mod servers;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,6 +31,17 @@ fn row<'a>(seen: &'a Value, meter: &str) -> &'a Value {
 
 #[test]
 fn the_dashboard_shows_a_customer_and_the_operator_view() {
+    let node_path = std::env::var("TALLY_TEST_NODE_PATH").unwrap_or_default();
+    let chromium =
+        std::env::var("TALLY_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let found = servers::have_program("node")
+        && std::path::Path::new(&node_path)
+            .join("playwright-core")
+            .is_dir()
+        && servers::have_program(&chromium);
+    if servers::skip_without_tool("node, playwright-core and Chromium", found) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let p = start(dir.path(), free_port(), free_port(), "50ms");
     let batch = json!([
@@ -88,7 +100,6 @@ fn the_dashboard_shows_a_customer_and_the_operator_view() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| tmp.path().to_path_buf());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dashboard/drive.cjs");
-    let node_path = std::env::var("TALLY_TEST_NODE_PATH").unwrap_or_default();
     let out = Command::new("node")
         .arg(script)
         .arg(&p.api)

@@ -14,6 +14,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod servers;
+
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
 }
@@ -24,6 +26,9 @@ fn lint(program: &str, args: &[&str]) {
 }
 
 fn lint_with(program: &str, args: &[&str], env: &[(&str, &str)]) {
+    if servers::skip_without_tool(program, servers::have_program(program)) {
+        return;
+    }
     let out = Command::new(program)
         .args(args)
         .envs(env.iter().copied())

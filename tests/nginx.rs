@@ -3,6 +3,7 @@
 //! upstream, blocked ones get 429 with Retry-After, requests without a customer get 401.
 
 mod common;
+mod servers;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,17 +20,22 @@ impl Drop for Nginx {
     }
 }
 
-fn nginx_binary() -> String {
-    for candidate in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.to_string();
-        }
-    }
-    panic!("nginx is not installed: tests/run.sh installs Debian's nginx-light");
+fn nginx_binary() -> Option<String> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|c| std::path::Path::new(c).exists())
+        .map(str::to_owned)
 }
 
 #[test]
 fn nginx_auth_request_allows_and_blocks_through_the_enforcer() {
+    let Some(nginx) = nginx_binary() else {
+        assert!(servers::skip_without_tool(
+            "nginx (Debian's nginx-light)",
+            false
+        ));
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let tally_port = free_port();
     // Keys required (a bootstrap admin key): nginx sends the key the snippet is given.
@@ -84,7 +90,7 @@ http {{
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
     let _nginx = Nginx(
-        Command::new(nginx_binary())
+        Command::new(&nginx)
             .arg("-e")
             .arg(prefix.join("error.log"))
             .arg("-p")

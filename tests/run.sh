@@ -45,7 +45,7 @@ pids+=($!)
 ch_http="$(free_port)"
 tests/servers.sh clickhouse "$servers_dir/clickhouse" "$ch_http" "$(free_port)" "$(free_port)" &
 pids+=($!)
-# Tests that need the servers fail rather than skip if they are missing.
+# Tests that need the servers or a tool fail rather than skip if it is missing.
 export TALLY_TEST_REQUIRE_SERVERS=1
 export TALLY_TEST_KAFKA_BROKERS="127.0.0.1:$kafka_port"
 export TALLY_TEST_CLICKHOUSE_URL="http://127.0.0.1:$ch_http"

@@ -48,10 +48,21 @@ pub fn skip_without_servers(private: bool) -> bool {
     if tansu && clickhouse {
         return false;
     }
-    let why = format!(
+    skip_because(&format!(
         "needs a Kafka broker and ClickHouse (tansu found: {tansu}, clickhouse-server found: \
          {clickhouse}); tests/run.sh installs and starts them"
-    );
+    ))
+}
+
+/// Whether a test that needs `tool` must be skipped: it is not found here. Reported and
+/// failed like [`skip_without_servers`].
+pub fn skip_without_tool(tool: &str, found: bool) -> bool {
+    !found && skip_because(&format!("needs {tool}, which tests/run.sh installs"))
+}
+
+/// Skips (returns true, saying why) unless `TALLY_TEST_REQUIRE_SERVERS` is set (tests/run.sh:
+/// servers and tools alike): then fails.
+fn skip_because(why: &str) -> bool {
     assert!(
         std::env::var_os("TALLY_TEST_REQUIRE_SERVERS").is_none(),
         "{why}"
@@ -63,6 +74,15 @@ pub fn skip_without_servers(private: bool) -> bool {
         format!("skipped {test}: {why}\n").as_bytes(),
     );
     true
+}
+
+/// Whether `program` is an executable file or found on `PATH`.
+pub fn have_program(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// A name no other test of this run uses: `prefix_<pid>_<n>`.
