@@ -314,15 +314,15 @@ impl StripeWebhooks {
         })
     }
 
-    async fn save(&self, id: String, mut record: Customer) -> Result<(), ApiError> {
+    /// Stores `record`, the change of `before` (the record as read), noting limit changes.
+    async fn save(
+        &self,
+        id: String,
+        before: &Customer,
+        mut record: Customer,
+    ) -> Result<(), ApiError> {
         record.updated_ms = self.clock.now_ms();
-        let before = self
-            .store
-            .customer(&id)
-            .await
-            .map_err(|e| ApiError::unavailable(&e))?
-            .unwrap_or_else(|| Customer::new_default(&self.catalog));
-        record.note_limit_changes(&before, &self.catalog, record.updated_ms);
+        record.note_limit_changes(before, &self.catalog, record.updated_ms);
         self.store
             .put_customer(&id, &record)
             .await
@@ -343,6 +343,7 @@ impl StripeWebhooks {
         let Some((id, mut record)) = self.customer_of(sub).await? else {
             return Ok("unknown_customer");
         };
+        let before = record.clone();
         let this = (
             sub["created"].as_i64().unwrap_or(0),
             sub["id"].as_str().unwrap_or_default().to_owned(),
@@ -382,7 +383,7 @@ impl StripeWebhooks {
             if deleted && let Some(p) = record.current_period.take() {
                 record.period_anchor_ms = Some(p.start_ms);
             }
-            self.save(id, record).await?;
+            self.save(id, &before, record).await?;
             return Ok("applied");
         }
         match self.plan_of(sub) {
@@ -410,7 +411,7 @@ impl StripeWebhooks {
                 end_ms: end * 1000,
             });
         }
-        self.save(id, record).await?;
+        self.save(id, &before, record).await?;
         Ok("applied")
     }
 
@@ -424,6 +425,7 @@ impl StripeWebhooks {
         let Some((id, mut record)) = self.customer_of(invoice).await? else {
             return Ok("unknown_customer");
         };
+        let before = record.clone();
         let events = record.stripe_events.get_or_insert_with(Default::default);
         if !newer(&events.invoice, created, event_id) {
             return Ok("stale");
@@ -435,7 +437,7 @@ impl StripeWebhooks {
         } else {
             record.payment_failed_at_ms = None;
         }
-        self.save(id, record).await?;
+        self.save(id, &before, record).await?;
         Ok("applied")
     }
 }

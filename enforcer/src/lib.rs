@@ -331,9 +331,6 @@ pub async fn run(
                     }
                     Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
                 }
-                for n in state.take_queued() {
-                    let _ = notes_tx.send(n).await;
-                }
                 if evicted.elapsed() >= EVICT_INTERVAL {
                     evicted = std::time::Instant::now();
                     let n = state.evict_idle();

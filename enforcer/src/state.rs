@@ -146,6 +146,8 @@ struct CustomerExtra {
     plan: usize,
     /// Limit overrides by meter index, if any.
     overrides: Option<Box<[Option<Limit>]>>,
+    /// When each meter's limit last changed, by meter index, if any did.
+    limit_changed_ms: Option<Box<[Option<i64>]>>,
     /// From here on the fallback plan applies (a failed payment's grace ran out).
     fallback_from_ms: i64,
     /// The billing period of the last check; refreshed when the clock leaves it.
@@ -394,6 +396,13 @@ impl State {
                 .map(|m| record.limit_overrides.get(m).copied())
                 .collect()
         });
+        let limit_changed_ms = (!record.limit_changed_ms.is_empty()).then(|| {
+            self.catalog
+                .meters
+                .keys()
+                .map(|m| record.limit_changed_ms.get(m).copied())
+                .collect()
+        });
         let fallback_from_ms = record
             .payment_grace_until(&self.catalog)
             .unwrap_or(i64::MAX);
@@ -402,6 +411,7 @@ impl State {
             record: Arc::new(record),
             plan,
             overrides,
+            limit_changed_ms,
             fallback_from_ms,
             period: NO_PERIOD,
         })
@@ -703,18 +713,19 @@ impl State {
         }
     }
 
-    /// The limit on meter `i` for a customer at `now_ms`.
     /// When meter `i`'s limit in force at `now_ms` took effect, if it changed
-    /// ([`tally_schemas::customer::Customer::limit_since`]).
+    /// ([`tally_schemas::customer::Customer::limit_since`]): the change time resolved by meter
+    /// index, and only once the fallback plan applies the record's own rule.
     fn limit_since(&self, c: &CustomerState, i: usize, now_ms: i64) -> Option<i64> {
         let x = c.extra()?;
-        if x.record.limit_changed_ms.is_empty() && x.record.payment_failed_at_ms.is_none() {
-            return None; // the usual case, on the path of every event
+        if now_ms >= x.fallback_from_ms {
+            let meter = self.catalog.meters.keys().nth(i)?;
+            return x.record.limit_since(&self.catalog, meter, now_ms);
         }
-        let meter = self.catalog.meters.keys().nth(i)?;
-        x.record.limit_since(&self.catalog, meter, now_ms)
+        x.limit_changed_ms.as_ref().and_then(|v| v[i])
     }
 
+    /// The limit on meter `i` for a customer at `now_ms`.
     fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
         if let Some(x) = c.extra()
             && now_ms < x.fallback_from_ms
