@@ -16,11 +16,12 @@ mod stripe_fake;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_aggregator::rollup::Rollup;
-use tally_aggregator::store::UsageStore;
-use tally_aggregator::store::sqlite::SqliteStore;
+use tally_backends::log::Record;
+use tally_backends::store::Store;
+use tally_backends::store::prelude::*;
+use tally_backends::store::sqlite::SqliteStore;
 use tally_billing_sync::{BillingSettings, MeterApi, StatusHandle, StripeSettings};
-use tally_ingest::log::Record;
+use tally_schemas::rollup::Rollup;
 use tally_schemas::{Catalog, Customer, SystemClock, UsageEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +112,7 @@ fn main() {
             ..BillingSettings::default()
         };
         let shutdown = CancellationToken::new();
-        let store: Arc<dyn UsageStore> = Arc::new(store);
+        let store: Arc<dyn Store> = Arc::new(store);
         let cpu_before = cpu_seconds();
         let started = Instant::now();
         let task = rt.spawn(tally_billing_sync::run(

@@ -5,10 +5,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use tally_aggregator::rollup::Rollup;
+use tally_backends::log::Record;
 use tally_enforcer::state::{Question, State};
-use tally_ingest::log::Record;
 use tally_schemas::event::{decode_batch, decode_event};
+use tally_schemas::rollup::Rollup;
 use tally_schemas::{Catalog, ManualClock, TimePolicy, UsageEvent, wire};
 
 /// The allocator of the `tally` binary, so the figures are the ones it has.
@@ -186,7 +186,7 @@ fn access(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
-        tally_aggregator::store::sqlite::SqliteStore::open(dir.path().join("usage.db")).unwrap(),
+        tally_backends::store::sqlite::SqliteStore::open(dir.path().join("usage.db")).unwrap(),
     );
     let ring = Arc::new(KeyRing::new(
         store,

@@ -4,24 +4,23 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use tally_aggregator::store::UsageStore;
-use tally_aggregator::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
-use tally_aggregator::store::sqlite::SqliteStore;
 use tally_aggregator::{AggregatorSettings, query};
+use tally_backends::log::EventLog;
+use tally_backends::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use tally_backends::log::kafka::{KafkaLog, KafkaLogConfig};
+use tally_backends::store::Store;
+use tally_backends::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
+use tally_backends::store::sqlite::SqliteStore;
 use tally_enforcer::http::EnforcerHttp;
 use tally_enforcer::{EnforcerSettings, State};
-use tally_ingest::log::EventLog;
-use tally_ingest::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
-use tally_ingest::log::kafka::{KafkaLog, KafkaLogConfig};
-use tally_ingest::problem::ApiError;
+use tally_http::problem::ApiError;
 use tally_ingest::{IngestSettings, IngestState};
 use tally_schemas::{Catalog, Clock, TimePolicy};
 use tokio::net::TcpListener;
@@ -31,7 +30,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::KeyRing;
 use crate::config::Config;
-use crate::{Error, Result, metrics};
+use crate::{Error, Result};
+use tally_http::metrics;
 
 /// A stage of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -158,7 +158,7 @@ pub async fn key_ring(config: &Config) -> Result<KeyRing> {
         config.max_batch_events,
     );
     ring.refresh().await.map_err(|e| match e {
-        crate::auth::KeyError::Store(e) => Error::Store(e),
+        crate::auth::KeyError::Store(e) => Error::Backend(e),
         other => Error::Config(other.to_string()),
     })?;
     Ok(ring)
@@ -180,7 +180,7 @@ pub async fn migrate(config: &Config) -> Result<Vec<String>> {
         done.push(format!(
             "clickhouse: database {} at schema version {} (applied now: {:?})",
             c.database,
-            tally_schemas::clickhouse::MIGRATIONS
+            tally_backends::store::clickhouse::schema::MIGRATIONS
                 .last()
                 .map_or(0, |m| m.version),
             applied
@@ -203,7 +203,7 @@ pub fn open_log(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn EventL
     Ok(Arc::new(EmbeddedLog::open(c, clock)?))
 }
 
-fn open_store(config: &Config) -> Result<Arc<dyn UsageStore>> {
+fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     if let Some(c) = clickhouse_config(config) {
         return Ok(Arc::new(ClickHouseStore::new(&c)));
     }
@@ -265,7 +265,8 @@ impl App {
         }
         if let (true, Some(log)) = (wants(Component::Aggregator), &log) {
             router = router.merge(query::router(query::QueryState {
-                store: store.clone(),
+                usage: store.clone(),
+                customers: store.clone(),
                 catalog: catalog.clone(),
                 clock: clock.clone(),
             }));
@@ -383,7 +384,7 @@ impl App {
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
                 config.body_timeout,
             ))
-            .layer(middleware::from_fn(track))
+            .layer(middleware::from_fn(metrics::track))
             .layer(CatchPanicLayer::custom(|_| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -474,32 +475,6 @@ fn spawn<E: std::fmt::Display + Send + 'static>(
             stop.cancel();
         }
     });
-}
-
-/// Counts and times every request by route, method and status, and logs it at debug level (one
-/// layer for both: the check routes answer tens of thousands of requests per second).
-async fn track(req: Request, next: Next) -> Response {
-    // The matched route is an `Arc<str>` inside axum: cloned, not copied, on every request.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = metrics::method_label(req.method());
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", |m| m.as_str());
-    metrics::HTTP_REQUESTS
-        .with_label_values(&[route, method, resp.status().as_str()])
-        .inc();
-    let elapsed = started.elapsed();
-    metrics::HTTP_SECONDS
-        .with_label_values(&[route])
-        .observe(elapsed.as_secs_f64());
-    tracing::debug!(
-        %method,
-        route,
-        status = resp.status().as_u16(),
-        latency_us = elapsed.as_micros() as u64,
-        "request"
-    );
-    resp
 }
 
 /// What the admin endpoints read.

@@ -57,12 +57,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tally_aggregator::store::UsageStore;
-use tally_ingest::EventAllowance;
-use tally_ingest::problem::ApiError;
-use tally_schemas::Clock;
+use tally_backends::store::ApiKeys;
 
 use crate::metrics;
+use tally_http::problem::ApiError;
+use tally_ingest::EventAllowance;
+use tally_schemas::Clock;
 
 /// How often every process reads the key records again.
 pub const KEY_REFRESH: Duration = Duration::from_secs(5);
@@ -275,7 +275,7 @@ pub enum KeyError {
     #[error("no key with id `{0}`")]
     NotFound(String),
     #[error(transparent)]
-    Store(#[from] tally_aggregator::Error),
+    Store(#[from] tally_backends::Error),
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -362,7 +362,7 @@ struct Entry {
 
 /// The keys of this process, refreshed from the store; decides every request.
 pub struct KeyRing {
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn ApiKeys>,
     clock: Arc<dyn Clock>,
     entries: RwLock<HashMap<String, Entry>>,
     bootstrap: Option<[u8; 32]>,
@@ -379,7 +379,7 @@ pub struct KeyRing {
 impl KeyRing {
     /// `open_allowed`: the process may run open while no key exists (see the module docs).
     pub fn new(
-        store: Arc<dyn UsageStore>,
+        store: Arc<dyn ApiKeys>,
         clock: Arc<dyn Clock>,
         bootstrap: Option<&str>,
         open_allowed: bool,

@@ -350,7 +350,9 @@ impl Config {
                 )));
             }
         }
-        if !tally_schemas::clickhouse::valid_database_name(&self.clickhouse_database) {
+        if !tally_backends::store::clickhouse::schema::valid_database_name(
+            &self.clickhouse_database,
+        ) {
             return Err(Error::Config(format!(
                 "clickhouse_database `{}` must be a letter followed by letters, digits or _",
                 self.clickhouse_database

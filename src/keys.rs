@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tally_ingest::problem::{ApiError, Problem};
+use tally_http::problem::{ApiError, Problem};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{ApiKey, KeyError, KeyGrant, KeyRing, NewKey, Scope};

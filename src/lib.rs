@@ -30,9 +30,11 @@ pub enum Error {
     #[error(transparent)]
     Schema(#[from] tally_schemas::Error),
     #[error(transparent)]
-    Log(#[from] tally_ingest::Error),
+    Backend(#[from] tally_backends::Error),
     #[error(transparent)]
-    Store(#[from] tally_aggregator::Error),
+    Ingest(#[from] tally_ingest::Error),
+    #[error(transparent)]
+    Aggregator(#[from] tally_aggregator::Error),
     #[error(transparent)]
     Billing(#[from] tally_billing_sync::Error),
     #[error("i/o: {0}")]

@@ -24,13 +24,13 @@ use utoipa::OpenApi;
         (url = "http://127.0.0.1:9090", description = "admin endpoints (TALLY_ADMIN_LISTEN)")
     ),
     paths(
-        crate::metrics::render,
+        tally_http::metrics::render,
         crate::app::health,
         crate::app::ready,
         openapi_json,
         crate::operator::stats
     ),
-    components(schemas(tally_ingest::problem::Problem, crate::app::Health, crate::operator::OperatorStats))
+    components(schemas(tally_http::problem::Problem, crate::app::Health, crate::operator::OperatorStats))
 )]
 struct TallyApi;
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tally_ingest::log::{EventLog, LogReader};
+use tally_backends::log::{EventLog, LogReader};
 use tally_schemas::event::{BatchError, decode_event};
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 
@@ -290,14 +290,14 @@ pub fn open_source(
                 Error::Config("--from-topic needs kafka_brokers (TALLY_KAFKA_BROKERS)".into())
             })?;
             k.topic = topic.to_owned();
-            Ok(Arc::new(tally_ingest::log::kafka::KafkaLog::connect(k)?))
+            Ok(Arc::new(tally_backends::log::kafka::KafkaLog::connect(k)?))
         }
         (None, Some(path)) => {
             if !path.exists() {
                 return Err(Error::Config(format!("{} does not exist", path.display())));
             }
-            let c = tally_ingest::log::embedded::EmbeddedLogConfig::new(path.to_path_buf());
-            Ok(Arc::new(tally_ingest::log::embedded::EmbeddedLog::open(
+            let c = tally_backends::log::embedded::EmbeddedLogConfig::new(path.to_path_buf());
+            Ok(Arc::new(tally_backends::log::embedded::EmbeddedLog::open(
                 c, clock,
             )?))
         }

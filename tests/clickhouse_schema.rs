@@ -6,7 +6,7 @@
 #[path = "servers/mod.rs"]
 mod servers;
 
-use tally_schemas::clickhouse::{MIGRATIONS, statements};
+use tally_backends::store::clickhouse::schema::{MIGRATIONS, statements};
 
 #[test]
 fn the_schema_applies_twice_and_its_read_patterns_hold() {
@@ -16,7 +16,7 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     let ch = servers::ClickHouse::shared();
     let db = servers::unique_name("schema");
     let q = |sql: &str| ch.query(&sql.replace("{db}", &db));
-    let apply = |migrations: &[tally_schemas::clickhouse::Migration]| {
+    let apply = |migrations: &[tally_backends::store::clickhouse::schema::Migration]| {
         for m in migrations {
             for sql in statements(m, &db) {
                 ch.query(&sql).unwrap_or_else(|e| panic!("{sql}\n-> {e}"));

@@ -60,6 +60,8 @@ fn registered_metrics() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for file in [
         "src/metrics.rs",
+        "http/src/metrics.rs",
+        "backends/src/metrics.rs",
         "ingest/src/metrics.rs",
         "aggregator/src/metrics.rs",
         "enforcer/src/metrics.rs",
@@ -280,7 +282,7 @@ fn columns_after(text: &str, head: &str) -> Option<String> {
 fn the_cluster_schema_has_every_table_of_the_migrations() {
     let cluster = std::fs::read_to_string(deploy().join("clickhouse/cluster.sql")).unwrap();
     let mut tables = 0;
-    for migration in tally_schemas::clickhouse::MIGRATIONS {
+    for migration in tally_backends::store::clickhouse::schema::MIGRATIONS {
         for statement in migration.statements {
             let Some(rest) = statement.strip_prefix("CREATE TABLE IF NOT EXISTS {db}.") else {
                 continue;

@@ -31,25 +31,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tally_ingest::log::Record;
+use tally_backends::store::Resume;
 use tally_schemas::Catalog;
+use tally_schemas::Record;
 
-use crate::rollup::{Block, Cell, CellKey, Rollup, cell_of, fold};
+use tally_schemas::rollup::{Block, Cell, CellKey, Rollup, cell_of, fold};
 
 /// Most offsets in one block.
 pub const BLOCK_RECORDS: u64 = 32_768;
 
 /// Longest span of receipt times in one block, from its first record.
 pub const BLOCK_MS: i64 = 1_000;
-
-/// Where to resume one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resume {
-    /// Start of the last block written (blocks), or `next` (increments).
-    pub start: u64,
-    /// Next offset after what the store holds.
-    pub next: u64,
-}
 
 /// The aggregator's per-partition position and, for block stores, the open blocks.
 #[derive(Debug, Default)]

@@ -1,36 +1,17 @@
-/// Errors of the aggregator and of the usage-store adapters.
+/// Errors of the aggregator and of its query API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the embedded store at {path}: {source}")]
-    Open {
-        path: std::path::PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error("embedded store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error(
-        "partition {partition}: batch starts at offset {first} but the store is at {stored}; another aggregator wrote this partition"
-    )]
-    Fenced {
-        partition: u32,
-        first: u64,
-        stored: u64,
-    },
-    #[error("clickhouse: {0}")]
-    ClickHouse(String),
-    #[error("stored customer record is unreadable: {0}")]
-    Record(#[from] serde_json::Error),
+    /// The log or the store failed or refused: an outage is retryable
+    /// ([`tally_backends::Error::is_retryable`]), a fenced batch is not.
     #[error(transparent)]
-    Log(#[from] tally_ingest::Error),
-    #[error("the store is shut down")]
-    Closed,
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Backend(#[from] tally_backends::Error),
 }
 
-impl From<tally_ingest::sqlite::Unavailable> for Error {
-    fn from(_: tally_ingest::sqlite::Unavailable) -> Error {
-        Error::Closed
+impl Error {
+    /// Another aggregator wrote the batch's partition meanwhile
+    /// ([`tally_backends::Error::Fenced`]).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Backend(tally_backends::Error::Fenced { .. }))
     }
 }
 

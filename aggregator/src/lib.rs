@@ -5,9 +5,11 @@
 //! `edge -> ingest -> Kafka -> aggregator -> ClickHouse / enforcer -> billing-sync -> Stripe`
 //!
 //! # Layout
-//! - [`rollup`]: the pure fold of records into cells.
 //! - [`blocks`]: how each partition is cut into batches: increments, or cumulative blocks.
-//! - [`store`]: the usage-store contract ([`store::UsageStore`]) and its adapters.
+//!
+//! The fold of records into cells is the core's (`tally_schemas::rollup`); the store it writes
+//! and the log it reads are the backends' (`tally_backends::store::UsageWriter`,
+//! `tally_backends::log::LogReader`).
 //! - [`query`]: `GET /v1/usage`.
 //! - [`metrics`]: Prometheus metrics of this stage.
 //!
@@ -23,11 +25,11 @@
 //! - a batch written twice anyway (a retry after an ambiguous failure) is recognised by its
 //!   positions and skipped (and in ClickHouse its rows carry the same batch keys and collapse);
 //! - a batch whose new records start below the stored position is refused
-//!   ([`Error::Fenced`]): another aggregator wrote that partition meanwhile. The batch is
+//!   ([`tally_backends::Error::Fenced`]): another aggregator wrote that partition meanwhile. The batch is
 //!   dropped and reading resumes from the store.
 //!
 //! With Kafka, aggregators form a consumer group and share the partitions. On every rebalance
-//! ([`tally_ingest::log::LogReader::assignment_epoch`]) the positions are re-read from the store
+//! ([`tally_backends::log::LogReader::assignment_epoch`]) the positions are re-read from the store
 //! before anything of the new assignment is written, and records buffered for revoked
 //! partitions are dropped. Offsets are committed to Kafka only after the store has the batch;
 //! they are advisory (monitoring, retention), never the source of truth. A member that stalls
@@ -36,7 +38,7 @@
 //! member cuts the same blocks and the store keeps each block's furthest write.
 //!
 //! Duplicates (`source`, `id`) are dropped within the de-duplication window: by the embedded log
-//! before it appends, or with Kafka by the store ([`store::UsageStore::first_seen`], ClickHouse
+//! before it appends, or with Kafka by the store ([`tally_backends::store::UsageWriter::first_seen`], ClickHouse
 //! table `event_ids`), which tells a duplicate (same id at another offset) from a replay (the
 //! same record read again). A store failure is retried with backoff, holding the batch, until
 //! it succeeds or the process stops.
@@ -49,22 +51,21 @@ pub mod blocks;
 pub mod error;
 pub mod metrics;
 pub mod query;
-pub mod rollup;
-pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
-use tally_ingest::log::EventLog;
+use tally_backends::log::EventLog;
 use tally_schemas::Catalog;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::blocks::Cutter;
-use crate::rollup::Rollup;
-use crate::store::{Applied, UsageStore};
+use tally_backends::backoff::Backoff;
+use tally_backends::store::{Applied, UsageWriter};
+use tally_schemas::rollup::Rollup;
 
 /// Batching of the aggregator.
 #[derive(Debug, Clone)]
@@ -97,7 +98,7 @@ pub async fn run(
     settings: AggregatorSettings,
     catalog: Arc<Catalog>,
     log: Arc<dyn EventLog>,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn UsageWriter>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut reader = log.group_reader(&settings.group)?;
@@ -168,7 +169,7 @@ pub async fn run(
             Ok(true) => {}
             // Stopped before the store took the batch: it is read again on restart.
             Ok(false) => break,
-            Err(e @ Error::Fenced { .. }) => {
+            Err(e) if e.is_fenced() => {
                 tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
                 reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
                 continue;
@@ -202,7 +203,7 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// whose assignment is empty when its leader times out while the group forms.
 async fn report_lag(
     log: Arc<dyn EventLog>,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn UsageWriter>,
     stall: Duration,
     stalled: Arc<Notify>,
     shutdown: CancellationToken,
@@ -215,12 +216,9 @@ async fn report_lag(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match tokio::try_join!(
-            async { log.end_offsets().await.map_err(Error::from) },
-            store.offsets()
-        ) {
+        match tokio::try_join!(log.end_offsets(), store.offsets()) {
             Ok((ends, positions)) => {
-                tally_ingest::metrics::set_lag("aggregator", &positions, &ends);
+                tally_backends::metrics::set_lag("aggregator", &positions, &ends);
                 if watch.observe(&positions, &ends, Instant::now(), stall) {
                     tracing::warn!(
                         stall_s = stall.as_secs(),
@@ -295,7 +293,9 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Retries `op` with backoff while the store fails; `None` once `shutdown` is cancelled.
+/// Retries `op` with backoff while the store fails; `None` once `shutdown` is cancelled. A
+/// refusal that retrying cannot fix (a fenced batch, bad input, a misconfigured store) is
+/// returned at once.
 async fn retrying<T, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
@@ -303,22 +303,20 @@ async fn retrying<T, F, Fut>(
 ) -> Result<Option<T>>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
+    Fut: std::future::Future<Output = tally_backends::Result<T>>,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match op().await {
             Ok(v) => return Ok(Some(v)),
-            Err(e @ Error::Fenced { .. }) => return Err(e),
+            Err(e) if !e.is_retryable() => return Err(e.into()),
             Err(e) => {
                 metrics::FLUSHES.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{what} failed");
-                tokio::select! {
-                    // Stopping without writing is safe: the batch is read again on restart.
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(backoff) => {}
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                // Stopping without writing is safe: the batch is read again on restart.
+                if !backoff.wait(shutdown).await {
+                    return Ok(None);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -327,8 +325,8 @@ where
 /// Re-reads the store's positions and moves the cutter and the reader there; the partitions
 /// sought.
 async fn reread(
-    store: &dyn UsageStore,
-    reader: &mut dyn tally_ingest::log::LogReader,
+    store: &dyn UsageWriter,
+    reader: &mut dyn tally_backends::log::LogReader,
     cutter: &mut Cutter,
     shutdown: &CancellationToken,
 ) -> Result<BTreeSet<u32>> {
@@ -345,9 +343,9 @@ async fn reread(
 /// Drops duplicates (per the store) and cuts the rest into a batch (with the open blocks if
 /// `with_open`, see [`Cutter::take`]); `None` once `shutdown` is cancelled.
 async fn roll_up(
-    batch: &[tally_ingest::log::Record],
+    batch: &[tally_backends::log::Record],
     catalog: &Catalog,
-    store: &dyn UsageStore,
+    store: &dyn UsageWriter,
     cutter: &mut Cutter,
     with_open: bool,
     shutdown: &CancellationToken,
@@ -373,7 +371,7 @@ async fn roll_up(
 /// first.
 async fn flush(
     rollup: &Rollup,
-    store: &dyn UsageStore,
+    store: &dyn UsageWriter,
     shutdown: &CancellationToken,
 ) -> Result<bool> {
     let started = Instant::now();

@@ -33,12 +33,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
-use tally_ingest::problem::{ApiError, from_rejection};
+use tally_http::problem::{ApiError, from_rejection};
 use tally_schemas::period::{calendar_month, parse_rfc3339, rfc3339};
 use tally_schemas::{Aggregation, Catalog, Clock, Customer, Meter, Period, Window, quota};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::store::UsageStore;
+use tally_backends::store::{Customers, UsageReader};
 
 /// Most points one series may return.
 pub const MAX_POINTS: i64 = 1_000_000;
@@ -49,7 +49,10 @@ pub const MAX_TOP: usize = 10_000;
 
 #[derive(Clone)]
 pub struct QueryState {
-    pub store: Arc<dyn UsageStore>,
+    /// Rolled-up usage.
+    pub usage: Arc<dyn UsageReader>,
+    /// Customer records (plan, overrides, billing period).
+    pub customers: Arc<dyn Customers>,
     pub catalog: Arc<Catalog>,
     pub clock: Arc<dyn Clock>,
 }
@@ -305,7 +308,7 @@ fn customer_param(v: Option<String>) -> Result<String, ApiError> {
 }
 
 async fn record(s: &QueryState, customer: &str) -> Result<Customer, ApiError> {
-    Ok(s.store
+    Ok(s.customers
         .customer(customer)
         .await
         .map_err(|e| ApiError::unavailable(&e))?
@@ -368,7 +371,7 @@ async fn soft_crossed(
     limit: u64,
 ) -> Result<Option<i64>, ApiError> {
     let minutes = s
-        .store
+        .usage
         .series(
             customer,
             meter,
@@ -418,9 +421,9 @@ const PERIOD_HEADER: &[&str] = &[
     responses(
         (status = 200, description = "Without from/to/window: the current period's usage (`PeriodUsage`); with them: a series (`Series`), streamed. CSV with `format=csv` or `Accept: text/csv`.",
          content((PeriodUsage = "application/json"), (String = "text/csv"))),
-        (status = 400, description = "Missing or invalid parameter", body = tally_ingest::problem::Problem),
-        (status = 404, description = "Unknown meter", body = tally_ingest::problem::Problem),
-        (status = 503, description = "The store is unavailable", body = tally_ingest::problem::Problem),
+        (status = 400, description = "Missing or invalid parameter", body = tally_http::problem::Problem),
+        (status = 404, description = "Unknown meter", body = tally_http::problem::Problem),
+        (status = 503, description = "The store is unavailable", body = tally_http::problem::Problem),
     )
 )]
 async fn get_usage(
@@ -439,7 +442,7 @@ async fn get_usage(
     if q.from.is_none() && q.to.is_none() && q.window.is_none() {
         let period = record.period_at(now);
         let usage = s
-            .store
+            .usage
             .total(
                 &customer,
                 &meter_name,
@@ -585,7 +588,7 @@ fn series_response(
                 let points: Vec<(i64, i64, u64)> = match chunk {
                     Chunk::Window { from, to } => {
                         let w = window.unwrap_or(Window::Month);
-                        s.store
+                        s.usage
                             .series(customer, meter_name, meter.aggregation, from, to, w)
                             .await?
                             .into_iter()
@@ -594,7 +597,7 @@ fn series_response(
                     }
                     Chunk::Period { bucket, from, to } => {
                         let v = s
-                            .store
+                            .usage
                             .total(customer, meter_name, meter.aggregation, from, to)
                             .await?;
                         if v == 0 {
@@ -703,8 +706,8 @@ pub struct MeterUsage {
     responses(
         (status = 200, description = "Every meter of the catalogue, in name order",
          content((Summary = "application/json"), (String = "text/csv"))),
-        (status = 400, description = "Missing or invalid parameter", body = tally_ingest::problem::Problem),
-        (status = 503, description = "The store is unavailable", body = tally_ingest::problem::Problem),
+        (status = 400, description = "Missing or invalid parameter", body = tally_http::problem::Problem),
+        (status = 503, description = "The store is unavailable", body = tally_http::problem::Problem),
     )
 )]
 async fn get_summary(
@@ -720,7 +723,7 @@ async fn get_summary(
     let period = record.period_at(now);
     let meters = catalog_meters(&s.catalog);
     let usage = s
-        .store
+        .usage
         .totals(&customer, &meters, period.start_ms, period.end_ms)
         .await
         .map_err(|e| ApiError::unavailable(&e))?;
@@ -792,9 +795,9 @@ pub struct TopCustomer {
     responses(
         (status = 200, description = "Highest usage first, ties by customer id",
          content((Top = "application/json"), (String = "text/csv"))),
-        (status = 400, description = "Missing or invalid parameter", body = tally_ingest::problem::Problem),
-        (status = 404, description = "Unknown meter", body = tally_ingest::problem::Problem),
-        (status = 503, description = "The store is unavailable", body = tally_ingest::problem::Problem),
+        (status = 400, description = "Missing or invalid parameter", body = tally_http::problem::Problem),
+        (status = 404, description = "Unknown meter", body = tally_http::problem::Problem),
+        (status = 503, description = "The store is unavailable", body = tally_http::problem::Problem),
     )
 )]
 async fn get_top(
@@ -821,7 +824,7 @@ async fn get_top(
         ));
     }
     let customers: Vec<TopCustomer> = s
-        .store
+        .usage
         .top_customers(&meter_name, meter.aggregation, from, to, limit)
         .await
         .map_err(|e| ApiError::unavailable(&e))?
@@ -877,8 +880,8 @@ pub struct MeterTotals {
     responses(
         (status = 200, description = "Every meter of the catalogue, in name order",
          content((Totals = "application/json"), (String = "text/csv"))),
-        (status = 400, description = "Invalid parameter", body = tally_ingest::problem::Problem),
-        (status = 503, description = "The store is unavailable", body = tally_ingest::problem::Problem),
+        (status = 400, description = "Invalid parameter", body = tally_http::problem::Problem),
+        (status = 503, description = "The store is unavailable", body = tally_http::problem::Problem),
     )
 )]
 async fn get_totals(
@@ -897,7 +900,7 @@ async fn get_totals(
     )?;
     let asked = catalog_meters(&s.catalog);
     let found = s
-        .store
+        .usage
         .meter_totals(&asked, from, to)
         .await
         .map_err(|e| ApiError::unavailable(&e))?;

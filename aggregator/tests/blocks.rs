@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
-use tally_aggregator::blocks::{Cutter, Resume};
-use tally_aggregator::rollup::{Block, Cell, Rollup};
-use tally_ingest::log::Record;
+use tally_aggregator::blocks::Cutter;
+use tally_backends::log::Record;
+use tally_backends::store::Resume;
+use tally_schemas::rollup::{Block, Cell, Rollup};
 use tally_schemas::{Catalog, UsageEvent};
 
 /// 2026-11-21T10:00:00Z.

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use tally_aggregator::rollup::Rollup;
-use tally_aggregator::store::sqlite::SqliteStore;
-use tally_aggregator::store::{Applied, UsageStore};
-use tally_ingest::log::EventLog;
-use tally_ingest::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use tally_backends::log::EventLog;
+use tally_backends::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
+use tally_backends::store::Applied;
+use tally_backends::store::prelude::*;
+use tally_backends::store::sqlite::SqliteStore;
+use tally_schemas::rollup::Rollup;
 use tally_schemas::{Aggregation, Catalog, ManualClock, UsageEvent};
 
 /// 2026-11-21T10:00:00Z; the period is November.

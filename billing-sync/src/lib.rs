@@ -68,7 +68,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
-use tally_aggregator::store::UsageStore;
+use tally_backends::backoff::Backoff;
+use tally_backends::store::Store;
 use tally_schemas::period::{minute_of, rfc3339};
 use tally_schemas::{Catalog, Clock, Customer};
 use tokio_util::sync::CancellationToken;
@@ -78,7 +79,7 @@ use crate::stripe::{MeterEventStream, Outcome, STREAM_BATCH, StripeMeters};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Store(#[from] tally_aggregator::Error),
+    Store(#[from] tally_backends::Error),
     #[error("stripe client: {0}")]
     Stripe(String),
 }
@@ -466,7 +467,7 @@ fn identifier(
 /// still takes its timestamps), else of the current one, up to `until`.
 #[allow(clippy::too_many_arguments)]
 async fn due(
-    store: &dyn UsageStore,
+    store: &dyn Store,
     catalog: &Catalog,
     customer: &str,
     meter: &str,
@@ -538,7 +539,7 @@ async fn due(
 /// Every (customer, record, Stripe customer id, meter) to report: customers linked to Stripe,
 /// with each additive meter.
 async fn linked(
-    store: &dyn UsageStore,
+    store: &dyn Store,
     catalog: &Catalog,
 ) -> Result<Vec<(String, Customer, String, String)>> {
     let mut out = Vec::new();
@@ -566,7 +567,7 @@ async fn linked(
 /// records them as done there.
 pub async fn plan_round(
     catalog: &Catalog,
-    store: &dyn UsageStore,
+    store: &dyn Store,
     now_ms: i64,
     settle: Duration,
     marks: &mut HashMap<(String, String), Mark>,
@@ -615,7 +616,7 @@ pub struct Difference {
 pub async fn reconcile(
     settings: &BillingSettings,
     catalog: &Catalog,
-    store: &dyn UsageStore,
+    store: &dyn Store,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<Vec<Difference>> {
@@ -670,7 +671,7 @@ pub async fn reconcile(
 pub async fn run(
     settings: BillingSettings,
     catalog: Arc<Catalog>,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     status: StatusHandle,
     shutdown: CancellationToken,
@@ -755,7 +756,7 @@ pub async fn run(
 struct Syncer {
     settings: BillingSettings,
     catalog: Arc<Catalog>,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     client: Arc<StripeMeters>,
     /// Set when reporting through the v2 stream.
@@ -923,7 +924,7 @@ impl Syncer {
     /// when it is still pending afterwards.
     async fn send_v1(&self, customer: &str, meter: &str, mut mark: Mark) -> Result<bool> {
         let report = mark.pending.clone().expect("a pending report");
-        let mut wait = self.settings.retry_base;
+        let mut wait = Backoff::new(self.settings.retry_base, Duration::from_secs(30)).jittered();
         for attempt in 1..=self.settings.attempts_per_round.max(1) {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(true),
@@ -1100,7 +1101,7 @@ impl Syncer {
             .iter()
             .map(|(_, _, m)| m.pending.clone().expect("a pending report"))
             .collect();
-        let mut wait = self.settings.retry_base;
+        let mut wait = Backoff::new(self.settings.retry_base, Duration::from_secs(30)).jittered();
         for attempt in 1..=self.settings.attempts_per_round.max(1) {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(batch.len() as u64),
@@ -1152,19 +1153,13 @@ impl Syncer {
 
     /// Counts a retryable failure and, unless it was the round's last attempt, waits the
     /// jittered backoff `wait` (then doubles it, up to 30 s). `false` if shutdown came first.
-    async fn pause_before_retry(&self, attempt: u32, wait: &mut Duration) -> bool {
+    async fn pause_before_retry(&self, attempt: u32, wait: &mut Backoff) -> bool {
         metrics::REPORTS.with_label_values(&["retry"]).inc();
         self.status.update(|s| s.retries += 1);
         if attempt >= self.settings.attempts_per_round {
             return true;
         }
-        let jittered = wait.mul_f64(rand::random_range(0.5..1.0));
-        tokio::select! {
-            _ = self.shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(jittered) => {}
-        }
-        *wait = (*wait * 2).min(Duration::from_secs(30));
-        true
+        wait.wait(&self.shutdown).await
     }
 
     async fn save_all(&self, batch: &[Item]) -> Result<()> {
@@ -1187,9 +1182,10 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_aggregator::rollup::Rollup;
-    use tally_aggregator::store::sqlite::SqliteStore;
-    use tally_ingest::log::Record;
+    use tally_backends::log::Record;
+    use tally_backends::store::prelude::*;
+    use tally_backends::store::sqlite::SqliteStore;
+    use tally_schemas::rollup::Rollup;
     use tally_schemas::{Customer, UsageEvent};
 
     #[test]

@@ -47,8 +47,8 @@ use axum::{Json, Router};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tally_aggregator::store::UsageStore;
-use tally_ingest::problem::ApiError;
+use tally_backends::store::Store;
+use tally_http::problem::ApiError;
 use tally_schemas::period::Period;
 use tally_schemas::{Catalog, Clock, Customer};
 
@@ -66,7 +66,7 @@ pub struct StripeWebhooks {
     /// Plan id by Stripe price or product id.
     pub plans: HashMap<String, String>,
     pub catalog: Arc<Catalog>,
-    pub store: Arc<dyn UsageStore>,
+    pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub on_change: Option<OnChange>,
     /// Where meter error reports are recorded for `GET /v1/billing/status`.
@@ -168,9 +168,9 @@ pub fn parse_event(body: &[u8]) -> Result<StripeEvent, ApiError> {
     request_body(content = Object, description = "A Stripe event", content_type = "application/json"),
     responses(
         (status = 200, description = "Handled, or ignored (`{\"received\": true, ...}`)", body = Object),
-        (status = 400, description = "missing_signature, invalid_signature, signature_expired or malformed_json", body = tally_ingest::problem::Problem),
-        (status = 404, description = "not_configured: no stripe_webhook_secret", body = tally_ingest::problem::Problem),
-        (status = 503, description = "The store is unavailable; Stripe retries", body = tally_ingest::problem::Problem),
+        (status = 400, description = "missing_signature, invalid_signature, signature_expired or malformed_json", body = tally_http::problem::Problem),
+        (status = 404, description = "not_configured: no stripe_webhook_secret", body = tally_http::problem::Problem),
+        (status = 503, description = "The store is unavailable; Stripe retries", body = tally_http::problem::Problem),
     )
 )]
 pub(crate) async fn receive(
@@ -275,7 +275,7 @@ impl StripeWebhooks {
     /// The Tally customer an object belongs to, with its record.
     async fn customer_of(&self, object: &Value) -> Result<Option<(String, Customer)>, ApiError> {
         let stripe_id = object["customer"].as_str();
-        let unavailable = |e: tally_aggregator::Error| ApiError::unavailable(&e);
+        let unavailable = |e: tally_backends::Error| ApiError::unavailable(&e);
         if let Some(id) = object["metadata"]["tally_customer_id"].as_str() {
             tally_schemas::event::check_customer_id(id)?;
             let record = self
@@ -445,7 +445,7 @@ impl StripeWebhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_aggregator::store::sqlite::SqliteStore;
+    use tally_backends::store::sqlite::SqliteStore;
     use tally_schemas::ManualClock;
 
     const DAY: i64 = 86_400;

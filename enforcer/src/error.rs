@@ -1,10 +1,9 @@
 /// Errors of the enforcer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The log or the store failed or refused (see [`tally_backends::Error::is_retryable`]).
     #[error(transparent)]
-    Store(#[from] tally_aggregator::Error),
-    #[error(transparent)]
-    Log(#[from] tally_ingest::Error),
+    Backend(#[from] tally_backends::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

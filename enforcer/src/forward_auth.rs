@@ -23,7 +23,7 @@
 use axum::extract::{RawPathParams, State as AxState};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tally_ingest::problem::ApiError;
+use tally_http::problem::ApiError;
 use tally_schemas::Decision;
 
 use crate::http::{CheckRequest, EnforcerHttp, answer, blocked, quota_headers};
@@ -76,11 +76,11 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     ),
     responses(
         (status = 200, description = "Allowed"),
-        (status = 400, description = "Invalid meter or quantity", body = tally_ingest::problem::Problem),
-        (status = 401, description = "No customer given", body = tally_ingest::problem::Problem),
+        (status = 400, description = "Invalid meter or quantity", body = tally_http::problem::Problem),
+        (status = 401, description = "No customer given", body = tally_http::problem::Problem),
         (status = 403, description = "Blocked (nginx: `Tally-Decision: block`)"),
-        (status = 404, description = "Unknown gateway or meter", body = tally_ingest::problem::Problem),
-        (status = 429, description = "Blocked (Traefik, Envoy)", body = tally_ingest::problem::Problem),
+        (status = 404, description = "Unknown gateway or meter", body = tally_http::problem::Problem),
+        (status = 429, description = "Blocked (Traefik, Envoy)", body = tally_http::problem::Problem),
     )
 )]
 pub async fn handle(

@@ -56,13 +56,6 @@ fn header_pairs(h: &HeaderMap) -> impl Iterator<Item = (String, String)> + '_ {
     })
 }
 
-fn to_status(e: tally_ingest::problem::ApiError) -> Status {
-    match e.status.as_u16() {
-        404 | 400 => Status::invalid_argument(format!("{}: {}", e.code, e.message)),
-        _ => Status::unavailable(format!("{}: {}", e.code, e.message)),
-    }
-}
-
 pub struct RateLimitGrpc {
     state: Arc<State>,
 }
@@ -136,7 +129,7 @@ impl RateLimitService for RateLimitGrpc {
                 meter: Some(entry("meter").unwrap_or_else(|| "api_requests".into())),
                 quantity: Some(quantity),
             };
-            let (_, a) = answer(&self.state, check, "envoy_rls").map_err(to_status)?;
+            let (_, a) = answer(&self.state, check, "envoy_rls").map_err(Status::from)?;
             let status = descriptor_status(&a, now);
             if status.code == Code::OverLimit as i32 {
                 out.overall_code = Code::OverLimit as i32;
@@ -231,7 +224,7 @@ impl Authorization for AuthzGrpc {
             ),
             quantity,
         };
-        let (reply, a) = answer(&self.state, check, "envoy_ext_authz").map_err(to_status)?;
+        let (reply, a) = answer(&self.state, check, "envoy_ext_authz").map_err(Status::from)?;
         let h = quota_headers(&a);
         if a.verdict.decision == Decision::Block {
             let body = serde_json::to_string(&reply).unwrap_or_default();

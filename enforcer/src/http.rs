@@ -22,9 +22,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
-use tally_aggregator::store::UsageStore;
-use tally_ingest::problem::Problem;
-use tally_ingest::problem::{ApiError, from_rejection};
+use tally_backends::store::Store;
+use tally_http::problem::Problem;
+use tally_http::problem::{ApiError, from_rejection};
 use tally_schemas::period::{parse_rfc3339, rfc3339};
 use tally_schemas::{Customer, Decision, Limit, UsageState};
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -36,7 +36,7 @@ use crate::state::{Answer, CheckError, Question, State};
 #[derive(Clone)]
 pub struct EnforcerHttp {
     pub state: Arc<State>,
-    pub store: Arc<dyn UsageStore>,
+    pub store: Arc<dyn Store>,
 }
 
 pub fn router(s: EnforcerHttp) -> Router {

@@ -45,8 +45,9 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 pub use state::State;
-use tally_aggregator::store::{SnapshotRequest, UsageStore};
-use tally_ingest::log::EventLog;
+use tally_backends::backoff::Backoff;
+use tally_backends::log::EventLog;
+use tally_backends::store::{SnapshotRequest, Store};
 use tally_schemas::period::calendar_month;
 use tally_schemas::{Customer, Notification};
 use tokio::sync::mpsc;
@@ -85,16 +86,16 @@ const FUTURE_MARGIN_MS: i64 = 10 * 60_000;
 /// read again after a restart). If the store cannot answer, they are counted (the enforcer
 /// keeps answering; its counters converge to the store's at the next start).
 async fn repeats(
-    batch: &[tally_ingest::log::Record],
+    batch: &[tally_backends::log::Record],
     remembers_since_ms: Option<i64>,
-    store: &dyn UsageStore,
+    store: &dyn Store,
 ) -> Vec<bool> {
     let mut out = vec![false; batch.len()];
     let Some(since) = remembers_since_ms else {
         return out;
     };
     let horizon = since.saturating_add(FUTURE_MARGIN_MS);
-    let (idx, doubtful): (Vec<usize>, Vec<tally_ingest::log::Record>) = batch
+    let (idx, doubtful): (Vec<usize>, Vec<tally_backends::log::Record>) = batch
         .iter()
         .enumerate()
         .filter(|(_, r)| r.event.time_ms < horizon)
@@ -120,7 +121,7 @@ async fn repeats(
 /// Records a customer change in memory; re-reads its counters when its current period moved.
 pub async fn update_customer(
     state: &State,
-    store: &dyn UsageStore,
+    store: &dyn Store,
     id: &str,
     record: Customer,
 ) -> Result<()> {
@@ -149,7 +150,7 @@ pub async fn update_customer(
 async fn load(
     state: &State,
     log: &dyn EventLog,
-    store: &dyn UsageStore,
+    store: &dyn Store,
     notes: &mpsc::Sender<Notification>,
 ) -> Result<(std::collections::BTreeMap<u32, u64>, i64)> {
     let now = state.clock().now_ms();
@@ -208,7 +209,7 @@ async fn publish(
     mut rx: mpsc::Receiver<Notification>,
 ) {
     while let Some(n) = rx.recv().await {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(60));
         let mut tries = 0;
         loop {
             match log.publish_notification(&n).await {
@@ -238,8 +239,7 @@ async fn publish(
                 Err(e) if tries < 8 => {
                     tries += 1;
                     tracing::warn!(error = %e, "publishing a notification failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
                 Err(e) => {
                     metrics::NOTIFICATIONS.with_label_values(&["failed"]).inc();
@@ -267,7 +267,7 @@ pub async fn run(
     settings: EnforcerSettings,
     state: Arc<State>,
     log: Arc<dyn EventLog>,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     // Bounded: a burst of crossings (a start-up after a crash, a catalogue change) waits for
@@ -279,17 +279,15 @@ pub async fn run(
     }
     let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
     // The store (ClickHouse) may be unreachable at start-up: keep trying, not ready meanwhile.
-    let mut backoff = std::time::Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let (offsets, mut last_update) = loop {
         match load(&state, log.as_ref(), store.as_ref(), &notes_tx).await {
             Ok(loaded) => break loaded,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "enforcer state not loaded");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                tracing::warn!(error = %e, "enforcer state not loaded; retrying");
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
         }
     };
@@ -340,7 +338,7 @@ pub async fn run(
                 if lag_measured.elapsed() >= LAG_INTERVAL {
                     lag_measured = std::time::Instant::now();
                     match log.end_offsets().await {
-                        Ok(ends) => tally_ingest::metrics::set_lag("enforcer", &position, &ends),
+                        Ok(ends) => tally_backends::metrics::set_lag("enforcer", &position, &ends),
                         Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
                     }
                 }

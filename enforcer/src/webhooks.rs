@@ -26,7 +26,8 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
-use tally_aggregator::store::{UsageStore, WebhookDelivery};
+use tally_backends::backoff::Backoff;
+use tally_backends::store::{WebhookDelivery, WebhookOutbox};
 use tally_schemas::Notification;
 use tally_schemas::period::rfc3339;
 use tokio_util::sync::CancellationToken;
@@ -109,7 +110,7 @@ fn now_ms() -> i64 {
 pub struct Webhooks {
     settings: Arc<WebhookSettings>,
     client: reqwest::Client,
-    store: Arc<dyn UsageStore>,
+    store: Arc<dyn WebhookOutbox>,
     /// This replica, as written in the outbox.
     owner: Arc<str>,
     /// (id, url) of the deliveries this replica is running.
@@ -117,7 +118,7 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(settings: WebhookSettings, store: Arc<dyn UsageStore>) -> Webhooks {
+    pub fn new(settings: WebhookSettings, store: Arc<dyn WebhookOutbox>) -> Webhooks {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .build()
@@ -271,11 +272,9 @@ impl Webhooks {
             metrics::WEBHOOKS.with_label_values(&["retried"]).inc();
             // Doubling from `retry_base`, at most 5 minutes; jitter: somewhere in the second
             // half of the step.
-            let step = s
-                .retry_base
-                .saturating_mul(1 << (d.attempts - 1).min(20))
-                .min(Duration::from_secs(300));
-            let pause = step.mul_f64(rand::random_range(0.5..1.0));
+            let pause = Backoff::new(s.retry_base, Duration::from_secs(300))
+                .jittered()
+                .wait_of(d.attempts);
             d.next_attempt_ms = now_ms() + pause.as_millis() as i64;
             self.record(&mut d).await;
         }

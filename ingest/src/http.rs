@@ -28,9 +28,10 @@ use tally_schemas::event::{BatchError, decode_batch, decode_event, split_ndjson}
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::log::EventLog;
+use tally_backends::log::EventLog;
+use tally_http::problem::{ApiError, EventFault, Problem, from_body_rejection};
+
 use crate::metrics;
-use crate::problem::{ApiError, Problem, from_body_rejection};
 
 /// Limits and rules of the ingest endpoint.
 #[derive(Debug, Clone)]
@@ -119,16 +120,6 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
              application/cloudevents-batch+json or application/x-ndjson",
         )),
     }
-}
-
-/// An invalid event of a request.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EventFault {
-    /// Position in the batch or NDJSON line (blank lines skipped).
-    pub index: usize,
-    /// The event's error code.
-    pub code: &'static str,
-    pub message: String,
 }
 
 /// The reply once the request's valid events are durable.

@@ -5,10 +5,10 @@
 //!
 //! # Layout
 //! - [`http`]: `POST /v1/events` (CloudEvents 1.0: single, batch, NDJSON).
-//! - [`log`]: the event-log contract ([`log::EventLog`]) and its adapters.
-//! - [`problem`]: the JSON error reply shared by every Tally endpoint.
 //! - [`metrics`]: Prometheus metrics of this stage.
-//! - [`sqlite`]: how the embedded SQLite databases are opened.
+//!
+//! The log it appends to is the backends' (`tally_backends::log::EventLog`: embedded or Kafka);
+//! its error replies are the shared ones (`tally_http::problem`).
 //!
 //! # Contract
 //! A 202 is sent only once every accepted event of the request is durable on the log. A
@@ -18,10 +18,7 @@
 
 pub mod error;
 pub mod http;
-pub mod log;
 pub mod metrics;
-pub mod problem;
-pub mod sqlite;
 
 use std::future::Future;
 

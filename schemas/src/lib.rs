@@ -13,21 +13,23 @@
 //! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
 //! - [`quantity`]: the usage cap, and overflow-free sums of stored quantities.
 //! - [`quota`]: the 80 / 100 / 110 % decision rules, threshold crossings and notifications.
+//! - [`record`]: a usage event as read back from the log, with its partition and offset.
+//! - [`rollup`]: folding records into per (customer, meter, minute) cells, exactly.
 //! - [`clock`]: wall-clock time behind a trait, so tests control it.
-//! - [`clickhouse`]: the ClickHouse schema as migrations (for the production path).
 //!
 //! # Units
 //! Quantities are whole numbers in the meter's unit (requests, bytes, minutes, items). Times are
 //! milliseconds since the Unix epoch, UTC.
 
 pub mod catalog;
-pub mod clickhouse;
 pub mod clock;
 pub mod customer;
 pub mod event;
 pub mod period;
 pub mod quantity;
 pub mod quota;
+pub mod record;
+pub mod rollup;
 pub mod wire;
 
 pub use catalog::{Aggregation, Catalog, Limit, Meter, OnLimit, Plan, QuotaPolicy};
@@ -36,6 +38,7 @@ pub use customer::Customer;
 pub use event::{EventError, TimePolicy, UsageEvent};
 pub use period::{Period, Window};
 pub use quota::{Decision, Notification, UsageState, Verdict};
+pub use record::Record;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,15 +1,28 @@
-//! The usage store: where rolled-up usage, log positions and customer records live. One adapter
-//! per backend behind [`UsageStore`]:
+//! The usage store: where rolled-up usage, log positions and customer records live. Its roles
+//! are narrow traits, so each stage names what it uses:
+//!
+//! | trait | used by |
+//! |---|---|
+//! | [`UsageWriter`] (de-duplication, atomic batch writes, positions) | aggregator |
+//! | [`UsageReader`] (totals, series, top customers, the snapshot) | query API, enforcer, billing-sync |
+//! | [`Customers`] (plan, overrides, period, payment state) | enforcer, billing-sync, the customer API |
+//! | [`BillingMarks`] (what was reported to Stripe) | billing-sync |
+//! | [`WebhookOutbox`] (notification deliveries in flight) | enforcer |
+//! | [`ApiKeys`] (hashed API keys) | the binary's authentication |
+//!
+//! [`Store`] is all of them. One adapter per backend, each split by role with its schema beside
+//! it:
 //!
 //! - [`sqlite`]: the embedded default (`usage.db`, SQLite in WAL mode, `synchronous=FULL`).
-//! - [`clickhouse`]: ClickHouse, for the distributed deployment.
+//! - [`clickhouse`] (cargo feature `clickhouse`): ClickHouse, for the distributed deployment.
 //!
 //! # Contract
-//! [`UsageStore::apply`] writes a batch's cells and the log positions after it in one atomic
+//! [`UsageWriter::apply`] writes a batch's cells and the log positions after it in one atomic
 //! step. A batch whose positions the store has already passed is skipped, so a replay after a
 //! crash can never add twice; a batch that overlaps the stored position only in part is refused
 //! ([`crate::Error::Fenced`]): another writer owns the partition.
 
+#[cfg(feature = "clickhouse")]
 pub mod clickhouse;
 pub mod sqlite;
 
@@ -17,14 +30,14 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tally_ingest::log::Record;
+use tally_schemas::Record;
 use tally_schemas::{Aggregation, Customer, Window};
 
-use crate::Result;
-use crate::blocks::Resume;
-use crate::rollup::Rollup;
+use tally_schemas::rollup::Rollup;
 
-/// What [`UsageStore::apply`] did with a batch.
+use crate::Result;
+
+/// What [`UsageWriter::apply`] did with a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     Written,
@@ -54,15 +67,19 @@ pub struct Snapshot {
     pub gauges: Vec<(String, String, i64, u64)>,
 }
 
-#[async_trait]
-pub trait UsageStore: Send + Sync + 'static {
-    /// For each record, the offset (in its partition) at which its (`source`, `id`) was first
-    /// counted, as far as the store knows; `None` when not counted yet. Reads only. Stores fed
-    /// by a log that drops duplicates itself know none.
-    async fn counted_at(&self, records: &[Record]) -> Result<Vec<Option<u64>>> {
-        Ok(vec![None; records.len()])
-    }
+/// Where the aggregator resumes one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Start of the last block written (blocks), or `next` (increments).
+    pub start: u64,
+    /// Next offset after what the store holds.
+    pub next: u64,
+}
 
+/// The aggregator's side: de-duplication, atomic batch writes and the log positions they
+/// cover (see the module contract).
+#[async_trait]
+pub trait UsageWriter: Send + Sync + 'static {
     /// For each record, whether it is the first of its (`source`, `id`) within the
     /// de-duplication window, remembering the ones that are. A record read again (same partition
     /// and offset) is still the first. Stores fed by a log that drops duplicates itself keep
@@ -83,7 +100,7 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn offsets(&self) -> Result<BTreeMap<u32, u64>>;
 
     /// Whether batches reach this store as cumulative blocks rather than increments (see
-    /// [`crate::blocks`]): stores that cannot check positions and write in one transaction.
+    /// the aggregator's `blocks` module): stores that cannot check positions and write in one transaction.
     fn takes_blocks(&self) -> bool {
         false
     }
@@ -97,6 +114,17 @@ pub trait UsageStore: Send + Sync + 'static {
             .into_iter()
             .map(|(p, next)| (p, Resume { start: next, next }))
             .collect())
+    }
+}
+
+/// Reads of rolled-up usage: the query API, the enforcer's start-up snapshot, billing-sync.
+#[async_trait]
+pub trait UsageReader: Send + Sync + 'static {
+    /// For each record, the offset (in its partition) at which its (`source`, `id`) was first
+    /// counted, as far as the store knows; `None` when not counted yet. Reads only. Stores fed
+    /// by a log that drops duplicates itself know none.
+    async fn counted_at(&self, records: &[Record]) -> Result<Vec<Option<u64>>> {
+        Ok(vec![None; records.len()])
     }
 
     /// Usage of one meter: the sum over `[from_ms, to_ms)` for additive meters; for gauges the
@@ -122,7 +150,7 @@ pub trait UsageStore: Send + Sync + 'static {
         window: Window,
     ) -> Result<Vec<(i64, u64)>>;
 
-    /// [`UsageStore::total`] of several meters of one customer over the same range, in the
+    /// [`UsageReader::total`] of several meters of one customer over the same range, in the
     /// order asked (the current-period summary).
     async fn totals(
         &self,
@@ -163,7 +191,7 @@ pub trait UsageStore: Send + Sync + 'static {
         to_ms: i64,
     ) -> Result<MeterTotal>;
 
-    /// [`UsageStore::meter_total`] of several meters, in the order asked, in as few reads as
+    /// [`UsageReader::meter_total`] of several meters, in the order asked, in as few reads as
     /// the store can.
     async fn meter_totals(
         &self,
@@ -183,14 +211,22 @@ pub trait UsageStore: Send + Sync + 'static {
 
     /// Period-to-date usage for the enforcer, in one consistent read.
     async fn snapshot(&self, request: SnapshotRequest) -> Result<Snapshot>;
+}
 
+/// Customer records (plan, overrides, billing period, payment state), latest write wins.
+#[async_trait]
+pub trait Customers: Send + Sync + 'static {
     async fn customer(&self, id: &str) -> Result<Option<Customer>>;
 
     async fn put_customer(&self, id: &str, customer: &Customer) -> Result<()>;
 
     /// Customers changed at or after `updated_ms`.
     async fn customers_since(&self, updated_ms: i64) -> Result<Vec<(String, Customer)>>;
+}
 
+/// Billing-sync's state per (customer, meter): what was reported to Stripe.
+#[async_trait]
+pub trait BillingMarks: Send + Sync + 'static {
     /// Billing-sync's state per (customer, meter), as it wrote it (JSON the store does not
     /// read).
     async fn billing_marks(&self) -> Result<Vec<(String, String, String)>>;
@@ -198,21 +234,29 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Stores billing-sync's state of one (customer, meter); durable when this returns.
     async fn put_billing_mark(&self, customer: &str, meter: &str, mark: &str) -> Result<()>;
 
-    /// [`UsageStore::put_billing_mark`] for many at once, in one write where the store can.
+    /// [`BillingMarks::put_billing_mark`] for many at once, in one write where the store can.
     async fn put_billing_marks(&self, marks: &[(String, String, String)]) -> Result<()> {
         for (customer, meter, mark) in marks {
             self.put_billing_mark(customer, meter, mark).await?;
         }
         Ok(())
     }
+}
 
+/// The enforcer's webhook outbox, shared by its replicas.
+#[async_trait]
+pub trait WebhookOutbox: Send + Sync + 'static {
     /// The enforcer's webhook outbox: deliveries not yet finished.
     async fn pending_webhooks(&self) -> Result<Vec<WebhookDelivery>>;
 
     /// Records a delivery's state; durable when this returns. A finished one (`done`) leaves
     /// the outbox.
     async fn put_webhook(&self, delivery: &WebhookDelivery) -> Result<()>;
+}
 
+/// API key records (hashes of the keys, never the keys).
+#[async_trait]
+pub trait ApiKeys: Send + Sync + 'static {
     /// Every API key record, as `(id, record)`: JSON the store does not read (the records hold
     /// hashes of the keys, never the keys).
     async fn api_keys(&self) -> Result<Vec<(String, String)>>;
@@ -220,6 +264,27 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Stores an API key record; a later `version` of the same id replaces it. Durable when
     /// this returns.
     async fn put_api_key(&self, id: &str, record: &str, version: u64) -> Result<()>;
+}
+
+/// Every role's trait, for code that calls the methods of a concrete store
+/// (`use tally_backends::store::prelude::*`).
+pub mod prelude {
+    pub use super::{
+        ApiKeys as _, BillingMarks as _, Customers as _, UsageReader as _, UsageWriter as _,
+        WebhookOutbox as _,
+    };
+}
+
+/// Every role at once: what a backend implements, and what the process wires up. A stage keeps
+/// only the roles it uses (`Arc<dyn Store>` coerces to `Arc<dyn Customers>` and the others).
+pub trait Store:
+    UsageWriter + UsageReader + Customers + BillingMarks + WebhookOutbox + ApiKeys
+{
+}
+
+impl<T> Store for T where
+    T: UsageWriter + UsageReader + Customers + BillingMarks + WebhookOutbox + ApiKeys
+{
 }
 
 /// A meter's usage across customers.

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tally_ingest::log::Record;
-use tally_schemas::period::minute_of;
-use tally_schemas::{Aggregation, Catalog};
+use crate::Record;
+use crate::period::minute_of;
+use crate::{Aggregation, Catalog};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CellKey {
@@ -32,7 +32,7 @@ impl Cell {
     /// Merges `other` into `self`; commutative and associative.
     pub fn merge(&mut self, other: Cell) {
         match (self, other) {
-            (Cell::Add(a), Cell::Add(b)) => *a = tally_schemas::quantity::add(*a, b),
+            (Cell::Add(a), Cell::Add(b)) => *a = crate::quantity::add(*a, b),
             (
                 Cell::Latest { time_ms, value },
                 Cell::Latest {
@@ -56,8 +56,8 @@ pub struct Rollup {
     pub ranges: BTreeMap<u32, (u64, u64)>,
     /// Records folded in.
     pub events: usize,
-    /// The same batch as cumulative blocks ([`crate::blocks`]), for stores that take them
-    /// ([`crate::store::UsageStore::takes_blocks`]); then `cells` stays empty. Without
+    /// The same batch as cumulative blocks (the aggregator's `blocks` module), for stores that
+    /// take them (the backends' `UsageWriter::takes_blocks`); then `cells` stays empty. Without
     /// blocks, a store takes each partition's range of the batch as one block.
     pub blocks: Vec<Block>,
 }
@@ -134,7 +134,7 @@ impl Rollup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_schemas::UsageEvent;
+    use crate::UsageEvent;
 
     fn rec(offset: u64, meter: &str, value: u64, time_ms: i64) -> Record {
         Record {

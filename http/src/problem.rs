@@ -17,9 +17,21 @@ pub struct Problem {
     /// Ingest: how many events were invalid.
     pub rejected: Option<usize>,
     /// Ingest: each invalid event's error.
-    pub errors: Option<Vec<crate::http::EventFault>>,
+    pub errors: Option<Vec<EventFault>>,
 }
 
+/// An invalid event of a request.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct EventFault {
+    /// Position in the batch or NDJSON line (blank lines skipped).
+    pub index: usize,
+    /// The event's error code.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// An error reply: the same status and code whichever protocol carries it (HTTP through
+/// [`IntoResponse`], gRPC through [`ApiError::grpc_code`] and `tonic::Status::from`).
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -83,6 +95,34 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The gRPC status code of this error's HTTP status: a request the caller must change
+    /// (400, 404, 413, 415, 422) is `InvalidArgument`, refused credentials `Unauthenticated`,
+    /// a forbidden one `PermissionDenied`, too many requests `ResourceExhausted`, a timeout
+    /// `DeadlineExceeded`; anything else is `Unavailable` (retry later).
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self.status {
+            StatusCode::BAD_REQUEST
+            | StatusCode::NOT_FOUND
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
+            | StatusCode::UNPROCESSABLE_ENTITY => tonic::Code::InvalidArgument,
+            StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
+            StatusCode::FORBIDDEN => tonic::Code::PermissionDenied,
+            StatusCode::TOO_MANY_REQUESTS => tonic::Code::ResourceExhausted,
+            StatusCode::REQUEST_TIMEOUT => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Unavailable,
+        }
+    }
+}
+
+/// The gRPC form of an error: [`ApiError::grpc_code`], with `code: message` as the message.
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> tonic::Status {
+        tonic::Status::new(e.grpc_code(), format!("{}: {}", e.code, e.message))
+    }
+}
+
 /// An invalid event attribute or identifier: 400 with the error's own code.
 impl From<tally_schemas::EventError> for ApiError {
     fn from(e: tally_schemas::EventError) -> ApiError {
@@ -90,7 +130,6 @@ impl From<tally_schemas::EventError> for ApiError {
     }
 }
 
-/// Maps axum's body and query rejections to [`ApiError`]s with codes.
 /// The error of a request body that could not be read: 408 `body_timeout` when the client was
 /// too slow to send it (the body timeout of the listener), else as [`from_rejection`].
 pub fn from_body_rejection(r: &axum::extract::rejection::BytesRejection) -> ApiError {
@@ -108,6 +147,7 @@ pub fn from_body_rejection(r: &axum::extract::rejection::BytesRejection) -> ApiE
     from_rejection(r.status(), r.body_text())
 }
 
+/// Maps axum's body, path and query rejections to [`ApiError`]s with codes.
 pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, "body_too_large", text),

@@ -2,7 +2,8 @@
 //! (aggregator, enforcer). One adapter per backend, all behind [`EventLog`]:
 //!
 //! - [`embedded`]: SQLite in WAL mode with `synchronous=FULL`, for the one-process default.
-//! - [`kafka`]: a Kafka topic keyed by customer, for the distributed deployment.
+//! - `kafka` (cargo feature `kafka`): a Kafka topic keyed by customer, for the distributed
+//!   deployment.
 //!
 //! # Contract
 //! - [`EventLog::append`] returns only once every event it reports as accepted is durable; an
@@ -15,12 +16,14 @@
 //!   the log can drop what every consumer has passed.
 
 pub mod embedded;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use tally_schemas::Record;
 use tally_schemas::{Notification, UsageEvent};
 
 use crate::Result;
@@ -34,17 +37,10 @@ pub struct AppendOutcome {
     pub duplicates: usize,
 }
 
-/// One record read back from the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub partition: u32,
-    pub offset: u64,
-    pub event: UsageEvent,
-}
-
-/// The write side and the shared facilities of a log backend.
+/// The write side and the shared facilities of a log backend. Every log also keeps
+/// [`Notifications`].
 #[async_trait]
-pub trait EventLog: Send + Sync + 'static {
+pub trait EventLog: Notifications {
     /// Appends `events` durably, dropping duplicates.
     async fn append(&self, events: Vec<UsageEvent>) -> Result<AppendOutcome>;
 
@@ -59,9 +55,17 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Next offset to be written, per partition (the high watermark).
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>>;
+}
 
+/// Threshold-notification claims, kept beside the log: the first publication of a
+/// (customer, meter, period, threshold) wins, whichever replica makes it, so each notification
+/// goes out once.
+#[async_trait]
+pub trait Notifications: Send + Sync + 'static {
     /// Publishes a threshold notification; returns `true` for the first publication of its
-    /// (customer, meter, period, threshold) and `false` when it was already published.
+    /// (customer, meter, period start, threshold) and `false` when it was already published,
+    /// by this handle or another replica. Exactly one call returns `true` per key, provided a
+    /// call that failed is retried until it answers.
     async fn publish_notification(&self, n: &Notification) -> Result<bool>;
 
     /// Notifications of periods that end after `since_ms`.

@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tally_schemas::{Clock, Notification, UsageEvent, wire};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{AppendOutcome, EventLog, LogReader, Record};
+use super::{AppendOutcome, EventLog, LogReader, Notifications, Record};
 use crate::{Error, Result, metrics};
 
 /// Settings of the embedded log.
@@ -183,8 +183,9 @@ fn writer_loop(
             }
             Err(e) => {
                 tracing::error!(error = %e, "embedded log append failed");
+                let e = std::sync::Arc::new(e);
                 for job in jobs {
-                    let _ = job.reply.send(Err(Error::Append(e.to_string())));
+                    let _ = job.reply.send(Err(Error::Commit(e.clone())));
                 }
             }
         }
@@ -268,7 +269,10 @@ impl EventLog for EmbeddedLog {
     async fn end_offsets(&self) -> Result<Vec<(u32, u64)>> {
         Ok(vec![(0, *self.high.borrow())])
     }
+}
 
+#[async_trait]
+impl Notifications for EmbeddedLog {
     async fn publish_notification(&self, n: &Notification) -> Result<bool> {
         let n = n.clone();
         self.with_side(move |c| {

@@ -1,0 +1,216 @@
+//! SQLite store, reader role ([`UsageReader`]): totals, series, top customers and totals across
+//! customers, the enforcer's snapshot.
+
+use async_trait::async_trait;
+
+use super::writer::read_offsets;
+use super::*;
+
+fn total(
+    c: &Connection,
+    customer: &str,
+    meter: &str,
+    aggregation: Aggregation,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<u64> {
+    if aggregation.is_additive() {
+        let (high, low): (Option<i64>, Option<i64>) = c
+            .prepare_cached(
+                "SELECT SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
+            )?
+            .query_row(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        return Ok(joined(high, low));
+    }
+    let v: Option<i64> = {
+        c.prepare_cached(
+            "SELECT value FROM usage_minute
+             WHERE customer = ?1 AND meter = ?2 AND minute_ms < ?3
+             ORDER BY minute_ms DESC LIMIT 1",
+        )?
+        .query_row(params![customer, meter, to_ms], |r| r.get(0))
+        .optional()?
+    };
+    Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+/// A customer's total from the sums of the high and low parts of its cells (see
+/// [`tally_schemas::quantity`]): exact, held at the cap.
+fn joined(high: Option<i64>, low: Option<i64>) -> u64 {
+    quantity::join_capped(high.unwrap_or(0).into(), low.unwrap_or(0).into())
+}
+
+#[async_trait]
+impl UsageReader for SqliteStore {
+    async fn total(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            total(c, &customer, &meter, aggregation, from_ms, to_ms)
+        })
+        .await
+    }
+
+    async fn series(
+        &self,
+        customer: &str,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(i64, u64)>> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT minute_ms, value, last_ms FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+                 ORDER BY minute_ms",
+            )?;
+            let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            // Rows come in time order: the last one in a bucket is the latest.
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(crate::store::bucket(rows, window, aggregation))
+        })
+        .await
+    }
+
+    async fn top_customers(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>> {
+        let meter = meter.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(if aggregation.is_additive() {
+                // The sums normalised to (high, low < 2^32) order exactly, without overflow.
+                "SELECT customer, h + (l >> 32) AS hi, l & 4294967295 AS lo FROM (
+                     SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
+                     FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                     GROUP BY customer)
+                 WHERE h > 0 OR l > 0 ORDER BY hi DESC, lo DESC, customer LIMIT ?4"
+            } else {
+                "SELECT customer, value >> 32, value & 4294967295 AS v FROM (
+                     SELECT customer, value, ROW_NUMBER() OVER
+                         (PARTITION BY customer ORDER BY minute_ms DESC) AS n
+                     FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
+                 WHERE n = 1 AND value > 0 ORDER BY value DESC, customer LIMIT ?4"
+            })?;
+            let rows = stmt.query_map(params![meter, from_ms, to_ms, limit], |r| {
+                Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn meter_total(
+        &self,
+        meter: &str,
+        aggregation: Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<MeterTotal> {
+        let meter = meter.to_owned();
+        Self::with(&self.reader, move |c| {
+            let (high, low, customers): (Option<i64>, Option<i64>, i64) = c
+                .prepare_cached(if aggregation.is_additive() {
+                    "SELECT SUM(h), SUM(l), COUNT(*) FROM (
+                         SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
+                         FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                         GROUP BY customer HAVING h > 0 OR l > 0)"
+                } else {
+                    "SELECT SUM(value >> 32), SUM(value & 4294967295), COUNT(*) FROM (
+                         SELECT customer, value, ROW_NUMBER() OVER
+                             (PARTITION BY customer ORDER BY minute_ms DESC) AS n
+                         FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
+                     WHERE n = 1 AND value > 0"
+                })?
+                .query_row(params![meter, from_ms, to_ms], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
+            Ok(MeterTotal {
+                // Several customers: exact up to u64::MAX, not held at one customer's cap.
+                usage: quantity::join(high.unwrap_or(0).into(), low.unwrap_or(0).into()),
+                customers: customers.max(0) as u64,
+            })
+        })
+        .await
+    }
+
+    async fn snapshot(&self, req: SnapshotRequest) -> Result<Snapshot> {
+        Self::with(&self.reader, move |c| {
+            let tx = c.transaction()?; // one read snapshot for offsets and usage
+            let offsets = read_offsets(&tx)?;
+            let mut totals = Vec::new();
+            let special: std::collections::HashMap<&str, i64> = req
+                .since_by_customer
+                .iter()
+                .map(|(c, s)| (c.as_str(), *s))
+                .collect();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT customer, SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
+                     WHERE meter = ?1 AND minute_ms >= ?2 GROUP BY customer",
+                )?;
+                for meter in &req.additive_meters {
+                    let rows = stmt.query_map(params![meter, req.default_since_ms], |r| {
+                        Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
+                    })?;
+                    for row in rows {
+                        let (customer, sum) = row?;
+                        if !special.contains_key(customer.as_str()) {
+                            totals.push((customer, meter.clone(), sum));
+                        }
+                    }
+                }
+                for (customer, since) in &req.since_by_customer {
+                    for meter in &req.additive_meters {
+                        let v = total(&tx, customer, meter, Aggregation::Sum, *since, i64::MAX)?;
+                        if v > 0 {
+                            totals.push((customer.clone(), meter.clone(), v));
+                        }
+                    }
+                }
+            }
+            let mut gauges = Vec::new();
+            {
+                let mut stmt =
+                    tx.prepare("SELECT customer, meter, time_ms, value FROM gauge_latest")?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get::<_, i64>(3)?.max(0) as u64,
+                    ))
+                })?;
+                for row in rows {
+                    gauges.push(row?);
+                }
+            }
+            tx.finish()?;
+            Ok(Snapshot {
+                offsets,
+                totals,
+                gauges,
+            })
+        })
+        .await
+    }
+}
