@@ -20,6 +20,7 @@ use tally_backends::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use tally_backends::store::sqlite::SqliteStore;
 use tally_enforcer::http::EnforcerHttp;
 use tally_enforcer::{EnforcerSettings, State};
+use tally_http::metrics;
 use tally_http::problem::ApiError;
 use tally_ingest::{IngestSettings, IngestState};
 use tally_schemas::{Catalog, Clock, TimePolicy};
@@ -31,7 +32,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::KeyRing;
 use crate::config::Config;
 use crate::{Error, Result};
-use tally_http::metrics;
 
 /// A stage of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -219,189 +219,56 @@ impl App {
         components: &[Component],
         clock: Arc<dyn Clock>,
     ) -> Result<App> {
-        let catalog = Arc::new(load_catalog(config)?);
         let wants = |c: Component| components.contains(&c);
         let needs_log =
             wants(Component::Ingest) || wants(Component::Aggregator) || wants(Component::Enforcer);
-        let log = if needs_log {
-            Some(open_log(config, clock.clone())?)
-        } else {
-            None
+        let log = needs_log
+            .then(|| open_log(config, clock.clone()))
+            .transpose()?;
+        let w = Wiring {
+            config,
+            catalog: Arc::new(load_catalog(config)?),
+            // Every component reads the API keys from the store.
+            store: open_store(config)?,
+            clock,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            fatal: Arc::new(Mutex::new(None)),
         };
-        // Every component reads the API keys from the store.
-        let store = open_store(config)?;
-
-        let tasks = TaskTracker::new();
-        let stop = CancellationToken::new();
-        let fatal = Arc::new(Mutex::new(None));
-        let mut router = Router::new();
-        let mut enforcer = None;
         // The enforcer's state, made first: ingest in the same process reads its period totals
         // to refuse events past the usage cap.
-        let enforcer_state = (wants(Component::Enforcer) && log.is_some())
-            .then(|| Arc::new(State::new(catalog.clone(), clock.clone(), config.fail_open)));
-
-        if let (true, Some(log)) = (wants(Component::Ingest), &log) {
-            router = router.merge(tally_ingest::router(IngestState {
-                log: log.clone(),
-                catalog: catalog.clone(),
-                clock: clock.clone(),
-                settings: Arc::new(IngestSettings {
-                    max_body_bytes: config.max_body_bytes,
-                    max_batch_events: config.max_batch_events,
-                    time_policy: TimePolicy {
-                        late_window_ms: config.late_window.as_millis() as i64,
-                        future_tolerance_ms: config.future_tolerance.as_millis() as i64,
-                    },
-                }),
-                room: enforcer_state.clone().map(|state| {
-                    let room: tally_ingest::UsageRoom =
-                        Arc::new(move |customer, meter, time_ms| {
-                            state.room(customer, meter, time_ms)
-                        });
-                    room
-                }),
-            }));
-        }
-        if let (true, Some(log)) = (wants(Component::Aggregator), &log) {
-            router = router.merge(query::router(query::QueryState {
-                usage: store.clone(),
-                customers: store.clone(),
-                catalog: catalog.clone(),
-                clock: clock.clone(),
-            }));
-            router = router.merge(crate::dashboard::router());
-            let settings = AggregatorSettings {
-                max_batch_events: config.aggregator_batch_events,
-                flush_interval: config.flush_interval,
-                group: config.kafka_consumer_group.clone(),
-                stall_rejoin: config.aggregator_stall_rejoin,
-            };
-            let run = tally_aggregator::run(
-                settings,
-                catalog.clone(),
-                log.clone(),
-                store.clone(),
-                stop.clone(),
-            );
-            spawn(&tasks, "aggregator", run, stop.clone(), fatal.clone());
-        }
-        if let (Some(state), Some(log)) = (enforcer_state, &log) {
-            router = router
-                .merge(tally_enforcer::http::router(EnforcerHttp {
-                    state: state.clone(),
-                    store: store.clone(),
-                }))
-                .merge(tally_enforcer::grpc::router(state.clone()));
-            let settings = EnforcerSettings {
-                fail_open: config.fail_open,
-                customer_refresh: config.customer_refresh,
-                webhooks: tally_enforcer::webhooks::WebhookSettings {
-                    urls: config.webhook_urls.clone(),
-                    secret: config.webhook_secret.clone(),
-                    max_attempts: config.webhook_max_attempts,
-                    retry_base: config.webhook_retry_base,
-                    timeout: config.webhook_timeout,
-                    ..Default::default()
-                },
-                ..EnforcerSettings::default()
-            };
-            let run = tally_enforcer::run(
-                settings,
-                state.clone(),
-                log.clone(),
-                store.clone(),
-                stop.clone(),
-            );
-            spawn(&tasks, "enforcer", run, stop.clone(), fatal.clone());
-            enforcer = Some(state);
+        let enforcer = (wants(Component::Enforcer) && log.is_some()).then(|| {
+            Arc::new(State::new(
+                w.catalog.clone(),
+                w.clock.clone(),
+                config.fail_open,
+            ))
+        });
+        let mut router = Router::new();
+        if let Some(log) = &log {
+            if wants(Component::Ingest) {
+                router = router.merge(w.ingest(log, enforcer.as_ref()));
+            }
+            if wants(Component::Aggregator) {
+                router = router.merge(w.aggregator(log));
+            }
+            if let Some(state) = &enforcer {
+                router = router.merge(w.enforcer(log, state));
+            }
         }
         if wants(Component::BillingSync) {
-            let status = tally_billing_sync::StatusHandle::default();
-            router = router.merge(tally_billing_sync::router(status.clone()));
-            // Plan changes from Stripe reach this process's enforcer at once; enforcers
-            // elsewhere read them from the store within `customer_refresh`.
-            let on_change = enforcer.clone().map(|state| {
-                let store = store.clone();
-                let f: tally_billing_sync::webhooks::OnChange = Arc::new(move |id, record| {
-                    let (state, store) = (state.clone(), store.clone());
-                    Box::pin(async move {
-                        if let Err(e) =
-                            tally_enforcer::update_customer(&state, store.as_ref(), &id, record)
-                                .await
-                        {
-                            tracing::warn!(customer = %id, error = %e, "enforcer not updated");
-                        }
-                    })
-                });
-                f
-            });
-            router = router.merge(tally_billing_sync::webhooks::router(Arc::new(
-                tally_billing_sync::webhooks::StripeWebhooks {
-                    secret: config.stripe_webhook_secret.clone(),
-                    plans: name_value_pairs(&config.stripe_plans),
-                    catalog: catalog.clone(),
-                    store: store.clone(),
-                    clock: clock.clone(),
-                    on_change,
-                    status: status.clone(),
-                },
-            )));
-            let run = tally_billing_sync::run(
-                billing_settings(config),
-                catalog.clone(),
-                store.clone(),
-                clock.clone(),
-                status.clone(),
-                stop.clone(),
-            );
-            spawn(&tasks, "billing-sync", run, stop.clone(), fatal.clone());
+            router = router.merge(w.billing_sync(enforcer.as_ref()));
         }
-        let keys = Arc::new(KeyRing::new(
-            store,
-            clock.clone(),
-            config.admin_key.as_deref(),
-            open_on_loopback(config),
-            config.max_batch_events,
-        ));
-        if let Err(e) = keys.refresh().await {
-            // Until the keys are read, only the bootstrap key passes; others get 503.
-            tracing::warn!(error = %e, "API keys not read yet; retrying in the background");
-        }
-        announce_access(config, &keys);
-        tasks.spawn(keys.clone().keep_fresh(stop.clone()));
-        tasks.close();
-
-        let router = router
-            .merge(crate::keys::router(keys.clone()))
-            .route("/openapi.json", get(crate::openapi::openapi_json))
-            .route("/v1/operator/stats", get(crate::operator::stats))
-            .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
-            .layer(middleware::from_fn_with_state(
-                keys.clone(),
-                crate::auth::require,
-            ))
-            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-                config.body_timeout,
-            ))
-            .layer(middleware::from_fn(metrics::track))
-            .layer(CatchPanicLayer::custom(|_| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-                .into_response()
-            }));
-        let admin = admin_router(enforcer.clone(), fatal.clone());
+        let keys = w.key_ring().await;
+        w.tasks.close();
         Ok(App {
-            router,
-            admin,
+            router: api_layers(router, &keys, config),
+            admin: admin_router(enforcer.clone(), w.fatal.clone()),
             enforcer,
             keys,
-            tasks,
-            stop,
-            fatal,
+            tasks: w.tasks,
+            stop: w.stop,
+            fatal: w.fatal,
         })
     }
 
@@ -424,6 +291,201 @@ impl App {
             None => Ok(()),
         }
     }
+}
+
+/// What the components of one process share while [`App::start`] wires them.
+struct Wiring<'a> {
+    config: &'a Config,
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn Store>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+impl Wiring<'_> {
+    /// Runs a pipeline task; its failure stops the process.
+    fn spawn<E: std::fmt::Display + Send + 'static>(
+        &self,
+        name: &'static str,
+        fut: impl std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
+    ) {
+        spawn(
+            &self.tasks,
+            name,
+            fut,
+            self.stop.clone(),
+            self.fatal.clone(),
+        );
+    }
+
+    /// `POST /v1/events`, refusing events past the usage cap of the enforcer in this process.
+    fn ingest(&self, log: &Arc<dyn EventLog>, enforcer: Option<&Arc<State>>) -> Router {
+        let config = self.config;
+        tally_ingest::router(IngestState {
+            log: log.clone(),
+            catalog: self.catalog.clone(),
+            clock: self.clock.clone(),
+            settings: Arc::new(IngestSettings {
+                max_body_bytes: config.max_body_bytes,
+                max_batch_events: config.max_batch_events,
+                time_policy: TimePolicy {
+                    late_window_ms: config.late_window.as_millis() as i64,
+                    future_tolerance_ms: config.future_tolerance.as_millis() as i64,
+                },
+            }),
+            room: enforcer.cloned().map(|state| {
+                let room: tally_ingest::UsageRoom =
+                    Arc::new(move |customer, meter, time_ms| state.room(customer, meter, time_ms));
+                room
+            }),
+        })
+    }
+
+    /// The aggregator's task, and the query API and dashboard over what it writes.
+    fn aggregator(&self, log: &Arc<dyn EventLog>) -> Router {
+        let config = self.config;
+        let settings = AggregatorSettings {
+            max_batch_events: config.aggregator_batch_events,
+            flush_interval: config.flush_interval,
+            group: config.kafka_consumer_group.clone(),
+            stall_rejoin: config.aggregator_stall_rejoin,
+        };
+        let run = tally_aggregator::run(
+            settings,
+            self.catalog.clone(),
+            log.clone(),
+            self.store.clone(),
+            self.stop.clone(),
+        );
+        self.spawn("aggregator", run);
+        query::router(query::QueryState {
+            usage: self.store.clone(),
+            customers: self.store.clone(),
+            catalog: self.catalog.clone(),
+            clock: self.clock.clone(),
+        })
+        .merge(crate::dashboard::router())
+    }
+
+    /// The enforcer's task (load, then follow the log), its HTTP and gRPC checks.
+    fn enforcer(&self, log: &Arc<dyn EventLog>, state: &Arc<State>) -> Router {
+        let config = self.config;
+        let settings = EnforcerSettings {
+            fail_open: config.fail_open,
+            customer_refresh: config.customer_refresh,
+            webhooks: tally_enforcer::webhooks::WebhookSettings {
+                urls: config.webhook_urls.clone(),
+                secret: config.webhook_secret.clone(),
+                max_attempts: config.webhook_max_attempts,
+                retry_base: config.webhook_retry_base,
+                timeout: config.webhook_timeout,
+                ..Default::default()
+            },
+            ..EnforcerSettings::default()
+        };
+        let run = tally_enforcer::run(
+            settings,
+            state.clone(),
+            log.clone(),
+            self.store.clone(),
+            self.stop.clone(),
+        );
+        self.spawn("enforcer", run);
+        tally_enforcer::http::router(EnforcerHttp {
+            state: state.clone(),
+            store: self.store.clone(),
+        })
+        .merge(tally_enforcer::grpc::router(state.clone()))
+    }
+
+    /// Billing-sync's task, its status and the Stripe webhooks, which update the enforcer of
+    /// this process at once (enforcers elsewhere read changes from the store within
+    /// `customer_refresh`).
+    fn billing_sync(&self, enforcer: Option<&Arc<State>>) -> Router {
+        let config = self.config;
+        let status = tally_billing_sync::StatusHandle::default();
+        let on_change = enforcer.cloned().map(|state| {
+            let store = self.store.clone();
+            let f: tally_billing_sync::webhooks::OnChange = Arc::new(move |id, record| {
+                let (state, store) = (state.clone(), store.clone());
+                Box::pin(async move {
+                    if let Err(e) =
+                        tally_enforcer::update_customer(&state, store.as_ref(), &id, record).await
+                    {
+                        tracing::warn!(customer = %id, error = %e, "enforcer not updated");
+                    }
+                })
+            });
+            f
+        });
+        let webhooks = tally_billing_sync::webhooks::StripeWebhooks {
+            secret: config.stripe_webhook_secret.clone(),
+            plans: name_value_pairs(&config.stripe_plans),
+            catalog: self.catalog.clone(),
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            on_change,
+            status: status.clone(),
+        };
+        let run = tally_billing_sync::run(
+            billing_settings(config),
+            self.catalog.clone(),
+            self.store.clone(),
+            self.clock.clone(),
+            status.clone(),
+            self.stop.clone(),
+        );
+        self.spawn("billing-sync", run);
+        tally_billing_sync::router(status)
+            .merge(tally_billing_sync::webhooks::router(Arc::new(webhooks)))
+    }
+
+    /// The API keys, read once (until then only the bootstrap key passes) and kept fresh.
+    async fn key_ring(&self) -> Arc<KeyRing> {
+        let config = self.config;
+        let keys = Arc::new(KeyRing::new(
+            self.store.clone(),
+            self.clock.clone(),
+            config.admin_key.as_deref(),
+            open_on_loopback(config),
+            config.max_batch_events,
+        ));
+        if let Err(e) = keys.refresh().await {
+            // Until the keys are read, only the bootstrap key passes; others get 503.
+            tracing::warn!(error = %e, "API keys not read yet; retrying in the background");
+        }
+        announce_access(config, &keys);
+        self.tasks.spawn(keys.clone().keep_fresh(self.stop.clone()));
+        keys
+    }
+}
+
+/// The public API: the components' routes, the key and operator endpoints, and the layers
+/// every request passes (access control, body timeout, request metrics, panics as 500).
+fn api_layers(router: Router, keys: &Arc<KeyRing>, config: &Config) -> Router {
+    router
+        .merge(crate::keys::router(keys.clone()))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        .route("/v1/operator/stats", get(crate::operator::stats))
+        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(
+            keys.clone(),
+            crate::auth::require,
+        ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            config.body_timeout,
+        ))
+        .layer(middleware::from_fn(metrics::track))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+            .into_response()
+        }))
 }
 
 /// Whether the API may run open while no key exists: the embedded default, listening on

@@ -142,27 +142,7 @@ fn main() -> anyhow::Result<()> {
         Command::BillingSync => &[Component::BillingSync],
         Command::Replay(args) => {
             tally::telemetry::init(&config);
-            let summary = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(replay(&config, args))?;
-            println!(
-                "read {}, accepted {}, duplicates {}, rejected {}",
-                summary.read,
-                summary.accepted,
-                summary.duplicates,
-                summary.rejected_total()
-            );
-            for (code, n) in &summary.rejected {
-                println!("  rejected {code}: {n}");
-            }
-            for (at, message) in &summary.examples {
-                eprintln!("refused at {at}: {message}");
-            }
-            if summary.rejected_total() > 0 {
-                std::process::exit(2);
-            }
-            return Ok(());
+            return print_replay(runtime()?.block_on(replay(&config, args))?);
         }
         Command::Openapi => {
             print!("{}", tally::openapi::pretty());
@@ -174,43 +154,13 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Billing(BillingCommand::Reconcile { from, to }) => {
             tally::telemetry::init(&config);
-            let parse = |s: &str| {
-                tally_schemas::period::parse_rfc3339(s)
-                    .with_context(|| format!("`{s}` is not an RFC 3339 time"))
-            };
-            let (from, to) = (parse(&from)?, parse(&to)?);
-            let differences = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(tally::app::reconcile(&config, from, to))?;
-            if differences.is_empty() {
-                println!("no differences");
-                return Ok(());
-            }
-            println!("customer\tstripe_customer\tmeter\ttally\tstripe");
-            for d in &differences {
-                let stripe = d.stripe.map_or("no meter".to_owned(), |v| v.to_string());
-                println!(
-                    "{}\t{}\t{}\t{}\t{stripe}",
-                    d.customer, d.stripe_customer_id, d.meter, d.tally
-                );
-            }
-            std::process::exit(1);
+            return reconcile(&config, &from, &to);
         }
         // No log subscriber: standard output carries the new key alone.
-        Command::Keys(command) => {
-            return tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(keys(&config, command));
-        }
+        Command::Keys(command) => return runtime()?.block_on(keys(&config, command)),
         Command::Migrate => {
             tally::telemetry::init(&config);
-            let done = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(tally::app::migrate(&config))?;
-            for line in done {
+            for line in runtime()?.block_on(tally::app::migrate(&config))? {
                 println!("{line}");
             }
             return Ok(());
@@ -220,10 +170,57 @@ fn main() -> anyhow::Result<()> {
     for name in unknown {
         tracing::warn!(variable = %name, "ignoring unknown TALLY_ variable");
     }
+    runtime()?.block_on(serve(config, components))
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(config, components))
+        .build()
+}
+
+/// `tally replay`'s summary; exit status 2 when events were refused.
+fn print_replay(summary: tally::replay::Summary) -> anyhow::Result<()> {
+    println!(
+        "read {}, accepted {}, duplicates {}, rejected {}",
+        summary.read,
+        summary.accepted,
+        summary.duplicates,
+        summary.rejected_total()
+    );
+    for (code, n) in &summary.rejected {
+        println!("  rejected {code}: {n}");
+    }
+    for (at, message) in &summary.examples {
+        eprintln!("refused at {at}: {message}");
+    }
+    if summary.rejected_total() > 0 {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// `tally billing reconcile`: the differences as a table; exit status 1 when there are some.
+fn reconcile(config: &Config, from: &str, to: &str) -> anyhow::Result<()> {
+    let parse = |s: &str| {
+        tally_schemas::period::parse_rfc3339(s)
+            .with_context(|| format!("`{s}` is not an RFC 3339 time"))
+    };
+    let (from, to) = (parse(from)?, parse(to)?);
+    let differences = runtime()?.block_on(tally::app::reconcile(config, from, to))?;
+    if differences.is_empty() {
+        println!("no differences");
+        return Ok(());
+    }
+    println!("customer\tstripe_customer\tmeter\ttally\tstripe");
+    for d in &differences {
+        let stripe = d.stripe.map_or("no meter".to_owned(), |v| v.to_string());
+        println!(
+            "{}\t{}\t{}\t{}\t{stripe}",
+            d.customer, d.stripe_customer_id, d.meter, d.tally
+        );
+    }
+    std::process::exit(1);
 }
 
 async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {

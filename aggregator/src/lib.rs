@@ -57,15 +57,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
-use tally_backends::log::EventLog;
-use tally_schemas::Catalog;
+use tally_backends::backoff::Backoff;
+use tally_backends::log::{EventLog, LogReader};
+use tally_backends::store::{Applied, UsageWriter};
+use tally_schemas::rollup::Rollup;
+use tally_schemas::{Catalog, Record};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::blocks::Cutter;
-use tally_backends::backoff::Backoff;
-use tally_backends::store::{Applied, UsageWriter};
-use tally_schemas::rollup::Rollup;
 
 /// Batching of the aggregator.
 #[derive(Debug, Clone)]
@@ -108,8 +108,6 @@ pub async fn run(
     if shutdown.is_cancelled() {
         return Ok(());
     }
-    let mut epoch = reader.assignment_epoch();
-    let mut maintained: Option<Instant> = None;
     let stalled = Arc::new(Notify::new());
     tokio::spawn(report_lag(
         log.clone(),
@@ -118,61 +116,105 @@ pub async fn run(
         stalled.clone(),
         shutdown.clone(),
     ));
+    let mut a = Aggregator {
+        epoch: reader.assignment_epoch(),
+        reader,
+        cutter,
+        maintained: None,
+        settings,
+        catalog,
+        store,
+        shutdown,
+    };
     tracing::info!("aggregator started");
     loop {
-        if maintained.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
-            maintained = Some(Instant::now());
-            if let Err(e) = store.maintain(now_ms()).await {
+        a.maintain().await;
+        let batch = tokio::select! {
+            _ = a.shutdown.cancelled() => break,
+            _ = stalled.notified() => {
+                metrics::REJOINS.inc();
+                a.reader.rejoin()?;
+                continue;
+            }
+            b = a.reader.poll(a.settings.max_batch_events, a.settings.flush_interval) => b?,
+        };
+        if a.take(batch).await? == Flow::Stop {
+            break;
+        }
+    }
+    tracing::info!("aggregator stopped");
+    Ok(())
+}
+
+/// Whether the aggregator reads on.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// Shutdown came before the store took the batch: it is read again on restart.
+    Stop,
+}
+
+/// One aggregator's loop state: its reader, the cutter of its partitions into batches, and
+/// the assignment it last resumed from the store.
+struct Aggregator {
+    settings: AggregatorSettings,
+    catalog: Arc<Catalog>,
+    store: Arc<dyn UsageWriter>,
+    reader: Box<dyn LogReader>,
+    cutter: Cutter,
+    /// The reader's assignment epoch the positions were last read for.
+    epoch: u64,
+    maintained: Option<Instant>,
+    shutdown: CancellationToken,
+}
+
+impl Aggregator {
+    /// Store housekeeping (expiring de-duplication ids), every [`MAINTENANCE_INTERVAL`].
+    async fn maintain(&mut self) {
+        if self
+            .maintained
+            .is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL)
+        {
+            self.maintained = Some(Instant::now());
+            if let Err(e) = self.store.maintain(now_ms()).await {
                 tracing::warn!(error = %e, "store maintenance failed");
             }
         }
-        let mut batch = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = stalled.notified() => {
-                metrics::REJOINS.inc();
-                reader.rejoin()?;
-                continue;
-            }
-            b = reader.poll(settings.max_batch_events, settings.flush_interval) => b?,
-        };
+    }
+
+    /// De-duplicates, rolls up and writes one polled batch, then reports the positions to the
+    /// log.
+    async fn take(&mut self, mut batch: Vec<Record>) -> Result<Flow> {
         // A full batch: more is waiting (catching up).
-        let full = batch.len() >= settings.max_batch_events;
-        if reader.assignment_epoch() != epoch {
-            // Partitions moved: another aggregator may have advanced them meanwhile. Resume
-            // each from the store, which is the truth, not from the log's committed offsets.
-            epoch = reader.assignment_epoch();
-            let sought = reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
-            // What was read before for the partitions sought comes again from there.
-            batch.retain(|r| !sought.contains(&r.partition));
-        }
-        let batch: Vec<_> = batch.into_iter().filter(|r| cutter.wants(r)).collect();
+        let full = batch.len() >= self.settings.max_batch_events;
+        self.follow_rebalance(&mut batch).await?;
+        batch.retain(|r| self.cutter.wants(r));
         if batch.is_empty() {
-            continue;
+            return Ok(Flow::Continue);
         }
         let cut = roll_up(
             &batch,
-            &catalog,
-            store.as_ref(),
-            &mut cutter,
+            &self.catalog,
+            self.store.as_ref(),
+            &mut self.cutter,
             !full,
-            &shutdown,
+            &self.shutdown,
         );
         let Some(rollup) = cut.await? else {
-            return Ok(());
+            return Ok(Flow::Stop);
         };
         if rollup.ranges.is_empty() {
             // Nothing to write yet: records the store holds (a resume rebuilding its last
             // block), or an open block left for later.
-            continue;
+            return Ok(Flow::Continue);
         }
-        match flush(&rollup, store.as_ref(), &shutdown).await {
+        match flush(&rollup, self.store.as_ref(), &self.shutdown).await {
             Ok(true) => {}
-            // Stopped before the store took the batch: it is read again on restart.
-            Ok(false) => break,
+            Ok(false) => return Ok(Flow::Stop),
             Err(e) if e.is_fenced() => {
                 tracing::warn!(error = %e, "batch dropped; resuming from the store's positions");
-                reread(store.as_ref(), reader.as_mut(), &mut cutter, &shutdown).await?;
-                continue;
+                self.resume_from_store().await?;
+                return Ok(Flow::Continue);
             }
             Err(e) => return Err(e),
         }
@@ -181,12 +223,34 @@ pub async fn run(
             .iter()
             .map(|(&p, &(_, next))| (p, next))
             .collect();
-        if let Err(e) = reader.commit(&positions).await {
+        if let Err(e) = self.reader.commit(&positions).await {
             tracing::warn!(error = %e, "could not report positions to the log");
         }
+        Ok(Flow::Continue)
     }
-    tracing::info!("aggregator stopped");
-    Ok(())
+
+    /// After a rebalance, another aggregator may have advanced the partitions meanwhile: each
+    /// resumes from the store, which is the truth, not from the log's committed offsets, and
+    /// what `batch` read before for the partitions sought comes again from there.
+    async fn follow_rebalance(&mut self, batch: &mut Vec<Record>) -> Result<()> {
+        if self.reader.assignment_epoch() == self.epoch {
+            return Ok(());
+        }
+        self.epoch = self.reader.assignment_epoch();
+        let sought = self.resume_from_store().await?;
+        batch.retain(|r| !sought.contains(&r.partition));
+        Ok(())
+    }
+
+    async fn resume_from_store(&mut self) -> Result<BTreeSet<u32>> {
+        reread(
+            self.store.as_ref(),
+            self.reader.as_mut(),
+            &mut self.cutter,
+            &self.shutdown,
+        )
+        .await
+    }
 }
 
 /// How often the consumer lag is measured.
@@ -326,7 +390,7 @@ where
 /// sought.
 async fn reread(
     store: &dyn UsageWriter,
-    reader: &mut dyn tally_backends::log::LogReader,
+    reader: &mut dyn LogReader,
     cutter: &mut Cutter,
     shutdown: &CancellationToken,
 ) -> Result<BTreeSet<u32>> {

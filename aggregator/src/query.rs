@@ -26,14 +26,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
-use tally_http::problem::{ApiError, from_rejection};
+use tally_http::extract::Query;
+use tally_http::problem::ApiError;
 use tally_schemas::period::{calendar_month, parse_rfc3339, rfc3339};
 use tally_schemas::{Aggregation, Catalog, Clock, Customer, Meter, Period, Window, quota};
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -429,9 +429,8 @@ const PERIOD_HEADER: &[&str] = &[
 async fn get_usage(
     State(s): State<QueryState>,
     headers: HeaderMap,
-    q: Result<Query<UsageQuery>, QueryRejection>,
+    Query(q): Query<UsageQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let format = Format::of(q.format.as_deref(), &headers)?;
     let customer = customer_param(q.customer)?;
     let meter_name = required(q.meter, "meter")?;
@@ -550,106 +549,32 @@ fn series_response(
     window: Option<Window>,
     format: Format,
 ) -> Response {
-    let window_name = match window {
-        Some(Window::Minute) => "minute",
-        Some(Window::Hour) => "hour",
-        Some(Window::Day) => "day",
-        Some(Window::Month) => "month",
-        None => "period",
-    };
-    let head = match format {
-        Format::Json => {
-            let mut head = serde_json::to_string(&SeriesHead {
-                customer: &customer,
-                meter: &meter_name,
-                unit: &meter.unit,
-                window: window_name,
-                from: rfc3339(from),
-                to: rfc3339(to),
-            })
-            .unwrap_or_default();
-            head.pop(); // the closing brace
-            head.push_str(",\"points\":[");
-            head.into_bytes()
-        }
-        Format::Csv => csv_rows::<SeriesRow>(Some(SERIES_HEADER), []).unwrap_or_default(),
-    };
+    let q = Arc::new(SeriesQuery {
+        s,
+        customer,
+        meter_name,
+        meter,
+        window,
+        format,
+    });
+    let head = q.head(from, to);
     let tail: &'static [u8] = match format {
         Format::Json => b"]}",
         Format::Csv => b"",
     };
-    let ctx = Arc::new((s, customer, meter_name, meter));
+    let reader = q.clone();
     let mut first = true;
     let body = stream::iter(chunks(&record, from, to, window))
         .then(move |chunk| {
-            let ctx = ctx.clone();
-            async move {
-                let (s, customer, meter_name, meter) = &*ctx;
-                let points: Vec<(i64, i64, u64)> = match chunk {
-                    Chunk::Window { from, to } => {
-                        let w = window.unwrap_or(Window::Month);
-                        s.usage
-                            .series(customer, meter_name, meter.aggregation, from, to, w)
-                            .await?
-                            .into_iter()
-                            .map(|(start, v)| (start, bucket_end(w, start), v))
-                            .collect()
-                    }
-                    Chunk::Period { bucket, from, to } => {
-                        let v = s
-                            .usage
-                            .total(customer, meter_name, meter.aggregation, from, to)
-                            .await?;
-                        if v == 0 {
-                            vec![]
-                        } else {
-                            vec![(bucket.start_ms, bucket.end_ms, v)]
-                        }
-                    }
-                };
-                Ok::<_, crate::Error>((ctx.clone(), points))
-            }
+            let q = reader.clone();
+            async move { q.points(chunk).await }
         })
-        .map(move |res| {
-            let (ctx, points) = res.map_err(|e| {
+        .map(move |points| {
+            let points = points.map_err(|e| {
                 tracing::error!(error = %e, "series read failed mid-stream");
                 std::io::Error::other("store unavailable")
             })?;
-            let (_, customer, meter_name, meter) = &*ctx;
-            let mut out = Vec::new();
-            for (start, end, value) in points {
-                match format {
-                    Format::Json => {
-                        if !std::mem::take(&mut first) {
-                            out.push(b',');
-                        }
-                        serde_json::to_writer(
-                            &mut out,
-                            &Point {
-                                start: rfc3339(start),
-                                end: rfc3339(end),
-                                value,
-                            },
-                        )
-                        .map_err(std::io::Error::other)?;
-                    }
-                    Format::Csv => {
-                        let row = SeriesRow {
-                            customer,
-                            meter: meter_name,
-                            unit: &meter.unit,
-                            window: window_name,
-                            start: rfc3339(start),
-                            end: rfc3339(end),
-                            value,
-                        };
-                        out.extend(
-                            csv_rows(None, [row]).map_err(|e| std::io::Error::other(e.message))?,
-                        );
-                    }
-                }
-            }
-            Ok::<_, std::io::Error>(Bytes::from(out))
+            q.encode(&points, &mut first).map(Bytes::from)
         });
     let body = stream::once(async move { Ok(Bytes::from(head)) })
         .chain(body)
@@ -659,6 +584,115 @@ fn series_response(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// One series request, shared by the chunks of its streamed body.
+struct SeriesQuery {
+    s: QueryState,
+    customer: String,
+    meter_name: String,
+    meter: Meter,
+    window: Option<Window>,
+    format: Format,
+}
+
+impl SeriesQuery {
+    fn window_name(&self) -> &'static str {
+        match self.window {
+            Some(Window::Minute) => "minute",
+            Some(Window::Hour) => "hour",
+            Some(Window::Day) => "day",
+            Some(Window::Month) => "month",
+            None => "period",
+        }
+    }
+
+    /// The body before the points: the JSON object up to its `points` array, or the CSV
+    /// header.
+    fn head(&self, from: i64, to: i64) -> Vec<u8> {
+        match self.format {
+            Format::Json => {
+                let mut head = serde_json::to_string(&SeriesHead {
+                    customer: &self.customer,
+                    meter: &self.meter_name,
+                    unit: &self.meter.unit,
+                    window: self.window_name(),
+                    from: rfc3339(from),
+                    to: rfc3339(to),
+                })
+                .unwrap_or_default();
+                head.pop(); // the closing brace
+                head.push_str(",\"points\":[");
+                head.into_bytes()
+            }
+            Format::Csv => csv_rows::<SeriesRow>(Some(SERIES_HEADER), []).unwrap_or_default(),
+        }
+    }
+
+    /// The points of one chunk, as (bucket start, bucket end, usage); empty buckets left out.
+    async fn points(&self, chunk: Chunk) -> crate::Result<Vec<(i64, i64, u64)>> {
+        let (customer, meter, aggregation) =
+            (&self.customer, &self.meter_name, self.meter.aggregation);
+        Ok(match chunk {
+            Chunk::Window { from, to } => {
+                let w = self.window.unwrap_or(Window::Month);
+                self.s
+                    .usage
+                    .series(customer, meter, aggregation, from, to, w)
+                    .await?
+                    .into_iter()
+                    .map(|(start, v)| (start, bucket_end(w, start), v))
+                    .collect()
+            }
+            Chunk::Period { bucket, from, to } => {
+                let v = self
+                    .s
+                    .usage
+                    .total(customer, meter, aggregation, from, to)
+                    .await?;
+                if v == 0 {
+                    vec![]
+                } else {
+                    vec![(bucket.start_ms, bucket.end_ms, v)]
+                }
+            }
+        })
+    }
+
+    /// Points as JSON array members (`first`: none written yet) or CSV rows.
+    fn encode(&self, points: &[(i64, i64, u64)], first: &mut bool) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &(start, end, value) in points {
+            match self.format {
+                Format::Json => {
+                    if !std::mem::take(first) {
+                        out.push(b',');
+                    }
+                    let point = Point {
+                        start: rfc3339(start),
+                        end: rfc3339(end),
+                        value,
+                    };
+                    serde_json::to_writer(&mut out, &point).map_err(std::io::Error::other)?;
+                }
+                Format::Csv => {
+                    let row = SeriesRow {
+                        customer: &self.customer,
+                        meter: &self.meter_name,
+                        unit: &self.meter.unit,
+                        window: self.window_name(),
+                        start: rfc3339(start),
+                        end: rfc3339(end),
+                        value,
+                    };
+                    out.extend(
+                        csv_rows(None, [row]).map_err(|e| std::io::Error::other(e.message))?,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -713,9 +747,8 @@ pub struct MeterUsage {
 async fn get_summary(
     State(s): State<QueryState>,
     headers: HeaderMap,
-    q: Result<Query<SummaryQuery>, QueryRejection>,
+    Query(q): Query<SummaryQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let format = Format::of(q.format.as_deref(), &headers)?;
     let customer = customer_param(q.customer)?;
     let now = s.clock.now_ms();
@@ -803,9 +836,8 @@ pub struct TopCustomer {
 async fn get_top(
     State(s): State<QueryState>,
     headers: HeaderMap,
-    q: Result<Query<TopQuery>, QueryRejection>,
+    Query(q): Query<TopQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let format = Format::of(q.format.as_deref(), &headers)?;
     let meter_name = required(q.meter, "meter")?;
     let meter = lookup(&s.catalog, &meter_name)?;
@@ -887,9 +919,8 @@ pub struct MeterTotals {
 async fn get_totals(
     State(s): State<QueryState>,
     headers: HeaderMap,
-    q: Result<Query<TotalsQuery>, QueryRejection>,
+    Query(q): Query<TotalsQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let format = Format::of(q.format.as_deref(), &headers)?;
     let now = s.clock.now_ms();
     let (from, to) = range(

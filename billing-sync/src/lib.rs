@@ -688,20 +688,10 @@ pub async fn run(
                 _ = tick.tick() => {}
             }
             let now = clock.now_ms();
-            match plan_round(&catalog, store.as_ref(), now, settings.settle, &mut marks).await {
+            let settle = settings.settle;
+            match plan_round(&catalog, store.as_ref(), now, settle, &mut marks).await {
                 Ok(reports) => {
-                    for r in reports {
-                        tracing::info!(
-                            customer = %r.customer,
-                            stripe_customer = %r.stripe_customer_id,
-                            event_name = %r.event_name,
-                            value = r.value,
-                            period_start = %rfc3339(r.period_start_ms),
-                            counted_until = %rfc3339(r.counted_until_ms),
-                            identifier = %r.identifier,
-                            "dry-run: would send a meter event"
-                        );
-                    }
+                    reports.iter().for_each(log_dry_run);
                     status.round_done(now, None);
                 }
                 Err(e) => tracing::warn!(error = %e, "billing round failed"),
@@ -709,27 +699,12 @@ pub async fn run(
         }
     };
     status.update(|s| s.mode = "stripe");
-    let client = Arc::new(
-        StripeMeters::new(&stripe.secret_key, &stripe.api_base, stripe.timeout)
-            .map_err(Error::Stripe)?,
-    );
+    let (client, stream) = stripe_clients(&stripe)?;
     let rps = NonZeroU32::new(stripe.requests_per_second.max(1)).expect("at least 1");
     // No burst: requests are spaced evenly, so no one-second window holds more than the limit.
     let limiter = Arc::new(RateLimiter::direct(
         Quota::per_second(rps).allow_burst(NonZeroU32::MIN),
     ));
-    let stream = match stripe.api {
-        MeterApi::V1 => None,
-        MeterApi::V2 => Some(Arc::new(
-            MeterEventStream::new(
-                &stripe.secret_key,
-                &stripe.api_base,
-                &stripe.events_base,
-                stripe.timeout,
-            )
-            .map_err(Error::Stripe)?,
-        )),
-    };
     let sync = Arc::new(Syncer {
         settings,
         catalog,
@@ -750,6 +725,43 @@ pub async fn run(
             tracing::warn!(error = %e, "billing round failed; retrying next round");
         }
     }
+}
+
+/// A report billing-sync would send, logged in dry-run mode (no Stripe key configured).
+fn log_dry_run(r: &Report) {
+    tracing::info!(
+        customer = %r.customer,
+        stripe_customer = %r.stripe_customer_id,
+        event_name = %r.event_name,
+        value = r.value,
+        period_start = %rfc3339(r.period_start_ms),
+        counted_until = %rfc3339(r.counted_until_ms),
+        identifier = %r.identifier,
+        "dry-run: would send a meter event"
+    );
+}
+
+/// The Stripe clients of the configured API: v1 meter events, and the v2 stream when chosen.
+fn stripe_clients(
+    stripe: &StripeSettings,
+) -> Result<(Arc<StripeMeters>, Option<Arc<MeterEventStream>>)> {
+    let client = Arc::new(
+        StripeMeters::new(&stripe.secret_key, &stripe.api_base, stripe.timeout)
+            .map_err(Error::Stripe)?,
+    );
+    let stream = match stripe.api {
+        MeterApi::V1 => None,
+        MeterApi::V2 => Some(Arc::new(
+            MeterEventStream::new(
+                &stripe.secret_key,
+                &stripe.api_base,
+                &stripe.events_base,
+                stripe.timeout,
+            )
+            .map_err(Error::Stripe)?,
+        )),
+    };
+    Ok((client, stream))
 }
 
 /// One billing-sync with a Stripe client.

@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, State as AxState};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +22,9 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use tally_backends::store::Store;
+use tally_http::extract::Json as JsonBody;
+use tally_http::problem::ApiError;
 use tally_http::problem::Problem;
-use tally_http::problem::{ApiError, from_rejection};
 use tally_schemas::period::{parse_rfc3339, rfc3339};
 use tally_schemas::{Customer, Decision, Limit, UsageState};
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -397,9 +397,8 @@ fn respond(reply: CheckReply, a: &Answer) -> Response {
 )]
 async fn post_check(
     AxState(s): AxState<EnforcerHttp>,
-    body: Result<Json<CheckRequest>, JsonRejection>,
+    JsonBody(req): JsonBody<CheckRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let (reply, a) = answer(&s.state, req, "http")?;
     Ok(respond(reply, &a))
 }
@@ -576,10 +575,9 @@ async fn get_customer(
 async fn put_customer(
     AxState(s): AxState<EnforcerHttp>,
     Path(id): Path<String>,
-    body: Result<Json<CustomerUpdate>, JsonRejection>,
+    JsonBody(u): JsonBody<CustomerUpdate>,
 ) -> Result<Json<CustomerView>, ApiError> {
     tally_schemas::event::check_customer_id(&id)?;
-    let Json(u) = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let catalog = s.state.catalog().clone();
     let mut c = s
         .store

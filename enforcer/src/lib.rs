@@ -40,8 +40,9 @@ pub mod metrics;
 pub mod state;
 pub mod webhooks;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
 pub use state::State;
@@ -86,7 +87,7 @@ const FUTURE_MARGIN_MS: i64 = 10 * 60_000;
 /// read again after a restart). If the store cannot answer, they are counted (the enforcer
 /// keeps answering; its counters converge to the store's at the next start).
 async fn repeats(
-    batch: &[tally_backends::log::Record],
+    batch: &[tally_schemas::Record],
     remembers_since_ms: Option<i64>,
     store: &dyn Store,
 ) -> Vec<bool> {
@@ -95,7 +96,7 @@ async fn repeats(
         return out;
     };
     let horizon = since.saturating_add(FUTURE_MARGIN_MS);
-    let (idx, doubtful): (Vec<usize>, Vec<tally_backends::log::Record>) = batch
+    let (idx, doubtful): (Vec<usize>, Vec<tally_schemas::Record>) = batch
         .iter()
         .enumerate()
         .filter(|(_, r)| r.event.time_ms < horizon)
@@ -152,7 +153,7 @@ async fn load(
     log: &dyn EventLog,
     store: &dyn Store,
     notes: &mpsc::Sender<Notification>,
-) -> Result<(std::collections::BTreeMap<u32, u64>, i64)> {
+) -> Result<(BTreeMap<u32, u64>, i64)> {
     let now = state.clock().now_ms();
     let mut last_update = 0;
     let mut since_by_customer = Vec::new();
@@ -278,99 +279,161 @@ pub async fn run(
         tokio::spawn(hooks.clone().sweep(shutdown.clone()));
     }
     let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
-    // The store (ClickHouse) may be unreachable at start-up: keep trying, not ready meanwhile.
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let (offsets, mut last_update) = loop {
-        match load(&state, log.as_ref(), store.as_ref(), &notes_tx).await {
-            Ok(loaded) => break loaded,
-            Err(e) => {
-                tracing::warn!(error = %e, "enforcer state not loaded; retrying");
-                if !backoff.wait(&shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    let Some((offsets, last_update)) =
+        load_until_done(&state, log.as_ref(), store.as_ref(), &notes_tx, &shutdown).await
+    else {
+        return Ok(());
     };
     let mut reader = log.reader()?;
-    let mut position = offsets.clone();
     for (&partition, &next) in &offsets {
         reader.seek(partition, next);
     }
-    let mut catch_up: Vec<(u32, u64)> = log.end_offsets().await?;
+    let mut f = Follower {
+        catch_up: log.end_offsets().await?,
+        position: offsets,
+        last_update,
+        lag_measured: Instant::now() - LAG_INTERVAL,
+        evicted: Instant::now(),
+        notes: Vec::new(),
+        notes_tx,
+        state,
+        log,
+        store,
+    };
     let mut refresh = tokio::time::interval(settings.customer_refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut notes = Vec::new();
-    let mut lag_measured = std::time::Instant::now() - LAG_INTERVAL;
-    let mut evicted = std::time::Instant::now();
     loop {
-        if !state.is_ready() {
-            catch_up.retain(|(p, end)| position.get(p).copied().unwrap_or(0) < *end);
-            if catch_up.is_empty() {
-                state.set_ready();
-                tracing::info!("enforcer caught up with the log; ready");
-            }
-        }
+        f.check_caught_up();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = state.queued() => {
-                for n in state.take_queued() {
-                    let _ = notes_tx.send(n).await;
-                }
-            }
-            _ = refresh.tick() => {
-                match store.customers_since(last_update).await {
-                    Ok(changed) => {
-                        for (id, record) in changed {
-                            last_update = last_update.max(record.updated_ms);
-                            if state.customer(&id).as_ref() != &record {
-                                update_customer(&state, store.as_ref(), &id, record).await?;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
-                }
-                if evicted.elapsed() >= EVICT_INTERVAL {
-                    evicted = std::time::Instant::now();
-                    let n = state.evict_idle();
-                    tracing::debug!(customers = n, "idle customers forgotten");
-                }
-                metrics::CUSTOMERS.set(state.customers_len() as i64);
-                if lag_measured.elapsed() >= LAG_INTERVAL {
-                    lag_measured = std::time::Instant::now();
-                    match log.end_offsets().await {
-                        Ok(ends) => tally_backends::metrics::set_lag("enforcer", &position, &ends),
-                        Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
-                    }
-                }
-                state.sweep_rate_limits();
-            }
+            _ = f.state.queued() => f.send_queued().await,
+            _ = refresh.tick() => f.housekeeping().await?,
             batch = reader.poll(10_000, settings.follow_linger) => {
                 let batch = batch?;
-                let repeats = repeats(&batch, reader.remembers_since_ms(), store.as_ref()).await;
-                for (rec, repeat) in batch.iter().zip(repeats) {
-                    position.insert(rec.partition, rec.offset + 1);
-                    if repeat {
-                        metrics::REPEATS_SKIPPED.inc();
-                        continue;
-                    }
-                    state.apply(&rec.event, &mut notes);
-                }
-                metrics::EVENTS_APPLIED.inc_by(batch.len() as u64);
-                for n in notes.drain(..) {
-                    let _ = notes_tx.send(n).await;
-                }
-                if batch.is_empty() && !state.is_ready() {
-                    // Nothing more to read: whatever remains below the start-up end is gone.
-                    catch_up.clear();
-                }
+                f.apply(&batch, reader.remembers_since_ms()).await;
             }
         }
     }
-    for n in state.take_queued() {
-        let _ = notes_tx.send(n).await;
-    }
-    drop(notes_tx);
+    f.send_queued().await;
+    drop(f);
     // Let queued notifications go out, within bounds.
     let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     Ok(())
+}
+
+/// Loads the state, retrying while the store (ClickHouse) is unreachable (not ready
+/// meanwhile); `None` once `shutdown` came first.
+async fn load_until_done(
+    state: &State,
+    log: &dyn EventLog,
+    store: &dyn Store,
+    notes: &mpsc::Sender<Notification>,
+    shutdown: &CancellationToken,
+) -> Option<(BTreeMap<u32, u64>, i64)> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match load(state, log, store, notes).await {
+            Ok(loaded) => return Some(loaded),
+            Err(e) => {
+                tracing::warn!(error = %e, "enforcer state not loaded; retrying");
+                if !backoff.wait(shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The enforcer's side of the log once loaded: the position it has applied, the customer
+/// records it has seen, and what is still to read before it is ready.
+struct Follower {
+    state: Arc<State>,
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn Store>,
+    /// Next offset per partition applied.
+    position: BTreeMap<u32, u64>,
+    /// End offsets at start-up not yet reached: ready once empty.
+    catch_up: Vec<(u32, u64)>,
+    /// Latest `updated_ms` of the customer records read.
+    last_update: i64,
+    lag_measured: Instant,
+    evicted: Instant,
+    notes: Vec<Notification>,
+    notes_tx: mpsc::Sender<Notification>,
+}
+
+impl Follower {
+    /// Becomes ready once every partition reached its start-up end.
+    fn check_caught_up(&mut self) {
+        if self.state.is_ready() {
+            return;
+        }
+        let position = &self.position;
+        self.catch_up
+            .retain(|(p, end)| position.get(p).copied().unwrap_or(0) < *end);
+        if self.catch_up.is_empty() {
+            self.state.set_ready();
+            tracing::info!("enforcer caught up with the log; ready");
+        }
+    }
+
+    /// Hands the notifications queued by changes outside the log to the publisher.
+    async fn send_queued(&self) {
+        for n in self.state.take_queued() {
+            let _ = self.notes_tx.send(n).await;
+        }
+    }
+
+    /// Applies a batch (repeats the store already counted are skipped) and hands the
+    /// crossings to the publisher.
+    async fn apply(&mut self, batch: &[tally_schemas::Record], remembers_since_ms: Option<i64>) {
+        let repeats = repeats(batch, remembers_since_ms, self.store.as_ref()).await;
+        for (rec, repeat) in batch.iter().zip(repeats) {
+            self.position.insert(rec.partition, rec.offset + 1);
+            if repeat {
+                metrics::REPEATS_SKIPPED.inc();
+                continue;
+            }
+            self.state.apply(&rec.event, &mut self.notes);
+        }
+        metrics::EVENTS_APPLIED.inc_by(batch.len() as u64);
+        for n in self.notes.drain(..) {
+            let _ = self.notes_tx.send(n).await;
+        }
+        if batch.is_empty() && !self.state.is_ready() {
+            // Nothing more to read: whatever remains below the start-up end is gone.
+            self.catch_up.clear();
+        }
+    }
+
+    /// Every `customer_refresh`: customer records changed elsewhere, idle customers forgotten
+    /// (hourly), the customer gauge, consumer lag and expired rate limiters.
+    async fn housekeeping(&mut self) -> Result<()> {
+        match self.store.customers_since(self.last_update).await {
+            Ok(changed) => {
+                for (id, record) in changed {
+                    self.last_update = self.last_update.max(record.updated_ms);
+                    if self.state.customer(&id).as_ref() != &record {
+                        update_customer(&self.state, self.store.as_ref(), &id, record).await?;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "customer refresh failed"),
+        }
+        if self.evicted.elapsed() >= EVICT_INTERVAL {
+            self.evicted = Instant::now();
+            let n = self.state.evict_idle();
+            tracing::debug!(customers = n, "idle customers forgotten");
+        }
+        metrics::CUSTOMERS.set(self.state.customers_len() as i64);
+        if self.lag_measured.elapsed() >= LAG_INTERVAL {
+            self.lag_measured = Instant::now();
+            match self.log.end_offsets().await {
+                Ok(ends) => tally_backends::metrics::set_lag("enforcer", &self.position, &ends),
+                Err(e) => tracing::debug!(error = %e, "consumer lag not measured"),
+            }
+        }
+        self.state.sweep_rate_limits();
+        Ok(())
+    }
 }
