@@ -106,51 +106,36 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Runs each store scenario against each store backend, as its own test.
-macro_rules! store_conformance {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite_store {
+/// Runs each scenario of `$suite` against the subject `$subject` gives (none: skipped), one
+/// test per scenario in module `$backend`.
+macro_rules! conformance {
+    ($backend:ident, $subject:expr, $suite:ident: $($scenario:ident),* $(,)?) => {
+        mod $backend {
             $(#[test]
             fn $scenario() {
                 let rt = super::runtime();
-                if let Some(s) = super::sqlite_store() {
-                    rt.block_on(super::store::$scenario(&s));
-                }
-            })*
-        }
-        mod clickhouse_store {
-            $(#[test]
-            fn $scenario() {
-                let rt = super::runtime();
-                if let Some(s) = super::clickhouse_store(&rt) {
-                    rt.block_on(super::store::$scenario(&s));
+                #[allow(clippy::redundant_closure_call)]
+                if let Some(s) = ($subject)(&rt) {
+                    rt.block_on(super::$suite::$scenario(&s));
                 }
             })*
         }
     };
 }
 
-/// Runs each log scenario against each log backend, as its own test.
+/// Every store scenario against every store backend.
+macro_rules! store_conformance {
+    ($($scenario:ident),* $(,)?) => {
+        conformance!(sqlite_store, |_| super::sqlite_store(), store: $($scenario),*);
+        conformance!(clickhouse_store, super::clickhouse_store, store: $($scenario),*);
+    };
+}
+
+/// Every log scenario against every log backend.
 macro_rules! log_conformance {
     ($($scenario:ident),* $(,)?) => {
-        mod embedded_log {
-            $(#[test]
-            fn $scenario() {
-                let rt = super::runtime();
-                if let Some(s) = super::embedded_log() {
-                    rt.block_on(super::log::$scenario(&s));
-                }
-            })*
-        }
-        mod kafka_log {
-            $(#[test]
-            fn $scenario() {
-                let rt = super::runtime();
-                if let Some(s) = super::kafka_log(&rt) {
-                    rt.block_on(super::log::$scenario(&s));
-                }
-            })*
-        }
+        conformance!(embedded_log, |_| super::embedded_log(), log: $($scenario),*);
+        conformance!(kafka_log, super::kafka_log, log: $($scenario),*);
     };
 }
 
