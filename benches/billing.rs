@@ -92,6 +92,7 @@ fn main() {
                     value: 1 + (i as u64 % 50),
                     time_ms: now - 600_000,
                     received_ms: now - 600_000,
+                    readings: Vec::new(),
                 },
             })
             .collect();

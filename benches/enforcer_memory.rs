@@ -52,6 +52,7 @@ fn scenario(meters_per_customer: usize) {
                 value: 1,
                 time_ms: NOW,
                 received_ms: NOW,
+                readings: Vec::new(),
             };
             state.apply(&e, &mut notes);
         }

@@ -86,6 +86,7 @@ fn records(n: usize, customers: usize) -> Vec<Record> {
                 value: 1 + (i % 7) as u64,
                 time_ms: NOW - (i as i64 % 600) * 1_000,
                 received_ms: NOW,
+                readings: Vec::new(),
             },
         })
         .collect()

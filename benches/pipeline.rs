@@ -225,6 +225,7 @@ fn encoded_for(tag: &str, n: usize, customers: usize) -> Vec<(String, Vec<u8>)> 
                 value: 1,
                 time_ms: now,
                 received_ms: now,
+                readings: Vec::new(),
             };
             (e.customer.clone(), wire::encode(&e))
         })

@@ -259,6 +259,7 @@ impl App {
         if wants(Component::BillingSync) {
             router = router.merge(w.billing_sync(enforcer.as_ref()));
         }
+        router = router.merge(crate::meters::router(w.catalog.clone()));
         let keys = w.key_ring().await;
         w.tasks.close();
         Ok(App {

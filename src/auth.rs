@@ -227,6 +227,8 @@ pub fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
         }
         "/v1/webhooks/stripe" | "/openapi.json" | "/" => Need::Public,
         "/v1/keys" => Need::Scope(Scope::Admin),
+        "/v1/meters" | "/v1/plans" if *method == Method::GET => Need::Scope(Scope::Read),
+        _ if path.starts_with("/v1/meters/") && *method == Method::GET => Need::Scope(Scope::Read),
         _ if path == "/dashboard" || path.starts_with("/dashboard/") => Need::Public,
         _ if path.starts_with("/v1/forward-auth/") => Need::Scope(Scope::Check),
         _ if path.starts_with("/envoy.service.") => Need::Scope(Scope::Check),
@@ -861,6 +863,13 @@ mod tests {
             Need::Scope(Scope::Admin)
         );
         assert_eq!(need(&get, "/v1/keys", None), Need::Scope(Scope::Admin));
+        assert_eq!(need(&get, "/v1/meters", None), Need::Scope(Scope::Read));
+        assert_eq!(need(&get, "/v1/meters/a", None), Need::Scope(Scope::Read));
+        assert_eq!(need(&get, "/v1/plans", None), Need::Scope(Scope::Read));
+        assert_eq!(
+            need(&Method::POST, "/v1/meters", None),
+            Need::Scope(Scope::Admin)
+        );
         assert_eq!(
             need(&get, "/v1/keys/abc/rotate", None),
             Need::Scope(Scope::Admin)

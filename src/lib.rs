@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod keys;
+pub mod meters;
 pub mod metrics;
 pub mod openapi;
 pub mod operator;

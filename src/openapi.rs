@@ -42,6 +42,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
     doc.merge(tally_aggregator::query::QueryApi::openapi());
     doc.merge(tally_billing_sync::BillingApi::openapi());
     doc.merge(crate::keys::KeysApi::openapi());
+    doc.merge(crate::meters::CatalogueApi::openapi());
     utoipa::Modify::modify(&tally_ingest::http::EventCodes, &mut doc);
     utoipa::Modify::modify(&ApiKeys, &mut doc);
     doc

@@ -175,6 +175,7 @@ fn event(id: &str, customer: &str, meter: &str, value: u64, t: &str) -> UsageEve
         value,
         time_ms: at(t),
         received_ms: at(NOW),
+        readings: Vec::new(),
     }
 }
 

@@ -291,6 +291,7 @@ fn record(partition: u32, offset: u64, id: &str, customer: &str, value: u64) -> 
             value,
             time_ms: now,
             received_ms: now,
+            readings: Vec::new(),
         },
     }
 }

@@ -50,7 +50,8 @@ async fn the_document_is_served() {
 fn probe(path: &str, method: &str) -> Request<Body> {
     let uri = path
         .replace("{id}", "probe-customer")
-        .replace("{gateway}", "nginx");
+        .replace("{gateway}", "nginx")
+        .replace("{name}", "api_requests");
     let uri = match uri.as_str() {
         "/v1/check" if method == "get" => "/v1/check?customer=probe&meter=api_requests".to_string(),
         "/v1/usage" => "/v1/usage?customer=probe&meter=api_requests".to_string(),
@@ -105,7 +106,7 @@ async fn every_documented_operation_is_served_with_a_documented_status() {
             probed += 1;
         }
     }
-    assert_eq!(probed, 21, "operations probed");
+    assert_eq!(probed, 24, "operations probed");
     // And an undocumented path is not served.
     let resp = t
         .app
@@ -148,6 +149,10 @@ fn every_event_error_code_is_documented() {
         E::NegativeValue,
         E::ValueOutOfRange,
         E::UsageCapExceeded,
+        E::MissingValue(String::new()),
+        E::InvalidValue(String::new()),
+        E::ValuePrecision(String::new()),
+        E::InvalidDimension(String::new()),
     ];
     // A new variant must be added to `all` (and to the document): this match stops compiling.
     fn _every_variant_listed(e: &E) {
@@ -167,7 +172,11 @@ fn every_event_error_code_is_documented() {
             | E::NotInteger
             | E::NegativeValue
             | E::ValueOutOfRange
-            | E::UsageCapExceeded => {}
+            | E::UsageCapExceeded
+            | E::MissingValue(_)
+            | E::InvalidValue(_)
+            | E::ValuePrecision(_)
+            | E::InvalidDimension(_) => {}
         }
     }
     let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();

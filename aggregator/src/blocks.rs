@@ -35,7 +35,7 @@ use tally_backends::store::Resume;
 use tally_schemas::Catalog;
 use tally_schemas::Record;
 
-use tally_schemas::rollup::{Block, Cell, CellKey, Rollup, cell_of, fold};
+use tally_schemas::rollup::{Block, Rollup, cells_of, fold};
 
 /// Most offsets in one block.
 pub const BLOCK_RECORDS: u64 = 32_768;
@@ -187,8 +187,9 @@ impl Cutter {
         });
         open.fresh += usize::from(new && keep);
         if keep {
-            let (key, cell): (CellKey, Cell) = cell_of(rec, catalog);
-            fold(&mut open.block.cells, key, cell);
+            for (key, cell) in cells_of(rec, catalog) {
+                fold(&mut open.block.cells, key, cell);
+            }
         }
         open.block.next = rec.offset + 1;
         new
@@ -232,6 +233,7 @@ impl Cutter {
 mod tests {
     use super::*;
     use tally_schemas::UsageEvent;
+    use tally_schemas::rollup::Cell;
 
     fn rec(offset: u64, received_ms: i64, value: u64) -> Record {
         Record {
@@ -245,6 +247,7 @@ mod tests {
                 value,
                 time_ms: 60_000,
                 received_ms,
+                readings: Vec::new(),
             },
         }
     }

@@ -144,6 +144,7 @@ fn log() -> impl Strategy<Value = Vec<Record>> {
                         value,
                         time_ms: NOW + minute * 60_000,
                         received_ms: received,
+                        readings: Vec::new(),
                     },
                 }
             })

@@ -47,6 +47,7 @@ fn event(i: usize, e: &Ev) -> UsageEvent {
         // Distinct times (a gauge's latest value is then unambiguous), all in November.
         time_ms: NOW - i64::from(e.ago) * 60_000 - i as i64,
         received_ms: NOW,
+        readings: Vec::new(),
     }
 }
 

@@ -1241,6 +1241,7 @@ mod tests {
                     value: 7,
                     time_ms: 1_795_255_200_000,
                     received_ms: 1_795_255_200_000,
+                    readings: Vec::new(),
                 },
             })
             .collect();
@@ -1285,6 +1286,7 @@ mod tests {
                 value,
                 time_ms: ms(t),
                 received_ms: ms(t),
+                readings: Vec::new(),
             },
         };
         store

@@ -608,9 +608,22 @@ impl State {
         out
     }
 
-    /// Applies one log record; returns the notifications it triggers.
+    /// Applies one log record: each meter it feeds; pushes the notifications it triggers.
     pub fn apply(&self, event: &UsageEvent, out: &mut Vec<Notification>) {
-        let Some(&(i, agg)) = self.meters.get(event.meter.as_str()) else {
+        for r in event.readings() {
+            self.apply_reading(event, r.meter, r.value, out);
+        }
+    }
+
+    /// Applies one meter's reading of `event`.
+    fn apply_reading(
+        &self,
+        event: &UsageEvent,
+        meter: &str,
+        value: u64,
+        out: &mut Vec<Notification>,
+    ) {
+        let Some(&(i, agg)) = self.meters.get(meter) else {
             return;
         };
         let mut e = self.entry(&event.customer);
@@ -636,13 +649,13 @@ impl State {
                 };
             }
             before = c.usage;
-            c.usage = tally_schemas::quantity::add(c.usage, event.value);
+            c.usage = tally_schemas::quantity::add(c.usage, value);
         } else {
-            if (event.time_ms, event.value) <= (c.time_ms, c.usage) {
+            if (event.time_ms, value) <= (c.time_ms, c.usage) {
                 return;
             }
             before = if c.time_ms == i64::MIN { 0 } else { c.usage };
-            c.usage = event.value;
+            c.usage = value;
             c.time_ms = event.time_ms;
         }
         for t in quota::thresholds_crossed(policy, limit, before, c.usage) {
@@ -656,7 +669,7 @@ impl State {
             }
             out.push(Notification {
                 customer: event.customer.clone(),
-                meter: event.meter.clone(),
+                meter: meter.to_owned(),
                 period_start_ms: period.start_ms,
                 period_end_ms: period.end_ms,
                 threshold: t,
@@ -891,6 +904,7 @@ mod tests {
             value,
             time_ms: ms(time),
             received_ms: ms(time),
+            readings: Vec::new(),
         }
     }
 

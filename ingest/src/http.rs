@@ -407,28 +407,48 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
     let request_total = decoded
         .valid
         .iter()
-        .fold(0u64, |t, e| t.saturating_add(e.value));
+        .flat_map(|e| e.readings())
+        .fold(0u64, |t, r| t.saturating_add(r.value));
     let mut left: HashMap<(String, String, i64), u64> = HashMap::new();
     let mut refused = Vec::new();
     let mut keep = vec![true; decoded.valid.len()];
     for (n, e) in decoded.valid.iter().enumerate() {
-        if e.value == 0 {
-            continue;
+        // What the event takes from each (customer, meter, period): all of it fits, or the
+        // event is refused and takes nothing.
+        let mut takes: Vec<((String, String, i64), u64)> = Vec::new();
+        let mut fits = true;
+        for r in e.readings() {
+            if r.value == 0 {
+                continue;
+            }
+            let Some((period, known)) = room(&e.customer, r.meter, e.time_ms) else {
+                continue;
+            };
+            if known >= request_total {
+                continue;
+            }
+            let key = (e.customer.clone(), r.meter.to_owned(), period);
+            let available = *left.entry(key.clone()).or_insert(known);
+            let taken: u64 = takes
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| v)
+                .sum();
+            if r.value > available.saturating_sub(taken) {
+                fits = false;
+                break;
+            }
+            takes.push((key, r.value));
         }
-        let Some((period, known)) = room(&e.customer, &e.meter, e.time_ms) else {
-            continue;
-        };
-        if known >= request_total {
-            continue;
-        }
-        let left = left
-            .entry((e.customer.clone(), e.meter.clone(), period))
-            .or_insert(known);
-        if e.value > *left {
+        if fits {
+            for (key, v) in takes {
+                if let Some(l) = left.get_mut(&key) {
+                    *l -= v;
+                }
+            }
+        } else {
             keep[n] = false;
             refused.push(decoded.index[n]);
-        } else {
-            *left -= e.value;
         }
     }
     if refused.is_empty() {

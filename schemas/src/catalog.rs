@@ -8,13 +8,15 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::meter::{Condition, EventType, MAX_SCALE, Reader, ValueRule};
+use crate::path::JsonPath;
 use crate::{Error, Result};
 
 /// The catalogue Tally ships with.
 pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
 
 /// How the events of a meter fold into one figure per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     /// Each event adds its `data.value` (default 1): requests, calls.
@@ -33,17 +35,92 @@ impl Aggregation {
     }
 }
 
-/// One meter of the catalogue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One meter of the catalogue (see [`crate::meter`] for how it reads events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Meter {
     /// How events fold into usage.
     pub aggregation: Aggregation,
-    /// The unit of `data.value` and of every limit on this meter.
+    /// The unit of the quantity and of every limit on this meter.
     pub unit: String,
     /// Shown in dashboards and the API.
     #[serde(default)]
     pub description: String,
+    /// The CloudEvents `type` this meter reads; default: the meter's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Path of the quantity in `data`. Default: `data.value` (1 when absent) for a meter
+    /// without `event_type`; none (1 per event) for a `count` meter with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<JsonPath>,
+    /// Decimal places of the quantity: usage and limits are whole numbers of `10^-scale` units.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scale: u8,
+    /// Named dimensions: name = path of its value in `data`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group_by: BTreeMap<String, JsonPath>,
+    /// Conditions an event must meet to feed this meter (all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter: Vec<Condition>,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+impl Meter {
+    /// The CloudEvents `type` this meter reads.
+    pub fn reads<'a>(&'a self, name: &'a str) -> &'a str {
+        self.event_type.as_deref().unwrap_or(name)
+    }
+
+    fn reader(&self, name: &str) -> Result<Reader> {
+        let err = |why: String| Error::Catalog(format!("meter `{name}`: {why}"));
+        let fail = |why: String| Err(err(why));
+        let value = match (&self.event_type, &self.value, self.aggregation) {
+            (_, Some(_), Aggregation::Count) => {
+                return fail("a count meter counts events and takes no `value`".into());
+            }
+            (_, Some(path), _) => ValueRule::Path(path.clone()),
+            (None, None, _) => ValueRule::DataValue,
+            (Some(_), None, Aggregation::Count) => ValueRule::One,
+            (Some(_), None, _) => {
+                return fail("a meter with an `event_type` names its `value` path".into());
+            }
+        };
+        if self.scale > MAX_SCALE {
+            return fail(format!("`scale` is at most {MAX_SCALE}"));
+        }
+        if let Some(t) = &self.event_type
+            && (t.is_empty() || t.len() > 256)
+        {
+            return fail("`event_type` must be 1-256 bytes".into());
+        }
+        if self.group_by.len() > 8 {
+            return fail("at most 8 dimensions".into());
+        }
+        for dim in self.group_by.keys() {
+            if crate::event::check_meter_name(dim).is_err() {
+                return fail(format!(
+                    "dimension name `{dim}` must be 1-64 bytes of a-z, 0-9 and _, starting with a letter"
+                ));
+            }
+        }
+        for c in &self.filter {
+            c.check().map_err(err)?;
+        }
+        Ok(Reader {
+            meter: name.to_owned(),
+            value,
+            scale: self.scale,
+            filter: self.filter.clone(),
+            group_by: self
+                .group_by
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
+        })
+    }
 }
 
 /// A plan's allowance on one meter.
@@ -127,7 +204,7 @@ impl utoipa::PartialSchema for Limit {
 impl utoipa::ToSchema for Limit {}
 
 /// What happens when usage passes the plan's limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnLimit {
     /// Warn, grant the grace period, then block (the 80 / 100 / 110 % rules).
@@ -138,7 +215,7 @@ pub enum OnLimit {
 }
 
 /// Per-plan request-rate limit (a token bucket).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained checks per second.
@@ -148,7 +225,7 @@ pub struct RateLimit {
 }
 
 /// One plan of the catalogue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     /// Name shown to people.
@@ -236,14 +313,18 @@ pub struct Catalog {
     pub pricing: Pricing,
     pub meters: BTreeMap<String, Meter>,
     pub plans: BTreeMap<String, Plan>,
+    /// The meters reading each CloudEvents `type`, built from `meters`.
+    #[serde(skip)]
+    event_types: BTreeMap<String, EventType>,
 }
 
 impl Catalog {
     /// Parses and checks a catalogue written in TOML.
     pub fn from_toml(text: &str) -> Result<Catalog> {
-        let catalog: Catalog =
+        let mut catalog: Catalog =
             toml::from_str(text).map_err(|e| Error::Catalog(e.message().to_string()))?;
         catalog.check()?;
+        catalog.event_types = catalog.index()?;
         Ok(catalog)
     }
 
@@ -289,6 +370,25 @@ impl Catalog {
             ));
         }
         Ok(())
+    }
+
+    /// Which meters read which event type, each meter checked.
+    fn index(&self) -> Result<BTreeMap<String, EventType>> {
+        let mut types: BTreeMap<String, EventType> = BTreeMap::new();
+        for (name, meter) in &self.meters {
+            let reader = meter.reader(name)?;
+            types
+                .entry(meter.reads(name).to_owned())
+                .or_insert_with(|| EventType { readers: vec![] })
+                .readers
+                .push(reader);
+        }
+        Ok(types)
+    }
+
+    /// The meters that read events of CloudEvents type `ty`.
+    pub fn event_type(&self, ty: &str) -> Option<&EventType> {
+        self.event_types.get(ty)
     }
 
     pub fn meter(&self, name: &str) -> Option<&Meter> {

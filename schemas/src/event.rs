@@ -4,10 +4,11 @@
 //! |---|---|---|
 //! | `specversion` | | must be `"1.0"` |
 //! | `id`, `source` | the event's identity; the same pair is counted once | non-empty, at most 256 bytes |
-//! | `type` | the meter | a meter of the catalogue |
+//! | `type` | the meter, or the event type payload meters read | a meter's name or `event_type` |
 //! | `subject` | the customer | 1-128 bytes of `A-Z a-z 0-9 . _ : @ -` |
 //! | `time` | when the usage happened (RFC 3339) | optional (default: receipt time); at most the late window old and the future tolerance ahead |
-//! | `data.value` | the quantity, in the meter's unit | optional (default 1); a whole number from 0 to 2^63-1 ([`crate::quantity::MAX`]) |
+//! | `data.value` | the quantity of a plain meter, in its unit | optional (default 1); a whole number from 0 to 2^63-1 ([`crate::quantity::MAX`]) |
+//! | `data` | what payload meters read: quantities, filters, dimensions ([`crate::meter`]) | each meter's `value` path present, a number or decimal string within its `scale` |
 //!
 //! Each failure has a stable machine-readable [`EventError::code`].
 
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::catalog::Catalog;
+use crate::meter::{Dimension, Reading};
 
 pub const MAX_ID_BYTES: usize = 256;
 pub const MAX_SOURCE_BYTES: usize = 256;
@@ -46,6 +48,38 @@ pub struct UsageEvent {
     /// When Tally accepted it.
     #[prost(int64, tag = "7")]
     pub received_ms: i64,
+    /// The meters the event feeds, when its type is read by payload meters (see
+    /// [`crate::meter`]); then `meter` holds the event's type and `value` is 0. Empty for an
+    /// event of one plain meter: `meter` and `value` are its reading. An event that feeds no
+    /// meter (every filter left it out) has neither readings nor `meter`.
+    #[prost(message, repeated, tag = "8")]
+    pub readings: Vec<Reading>,
+}
+
+/// One meter's share of an event, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadingRef<'e> {
+    pub meter: &'e str,
+    pub value: u64,
+    pub dimensions: &'e [Dimension],
+}
+
+impl UsageEvent {
+    /// The meters this event feeds, with their quantities and dimensions.
+    pub fn readings(&self) -> impl Iterator<Item = ReadingRef<'_>> + '_ {
+        let plain = (self.readings.is_empty() && !self.meter.is_empty()).then(|| ReadingRef {
+            meter: &self.meter,
+            value: self.value,
+            dimensions: &[],
+        });
+        plain
+            .into_iter()
+            .chain(self.readings.iter().map(|r| ReadingRef {
+                meter: &r.meter,
+                value: r.value,
+                dimensions: &r.dimensions,
+            }))
+    }
 }
 
 /// Why an event was refused.
@@ -81,6 +115,14 @@ pub enum EventError {
     NegativeValue,
     #[error("data.value must be at most 9223372036854775807")]
     ValueOutOfRange,
+    #[error("{0}")]
+    MissingValue(String),
+    #[error("{0}")]
+    InvalidValue(String),
+    #[error("{0}")]
+    ValuePrecision(String),
+    #[error("{0}")]
+    InvalidDimension(String),
     /// Raised at ingest, not by the decoder (see [`crate::quantity`]).
     #[error(
         "this event would push the customer's period total of the meter past 9223372036854775807"
@@ -108,6 +150,10 @@ impl EventError {
         "negative_value",
         "value_out_of_range",
         "usage_cap_exceeded",
+        "value_missing",
+        "invalid_value",
+        "value_precision",
+        "invalid_dimension",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -128,6 +174,10 @@ impl EventError {
             EventError::NegativeValue => "negative_value",
             EventError::ValueOutOfRange => "value_out_of_range",
             EventError::UsageCapExceeded => "usage_cap_exceeded",
+            EventError::MissingValue(_) => "value_missing",
+            EventError::InvalidValue(_) => "invalid_value",
+            EventError::ValuePrecision(_) => "value_precision",
+            EventError::InvalidDimension(_) => "invalid_dimension",
         }
     }
 }
@@ -164,8 +214,8 @@ struct CloudEventIn<'a> {
     subject: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     time: Option<Cow<'a, str>>,
-    #[serde(default)]
-    data: Option<DataIn>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
 }
 
 /// A [`CloudEventIn`] read only from a JSON object: derived struct deserializers also take a
@@ -384,9 +434,9 @@ fn validate(
     let id = required(raw.id, "id", MAX_ID_BYTES)?;
     let source = required(raw.source, "source", MAX_SOURCE_BYTES)?;
     let meter = raw.ty.ok_or(EventError::MissingField("type"))?;
-    if catalog.meter(&meter).is_none() {
+    let Some(event_type) = catalog.event_type(&meter) else {
         return Err(EventError::UnknownMeter(truncated(&meter, 64)));
-    }
+    };
     let customer = raw.subject.ok_or(EventError::MissingField("subject"))?;
     check_customer_id(&customer)?;
     let time_ms = match raw.time {
@@ -403,9 +453,34 @@ fn validate(
             tolerance_secs: policy.future_tolerance_ms / 1000,
         });
     }
-    let value = match raw.data.and_then(|d| d.value) {
-        None => 1,
-        Some(n) => value_of(&n)?,
+    let (value, readings) = match event_type.plain_meter() {
+        // One plain meter: `data.value` alone is read, without building the whole `data`.
+        Some(_) => {
+            let value = match raw.data {
+                None => None,
+                Some(d) => serde_json::from_str::<Option<DataIn>>(d.get())
+                    .map_err(json_error)?
+                    .and_then(|d| d.value),
+            };
+            let value = match value {
+                None => 1,
+                Some(n) => value_of(&n)?,
+            };
+            (value, Vec::new())
+        }
+        None => {
+            let data: serde_json::Value = match raw.data {
+                None => serde_json::Value::Null,
+                Some(d) => serde_json::from_str(d.get()).map_err(json_error)?,
+            };
+            (0, event_type.readings(&data)?)
+        }
+    };
+    // An event that feeds no meter (filtered out everywhere) names none, so it reads as empty.
+    let meter = if event_type.plain_meter().is_none() && readings.is_empty() {
+        Cow::Borrowed("")
+    } else {
+        meter
     };
     Ok(UsageEvent {
         id: id.into_owned(),
@@ -415,6 +490,7 @@ fn validate(
         value,
         time_ms,
         received_ms: now_ms,
+        readings,
     })
 }
 

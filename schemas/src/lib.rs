@@ -9,6 +9,8 @@
 //! - [`event`]: the CloudEvents 1.0 contract, validation with stable error codes.
 //! - [`wire`]: the binary encoding of events on the log (Kafka or embedded).
 //! - [`catalog`]: meters, plans, limits and the quota policy (`catalog.toml`).
+//! - [`meter`]: meters over the event's payload: the readings (meter, quantity, dimensions) of
+//!   one event; [`path`]: the JSON paths they read.
 //! - [`customer`]: a customer's plan, overrides, billing period and payment state.
 //! - [`period`]: billing periods (subscription anchor or calendar month, UTC) and series windows.
 //! - [`quantity`]: the usage cap, and overflow-free sums of stored quantities.
@@ -25,6 +27,8 @@ pub mod catalog;
 pub mod clock;
 pub mod customer;
 pub mod event;
+pub mod meter;
+pub mod path;
 pub mod period;
 pub mod quantity;
 pub mod quota;

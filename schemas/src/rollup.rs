@@ -72,28 +72,35 @@ pub struct Block {
     pub cells: HashMap<CellKey, Cell>,
 }
 
-/// The cell `rec` adds to, and what it adds.
-pub fn cell_of(rec: &Record, catalog: &Catalog) -> (CellKey, Cell) {
+/// The cells `rec` adds to, and what it adds to each: one per meter the event feeds (see
+/// [`crate::meter`]); none for an event that feeds no meter. Dimensions are not kept apart yet:
+/// a meter's readings with different dimensions add to one cell.
+pub fn cells_of<'r>(
+    rec: &'r Record,
+    catalog: &'r Catalog,
+) -> impl Iterator<Item = (CellKey, Cell)> + 'r {
     let e = &rec.event;
-    // A meter removed from a replaced catalogue is still summed: nothing is thrown away.
-    let kind = catalog
-        .meter(&e.meter)
-        .map_or(Aggregation::Sum, |m| m.aggregation);
-    let cell = if kind.is_additive() {
-        Cell::Add(e.value)
-    } else {
-        Cell::Latest {
-            time_ms: e.time_ms,
-            value: e.value,
-        }
-    };
-    let key = CellKey {
-        partition: rec.partition,
-        customer: e.customer.clone(),
-        meter: e.meter.clone(),
-        minute_ms: minute_of(e.time_ms),
-    };
-    (key, cell)
+    e.readings().map(move |r| {
+        // A meter removed from a replaced catalogue is still summed: nothing is thrown away.
+        let kind = catalog
+            .meter(r.meter)
+            .map_or(Aggregation::Sum, |m| m.aggregation);
+        let cell = if kind.is_additive() {
+            Cell::Add(r.value)
+        } else {
+            Cell::Latest {
+                time_ms: e.time_ms,
+                value: r.value,
+            }
+        };
+        let key = CellKey {
+            partition: rec.partition,
+            customer: e.customer.clone(),
+            meter: r.meter.to_owned(),
+            minute_ms: minute_of(e.time_ms),
+        };
+        (key, cell)
+    })
 }
 
 /// Folds `cell` into `key`'s cell of `cells`.
@@ -114,8 +121,9 @@ impl Rollup {
     }
 
     pub fn push(&mut self, rec: &Record, catalog: &Catalog) {
-        let (key, cell) = cell_of(rec, catalog);
-        fold(&mut self.cells, key, cell);
+        for (key, cell) in cells_of(rec, catalog) {
+            fold(&mut self.cells, key, cell);
+        }
         self.cover(rec);
         self.events += 1;
     }
@@ -148,6 +156,7 @@ mod tests {
                 value,
                 time_ms,
                 received_ms: time_ms,
+                readings: Vec::new(),
             },
         }
     }

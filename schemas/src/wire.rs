@@ -39,6 +39,7 @@ mod tests {
             value: 300,
             time_ms: 1_795_255_200_000,
             received_ms: 1_795_255_200_001,
+            readings: Vec::new(),
         };
         let bytes = encode(&e);
         assert_eq!(decode(&bytes).unwrap(), e);

@@ -483,6 +483,7 @@ mod tests {
             value,
             time_ms: 1_000,
             received_ms: 1_000,
+            readings: Vec::new(),
         }
     }
 

@@ -86,6 +86,7 @@ mod tests {
                 value,
                 time_ms,
                 received_ms: time_ms,
+                readings: Vec::new(),
             },
         }
     }

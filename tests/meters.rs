@@ -1,0 +1,197 @@
+//! Meters over the event's payload through the embedded pipeline: one event feeding several
+//! meters (value paths, filters, decimals), read back exactly from the enforcer and the store,
+//! after a restart too; bad payloads refused with their codes and nothing of the request lost;
+//! the catalogue read back from `/v1/meters` and `/v1/plans`.
+
+mod common;
+
+use common::{NOW, Tally};
+use serde_json::{Value, json};
+
+const METERS: &str = r#"
+[meters.requests]
+event_type = "request"
+aggregation = "count"
+unit = "requests"
+
+[meters.request_bytes]
+event_type = "request"
+value = "$.bytes"
+aggregation = "sum"
+unit = "bytes"
+group_by = { region = "$.region", model = "$.model" }
+
+[meters.eu_requests]
+event_type = "request"
+aggregation = "count"
+unit = "requests"
+filter = [{ path = "$.region", eq = "eu" }]
+
+[meters.gpu_hours]
+event_type = "gpu"
+value = "$.hours"
+scale = 3
+aggregation = "sum"
+unit = "hours"
+"#;
+
+async fn start() -> Tally {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
+    let path = dir.path().join("catalog.toml");
+    std::fs::write(&path, catalog).unwrap();
+    let mut config = common::config(dir.path());
+    config.catalog_file = Some(path);
+    Tally::start_with(dir, config).await
+}
+
+fn event(id: &str, customer: &str, ty: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "edge-test", "type": ty,
+        "subject": customer, "time": NOW, "data": data
+    })
+}
+
+#[tokio::test]
+async fn one_event_feeds_several_meters_exactly_in_the_enforcer_and_the_store() {
+    let t = start().await;
+    let batch = json!([
+        event(
+            "r1",
+            "c1",
+            "request",
+            json!({"bytes": 1200, "region": "eu", "model": "m1"})
+        ),
+        event(
+            "r2",
+            "c1",
+            "request",
+            json!({"bytes": 800, "region": "us", "model": "m1"})
+        ),
+        event("r3", "c1", "request", json!({"bytes": 5, "region": "eu"})),
+        event("g1", "c1", "gpu", json!({"hours": 1.25})),
+        event("g2", "c1", "gpu", json!({"hours": "0.005"})),
+    ]);
+    let (s, b) = t
+        .post("/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!((s.as_u16(), b["accepted"].clone()), (202, json!(5)), "{b}");
+    // The same events again: duplicates, counted once.
+    let (s, b) = t
+        .post("/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!(
+        (s.as_u16(), b["duplicates"].clone()),
+        (202, json!(5)),
+        "{b}"
+    );
+    for (meter, usage) in [
+        ("requests", 3),
+        ("request_bytes", 2005),
+        ("eu_requests", 2),
+        ("gpu_hours", 1255),
+    ] {
+        t.wait_usage("c1", meter, usage).await;
+        t.wait_stored("c1", meter, usage).await;
+    }
+    let t = t.restart().await;
+    for (meter, usage) in [("request_bytes", 2005), ("gpu_hours", 1255)] {
+        t.wait_usage("c1", meter, usage).await;
+        t.wait_stored("c1", meter, usage).await;
+    }
+}
+
+#[tokio::test]
+async fn bad_payloads_are_refused_with_codes_and_the_rest_of_the_request_kept() {
+    let t = start().await;
+    let batch = json!([
+        event("ok", "c2", "request", json!({"bytes": 10, "region": "eu"})),
+        event("no-bytes", "c2", "request", json!({"region": "eu"})),
+        event("precise", "c2", "gpu", json!({"hours": 0.0001})),
+        event("words", "c2", "gpu", json!({"hours": "lots"})),
+        event(
+            "dim",
+            "c2",
+            "request",
+            json!({"bytes": 1, "region": {"name": "eu"}})
+        ),
+        event("ok-gpu", "c2", "gpu", json!({"hours": 2})),
+    ]);
+    let (s, b) = t
+        .post("/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!(s.as_u16(), 202, "{b}");
+    assert_eq!(
+        (b["accepted"].clone(), b["rejected"].clone()),
+        (json!(2), json!(4))
+    );
+    let codes: Vec<(u64, String)> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap(),
+                e["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (1, "value_missing".to_owned()),
+            (2, "value_precision".to_owned()),
+            (3, "invalid_value".to_owned()),
+            (4, "invalid_dimension".to_owned()),
+        ]
+    );
+    t.wait_stored("c2", "request_bytes", 10).await;
+    t.wait_stored("c2", "gpu_hours", 2000).await;
+}
+
+#[tokio::test]
+async fn the_catalogue_reads_back_from_the_api() {
+    let t = start().await;
+    let (s, b) = t.get("/v1/meters").await;
+    assert_eq!(s.as_u16(), 200);
+    let names: Vec<&str> = b["meters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"api_requests") && names.contains(&"request_bytes"),
+        "{names:?}"
+    );
+    let (s, m) = t.get("/v1/meters/request_bytes").await;
+    assert_eq!(s.as_u16(), 200);
+    assert_eq!(
+        m,
+        json!({
+            "name": "request_bytes", "aggregation": "sum", "unit": "bytes", "description": "",
+            "event_type": "request", "value": "$.bytes",
+            "group_by": {"model": "$.model", "region": "$.region"}
+        })
+    );
+    let (_, m) = t.get("/v1/meters/gpu_hours").await;
+    assert_eq!(m["scale"], 3);
+    let (_, m) = t.get("/v1/meters/eu_requests").await;
+    assert_eq!(m["filter"], json!([{"path": "$.region", "eq": "eu"}]));
+    let (s, e) = t.get("/v1/meters/nope").await;
+    assert_eq!(
+        (s.as_u16(), e["code"].clone()),
+        (404, json!("unknown_meter"))
+    );
+    let (s, p) = t.get("/v1/plans").await;
+    assert_eq!(s.as_u16(), 200);
+    assert_eq!(p["default_plan"], "free");
+    let free = p["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "free")
+        .unwrap();
+    assert_eq!(free["limits"]["api_requests"], 10_000);
+    assert_eq!(free["display_name"], "Free");
+}
