@@ -145,6 +145,7 @@ store_conformance!(
     the_analytics_queries_give_exact_answers,
     sums_past_the_cap_are_held_and_cross_customer_totals_exact,
     the_snapshot_covers_each_customers_period,
+    usage_with_other_dimensions_is_kept_apart,
     duplicates_are_told_from_replays_where_the_store_drops_them,
     customer_records_round_trip_and_the_latest_write_wins,
     billing_marks_keep_the_latest_per_customer_and_meter,
@@ -462,6 +463,74 @@ mod store {
             .await
             .unwrap();
         assert_eq!((from_3rd.usage, from_3rd.customers), (max + 5, 2));
+    }
+
+    /// Readings with other dimensions go to other cells: the meter's totals and series add
+    /// them all up, and `dimension_totals` tells them apart, in key order.
+    pub async fn usage_with_other_dimensions_is_kept_apart(s: &StoreSubject) {
+        let store = &s.store;
+        let with = |offset: u64, value: u64, dims: &[(&str, &str)]| {
+            let mut r = record(offset, "a", "request_bytes", value, "2026-11-02T00:00:10Z");
+            r.event.readings = vec![tally_schemas::meter::Reading {
+                meter: "request_bytes".into(),
+                value,
+                dimensions: dims
+                    .iter()
+                    .map(|(n, v)| tally_schemas::meter::Dimension {
+                        name: (*n).into(),
+                        value: (*v).into(),
+                    })
+                    .collect(),
+            }];
+            r.event.meter = "request".into();
+            r.event.value = 0;
+            r
+        };
+        let batch = [
+            with(0, 1200, &[("model", "m1"), ("region", "eu")]),
+            with(1, 300, &[("model", "m2"), ("region", "eu")]),
+            with(2, 800, &[("region", "us")]),
+            with(3, 5, &[("model", "m1"), ("region", "eu")]),
+            with(4, 7, &[]),
+        ];
+        assert_eq!(store.apply(&roll(&batch)).await.unwrap(), Applied::Written);
+        assert_eq!(store.apply(&roll(&batch)).await.unwrap(), Applied::Replay);
+        let (nov, now) = (at(NOV), at(NOW));
+        let total = store
+            .total("a", "request_bytes", Aggregation::Sum, nov, now)
+            .await
+            .unwrap();
+        assert_eq!(total, 2312);
+        let minutes = store
+            .series(
+                "a",
+                "request_bytes",
+                Aggregation::Sum,
+                nov,
+                now,
+                Window::Minute,
+            )
+            .await
+            .unwrap();
+        assert_eq!(minutes, [(at("2026-11-02T00:00:00Z"), 2312)]);
+        let by_key = store
+            .dimension_totals("a", "request_bytes", nov, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            by_key,
+            [
+                (String::new(), 7),
+                (r#"{"model":"m1","region":"eu"}"#.to_owned(), 1205),
+                (r#"{"model":"m2","region":"eu"}"#.to_owned(), 300),
+                (r#"{"region":"us"}"#.to_owned(), 800),
+            ]
+        );
+        let before = store
+            .dimension_totals("a", "request_bytes", nov, at("2026-11-02T00:00:00Z"))
+            .await
+            .unwrap();
+        assert!(before.is_empty(), "{before:?}");
     }
 
     /// The enforcer's start-up read: additive usage since each customer's own period start,

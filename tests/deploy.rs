@@ -282,7 +282,8 @@ fn columns_after(text: &str, head: &str) -> Option<String> {
 fn the_cluster_schema_has_every_table_of_the_migrations() {
     let cluster = std::fs::read_to_string(deploy().join("clickhouse/cluster.sql")).unwrap();
     let mut tables = 0;
-    for migration in tally_backends::store::clickhouse::schema::MIGRATIONS {
+    use tally_backends::store::clickhouse::schema::MIGRATIONS;
+    for migration in MIGRATIONS {
         for statement in migration.statements {
             let Some(rest) = statement.strip_prefix("CREATE TABLE IF NOT EXISTS {db}.") else {
                 continue;
@@ -291,7 +292,17 @@ fn the_cluster_schema_has_every_table_of_the_migrations() {
                 .split(|c: char| c.is_whitespace() || c == '(')
                 .next()
                 .unwrap();
-            let want = columns_after(statement, &format!("{{db}}.{name}")).unwrap();
+            let mut want = columns_after(statement, &format!("{{db}}.{name}")).unwrap();
+            // Columns later migrations add.
+            for later in MIGRATIONS.iter().flat_map(|m| m.statements) {
+                if let Some(added) = later
+                    .strip_prefix(&format!("ALTER TABLE {{db}}.{name} ADD COLUMN "))
+                    .and_then(|rest| rest.split(',').next())
+                {
+                    want.push_str(", ");
+                    want.push_str(&added.split_whitespace().collect::<Vec<_>>().join(" "));
+                }
+            }
             let got = columns_after(&cluster, &format!("tally.{name}_local ON CLUSTER tally"))
                 .or_else(|| columns_after(&cluster, &format!("tally.{name} ON CLUSTER tally")))
                 .unwrap_or_else(|| panic!("cluster.sql has no table {name}"));

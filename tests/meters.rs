@@ -99,6 +99,50 @@ async fn one_event_feeds_several_meters_exactly_in_the_enforcer_and_the_store() 
         t.wait_usage("c1", meter, usage).await;
         t.wait_stored("c1", meter, usage).await;
     }
+    // Usage by dimension, from the store.
+    let (s, b) = t
+        .get("/v1/usage?customer=c1&meter=request_bytes&group_by=region")
+        .await;
+    assert_eq!(s.as_u16(), 200, "{b}");
+    assert_eq!(b["usage"], 2005);
+    assert_eq!(
+        b["groups"],
+        json!([
+            {"dimensions": {"region": "eu"}, "usage": 1205},
+            {"dimensions": {"region": "us"}, "usage": 800},
+        ])
+    );
+    let (_, b) = t
+        .get("/v1/usage?customer=c1&meter=request_bytes&group_by=model&filter[region]=eu")
+        .await;
+    assert_eq!(
+        b["groups"],
+        json!([
+            {"dimensions": {"model": "m1"}, "usage": 1200},
+            {"dimensions": {"model": null}, "usage": 5},
+        ])
+    );
+    let (_, b) = t
+        .get("/v1/usage?customer=c1&meter=request_bytes&filter%5Bregion%5D=us")
+        .await;
+    assert_eq!(b["groups"], json!([{"dimensions": {}, "usage": 800}]));
+    for (query, code) in [
+        ("group_by=colour", "unknown_dimension"),
+        ("filter[colour]=red", "unknown_dimension"),
+        ("group_by=region&format=csv", "unsupported_breakdown"),
+        ("groupby=region", "invalid_request"),
+    ] {
+        let (s, b) = t
+            .get(&format!(
+                "/v1/usage?customer=c1&meter=request_bytes&{query}"
+            ))
+            .await;
+        assert_eq!(
+            (s.as_u16(), b["code"].clone()),
+            (400, json!(code)),
+            "{query}"
+        );
+    }
 }
 
 #[tokio::test]

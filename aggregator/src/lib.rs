@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`blocks`]: how each partition is cut into batches: increments, or cumulative blocks.
+//! - [`query`]: the query API; [`groups`]: its breakdowns by dimension.
 //!
 //! The fold of records into cells is the core's (`tally_schemas::rollup`); the store it writes
 //! and the log it reads are the backends' (`tally_backends::store::UsageWriter`,
@@ -49,6 +50,7 @@
 
 pub mod blocks;
 pub mod error;
+pub mod groups;
 pub mod metrics;
 pub mod query;
 

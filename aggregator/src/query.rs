@@ -22,6 +22,7 @@
 //! limit, so `grace_until` may be up to a minute earlier than the enforcer's (which uses the
 //! crossing event's own time).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -33,6 +34,8 @@ use axum::routing::get;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 use tally_http::extract::Query;
+
+use crate::groups::{Breakdown, Group};
 use tally_http::problem::ApiError;
 use tally_schemas::period::{calendar_month, parse_rfc3339, rfc3339};
 use tally_schemas::{Aggregation, Catalog, Clock, Customer, Meter, Period, Window, quota};
@@ -154,7 +157,6 @@ fn csv_rows<R: Serialize>(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Customer id.
@@ -170,6 +172,14 @@ pub struct UsageQuery {
     window: Option<String>,
     /// json (default) or csv; `Accept: text/csv` also selects CSV.
     format: Option<String>,
+    /// Current period: break the usage down by these dimensions of the meter, comma-separated
+    /// (`region,model`); the reply lists `groups`. JSON only.
+    group_by: Option<String>,
+    /// `filter[<dimension>]=<value>` (any number of dimensions): `groups` keep only usage
+    /// with these values. Any other parameter is refused.
+    #[serde(flatten)]
+    #[param(ignore)]
+    rest: BTreeMap<String, String>,
 }
 
 /// One meter's usage in the customer's current billing period.
@@ -193,6 +203,10 @@ pub struct PeriodUsage {
     pub state: quota::UsageState,
     /// End of the soft-limit grace, once usage reached the limit.
     pub grace_until: Option<String>,
+    /// With `group_by` or `filter[...]`: the period's usage by dimension, largest first. The
+    /// other figures are the meter's as a whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<Group>>,
 }
 
 /// One bucket of a series.
@@ -358,6 +372,7 @@ async fn period_usage(
         threshold: verdict.threshold,
         state: verdict.state,
         grace_until: verdict.grace_until_ms.map(rfc3339),
+        groups: None,
     })
 }
 
@@ -436,6 +451,13 @@ async fn get_usage(
     let meter_name = required(q.meter, "meter")?;
     let meter = lookup(&s.catalog, &meter_name)?.clone();
     let now = s.clock.now_ms();
+    let breakdown = Breakdown::parse(&meter_name, &meter, q.group_by.as_deref(), &q.rest)?;
+    if breakdown.is_some() && (format == Format::Csv || q.from.is_some() || q.window.is_some()) {
+        return Err(ApiError::bad_request(
+            "unsupported_breakdown",
+            "group_by and filter apply to the current period's usage in JSON",
+        ));
+    }
     let record = record(&s, &customer).await?;
 
     if q.from.is_none() && q.to.is_none() && q.window.is_none() {
@@ -451,7 +473,15 @@ async fn get_usage(
             )
             .await
             .map_err(|e| ApiError::unavailable(&e))?;
-        let u = period_usage(&s, &customer, &record, &meter_name, &meter, usage, now).await?;
+        let mut u = period_usage(&s, &customer, &record, &meter_name, &meter, usage, now).await?;
+        if let Some(b) = breakdown {
+            let totals = s
+                .usage
+                .dimension_totals(&customer, &meter_name, period.start_ms, period.end_ms)
+                .await
+                .map_err(|e| ApiError::unavailable(&e))?;
+            u.groups = Some(b.groups(&totals));
+        }
         return reply(format, &u, PERIOD_HEADER, [&u]);
     }
 

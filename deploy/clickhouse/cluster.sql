@@ -50,9 +50,10 @@ CREATE TABLE IF NOT EXISTS tally.usage_block_cells_local ON CLUSTER tally (
     last_ms Int64,
     partition UInt32,
     batch_first_offset UInt64,
-    batch_next_offset UInt64
+    batch_next_offset UInt64,
+    dims String
 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/tally/usage_block_cells', '{replica}', batch_next_offset)
-ORDER BY (customer, meter, minute, partition, batch_first_offset);
+ORDER BY (customer, meter, minute, partition, batch_first_offset, dims);
 
 CREATE TABLE IF NOT EXISTS tally.usage_block_cells ON CLUSTER tally AS tally.usage_block_cells_local
 ENGINE = Distributed(tally, tally, usage_block_cells_local, partition);

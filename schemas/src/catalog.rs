@@ -96,6 +96,9 @@ impl Meter {
         {
             return fail("`event_type` must be 1-256 bytes".into());
         }
+        if !self.group_by.is_empty() && !self.aggregation.is_additive() {
+            return fail("dimensions (`group_by`) are kept for count and sum meters only".into());
+        }
         if self.group_by.len() > 8 {
             return fail("at most 8 dimensions".into());
         }

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::Record;
+use crate::meter::Dimension;
 use crate::period::minute_of;
 use crate::{Aggregation, Catalog};
 
@@ -16,8 +17,39 @@ pub struct CellKey {
     pub partition: u32,
     pub customer: String,
     pub meter: String,
+    /// The reading's dimensions as a JSON object in name order (`{"model":"m1","region":"eu"}`),
+    /// or empty for none: see [`dimensions_key`].
+    pub dims: String,
     /// Start of the UTC minute, in ms.
     pub minute_ms: i64,
+}
+
+/// The stored form of a reading's dimensions: a JSON object of their values in name order, or
+/// the empty string when the reading has none. Readings with the same dimensions share cells.
+pub fn dimensions_key(dimensions: &[Dimension]) -> String {
+    if dimensions.is_empty() {
+        return String::new();
+    }
+    let map: serde_json::Map<String, serde_json::Value> = dimensions
+        .iter()
+        .map(|d| (d.name.clone(), serde_json::Value::String(d.value.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// The dimensions of a stored key (the inverse of [`dimensions_key`]); a key that is not a
+/// JSON object of strings reads as none.
+pub fn parse_dimensions_key(key: &str) -> Vec<Dimension> {
+    if key.is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str::<std::collections::BTreeMap<String, String>>(key)
+        .map(|m| {
+            m.into_iter()
+                .map(|(name, value)| Dimension { name, value })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +105,8 @@ pub struct Block {
 }
 
 /// The cells `rec` adds to, and what it adds to each: one per meter the event feeds (see
-/// [`crate::meter`]); none for an event that feeds no meter. Dimensions are not kept apart yet:
-/// a meter's readings with different dimensions add to one cell.
+/// [`crate::meter`]); none for an event that feeds no meter. Readings of a meter with different
+/// dimensions go to different cells.
 pub fn cells_of<'r>(
     rec: &'r Record,
     catalog: &'r Catalog,
@@ -97,6 +129,7 @@ pub fn cells_of<'r>(
             partition: rec.partition,
             customer: e.customer.clone(),
             meter: r.meter.to_owned(),
+            dims: dimensions_key(r.dimensions),
             minute_ms: minute_of(e.time_ms),
         };
         (key, cell)
@@ -177,6 +210,7 @@ mod tests {
             partition: 0,
             customer: "c".into(),
             meter: m.into(),
+            dims: String::new(),
             minute_ms: minute,
         };
         assert_eq!(r.cells[&key("api_requests", 60_000)], Cell::Add(5));

@@ -170,23 +170,32 @@ fn the_rollup_counts_each_meter_of_an_event() {
     })
     .collect();
     let r = Rollup::from_records(&records, &catalog());
-    let mut totals: Vec<(String, u64)> = r
+    let mut cells: Vec<(String, String, u64)> = r
         .cells
         .iter()
         .map(|(k, c)| {
             let Cell::Add(v) = c else {
                 panic!("additive meters")
             };
-            (k.meter.clone(), *v)
+            (k.meter.clone(), k.dims.clone(), *v)
         })
         .collect();
-    totals.sort();
+    cells.sort();
     assert_eq!(
-        totals,
+        cells,
         [
-            ("eu_requests".to_owned(), 1),
-            ("request_bytes".to_owned(), 2000),
-            ("requests".to_owned(), 2)
+            ("eu_requests".to_owned(), String::new(), 1),
+            (
+                "request_bytes".to_owned(),
+                r#"{"model":"m1","region":"eu"}"#.to_owned(),
+                1200
+            ),
+            (
+                "request_bytes".to_owned(),
+                r#"{"region":"us"}"#.to_owned(),
+                800
+            ),
+            ("requests".to_owned(), String::new(), 2),
         ]
     );
     assert_eq!(r.events, 2);

@@ -138,6 +138,17 @@ pub trait UsageReader: Send + Sync + 'static {
         to_ms: i64,
     ) -> Result<u64>;
 
+    /// An additive meter's usage of one customer over `[from_ms, to_ms)` per stored dimensions
+    /// key (`tally_schemas::rollup::dimensions_key`: a JSON object of the dimensions' values,
+    /// `""` for readings without any), in key order. Keys without usage are left out.
+    async fn dimension_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(String, u64)>>;
+
     /// Usage per window bucket over `[from_ms, to_ms)`: sums, or the latest gauge value in each
     /// bucket. Buckets without events are left out.
     async fn series(

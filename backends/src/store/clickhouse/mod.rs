@@ -103,6 +103,7 @@ struct CellRow {
     partition: u32,
     batch_first_offset: u64,
     batch_next_offset: u64,
+    dims: String,
 }
 
 #[derive(Row, Serialize, Deserialize)]
@@ -229,8 +230,21 @@ impl ClickHouseStore {
             if applied.contains(&m.version) {
                 continue;
             }
-            for sql in statements(m, db) {
-                client.query(&sql).execute().await.map_err(ch)?;
+            let done_before = match m.unless {
+                Some(q) => {
+                    let n: u64 = client
+                        .query(&q.replace("{db}", db))
+                        .fetch_one()
+                        .await
+                        .map_err(ch)?;
+                    n > 0
+                }
+                None => false,
+            };
+            if !done_before {
+                for sql in statements(m, db) {
+                    client.query(&sql).execute().await.map_err(ch)?;
+                }
             }
             client
                 .query(&format!(

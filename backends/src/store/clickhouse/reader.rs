@@ -61,6 +61,34 @@ impl UsageReader for ClickHouseStore {
         }
     }
 
+    async fn dimension_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, u64, u64)> = self
+            .client
+            .query(&format!(
+                "SELECT dims, {SPLIT_SUM} FROM usage_block_cells FINAL
+                 WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 GROUP BY dims ORDER BY dims"
+            ))
+            .bind(customer)
+            .bind(meter)
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms))
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(rows
+            .into_iter()
+            .map(|(dims, h, l)| (dims, joined((h, l))))
+            .filter(|(_, v)| *v > 0)
+            .collect())
+    }
+
     async fn series(
         &self,
         customer: &str,

@@ -18,6 +18,8 @@
 //!   keeps, per cell and block, the write that reached furthest, whatever order writes land in
 //!   (read with `FINAL`). A write is one INSERT of fewer rows than `max_insert_block_size` into
 //!   an unpartitioned table: one part, all or nothing.
+//!   Version 6 adds `dims` (the readings' dimensions as a JSON object in name order, `''` for
+//!   none) to the columns and the sorting key.
 //! - `usage_cells` (version 1, no longer written): per-batch cells where the last write of a
 //!   key won; migration 5 copies them into `usage_block_cells`.
 //! - `batch_offsets`: the highest next offset per partition, fed by materialized views of
@@ -41,6 +43,9 @@ pub struct Migration {
     pub version: u32,
     pub name: &'static str,
     pub statements: &'static [&'static str],
+    /// For statements that cannot say `IF NOT EXISTS` (an `ALTER`): a query counting what they
+    /// make; above 0, they were applied already and are skipped.
+    pub unless: Option<&'static str>,
 }
 
 /// Every migration, oldest first.
@@ -99,6 +104,7 @@ pub const MIGRATIONS: &[Migration] = &[
         ) ENGINE = ReplacingMergeTree
         ORDER BY (customer, meter, period_start_ms, threshold)",
         ],
+        unless: None,
     },
     Migration {
         version: 2,
@@ -109,6 +115,7 @@ pub const MIGRATIONS: &[Migration] = &[
             mark String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY (customer, meter)"],
+        unless: None,
     },
     Migration {
         version: 3,
@@ -120,6 +127,7 @@ pub const MIGRATIONS: &[Migration] = &[
             delivery String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY (id, url)"],
+        unless: None,
     },
     Migration {
         version: 4,
@@ -129,6 +137,7 @@ pub const MIGRATIONS: &[Migration] = &[
             record String,
             version UInt64
         ) ENGINE = ReplacingMergeTree(version) ORDER BY id"],
+        unless: None,
     },
     Migration {
         version: 5,
@@ -150,8 +159,25 @@ pub const MIGRATIONS: &[Migration] = &[
             FROM {db}.usage_block_cells GROUP BY partition",
             // Run once, with the aggregators stopped; run again after a failure, the copied rows
             // are the same rows again and collapse.
-            "INSERT INTO {db}.usage_block_cells SELECT * FROM {db}.usage_cells",
+            "INSERT INTO {db}.usage_block_cells (customer, meter, minute, value, last_ms, partition,
+                batch_first_offset, batch_next_offset)
+            SELECT customer, meter, minute, value, last_ms, partition, batch_first_offset,
+                batch_next_offset
+            FROM {db}.usage_cells",
         ],
+        unless: None,
+    },
+    Migration {
+        version: 6,
+        name: "dimensions",
+        // Every stored cell keeps its place with no dimensions (''); cells of one key and block
+        // with different dimensions stay apart.
+        statements: &["ALTER TABLE {db}.usage_block_cells ADD COLUMN dims String,
+            MODIFY ORDER BY (customer, meter, minute, partition, batch_first_offset, dims)"],
+        unless: Some(
+            "SELECT count() FROM system.columns
+             WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'dims'",
+        ),
     },
 ];
 

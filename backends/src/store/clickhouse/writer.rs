@@ -66,19 +66,21 @@ impl UsageWriter for ClickHouseStore {
             .await
             .map_err(ch)?;
         for block in blocks {
-            let row = |customer: &str, meter: &str, minute_ms: i64, value, last_ms| CellRow {
-                customer: customer.to_owned(),
-                meter: meter.to_owned(),
-                minute: seconds(minute_ms) as u32,
-                value,
-                last_ms,
-                partition: block.partition,
-                batch_first_offset: block.first,
-                batch_next_offset: block.next,
-            };
+            let row =
+                |customer: &str, meter: &str, dims: &str, minute_ms: i64, value, last_ms| CellRow {
+                    customer: customer.to_owned(),
+                    meter: meter.to_owned(),
+                    dims: dims.to_owned(),
+                    minute: seconds(minute_ms) as u32,
+                    value,
+                    last_ms,
+                    partition: block.partition,
+                    batch_first_offset: block.first,
+                    batch_next_offset: block.next,
+                };
             if block.cells.is_empty() {
                 // The block's position, without usage.
-                insert.write(&row("", "", 0, 0, 0)).await.map_err(ch)?;
+                insert.write(&row("", "", "", 0, 0, 0)).await.map_err(ch)?;
             }
             for (k, cell) in &block.cells {
                 let (value, last_ms) = match *cell {
@@ -86,7 +88,14 @@ impl UsageWriter for ClickHouseStore {
                     Cell::Latest { time_ms, value } => (value, time_ms),
                 };
                 insert
-                    .write(&row(&k.customer, &k.meter, k.minute_ms, value, last_ms))
+                    .write(&row(
+                        &k.customer,
+                        &k.meter,
+                        &k.dims,
+                        k.minute_ms,
+                        value,
+                        last_ms,
+                    ))
                     .await
                     .map_err(ch)?;
             }

@@ -45,13 +45,41 @@ fn open(path: &Path) -> Result<Connection> {
     })
 }
 
+/// Moves a store written before dimensions (`usage_minute` keyed by customer, meter and minute)
+/// to the keyed-by-dimensions table, every cell kept with no dimensions, in one transaction: a
+/// crash leaves the old table whole, and the next open moves it again.
+fn add_dimensions(c: &mut Connection) -> Result<()> {
+    let columns: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_info('usage_minute')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if columns.is_empty() || columns.iter().any(|n| n == "dims") {
+        return Ok(());
+    }
+    let tx = c.transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE usage_minute RENAME TO usage_minute_before_dimensions;
+         DROP INDEX IF EXISTS usage_by_minute;",
+    )?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(
+        "INSERT INTO usage_minute (customer, meter, dims, minute_ms, value, last_ms)
+           SELECT customer, meter, '', minute_ms, value, last_ms
+           FROM usage_minute_before_dimensions;
+         DROP TABLE usage_minute_before_dimensions;",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 impl SqliteStore {
     pub fn open(path: impl Into<PathBuf>) -> Result<SqliteStore> {
         let path = path.into();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let writer = open(&path)?;
+        let mut writer = open(&path)?;
+        add_dimensions(&mut writer)?;
         writer.execute_batch(SCHEMA)?;
         let reader = open(&path)?;
         Ok(SqliteStore {
@@ -312,5 +340,46 @@ mod tests {
         assert_eq!(store.customer("nobody").await.unwrap(), None);
         assert_eq!(store.customers_since(50).await.unwrap().len(), 1);
         assert!(store.customers_since(51).await.unwrap().is_empty());
+    }
+
+    /// A store written before dimensions opens with every cell kept (no dimensions), and
+    /// opens again unchanged.
+    #[tokio::test]
+    async fn a_store_from_before_dimensions_keeps_every_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE usage_minute (
+                    customer TEXT NOT NULL, meter TEXT NOT NULL, minute_ms INTEGER NOT NULL,
+                    value INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+                    PRIMARY KEY (customer, meter, minute_ms)) WITHOUT ROWID;
+                 CREATE INDEX usage_by_minute ON usage_minute (minute_ms);
+                 INSERT INTO usage_minute VALUES ('a', 'api_requests', 60000, 5, 0),
+                     ('a', 'api_requests', 120000, 7, 0), ('b', 'wasm_modules', 60000, 3, 61000);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let store = SqliteStore::open(&path).unwrap();
+            let total = store
+                .total("a", "api_requests", Aggregation::Count, 0, i64::MAX)
+                .await
+                .unwrap();
+            assert_eq!(total, 12);
+            assert_eq!(
+                store
+                    .dimension_totals("a", "api_requests", 0, i64::MAX)
+                    .await
+                    .unwrap(),
+                [(String::new(), 12)]
+            );
+            let gauge = store
+                .total("b", "wasm_modules", Aggregation::Latest, 0, i64::MAX)
+                .await
+                .unwrap();
+            assert_eq!(gauge, 3);
+        }
     }
 }

@@ -60,6 +60,32 @@ impl UsageReader for SqliteStore {
         .await
     }
 
+    async fn dimension_totals(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(String, u64)>> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT dims, SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+                 GROUP BY dims ORDER BY dims",
+            )?;
+            let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
+            })?;
+            Ok(rows
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .filter(|(_, v)| *v > 0)
+                .collect())
+        })
+        .await
+    }
+
     async fn series(
         &self,
         customer: &str,

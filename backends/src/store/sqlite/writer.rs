@@ -20,17 +20,17 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
     }
     {
         let mut add = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (customer, meter, minute_ms)
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (customer, meter, dims, minute_ms)
              DO UPDATE SET value = CASE WHEN value > 9223372036854775807 - excluded.value
                                         THEN 9223372036854775807
                                         ELSE value + excluded.value END",
         )?;
         let mut latest = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (customer, meter, minute_ms) DO UPDATE SET
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (customer, meter, dims, minute_ms) DO UPDATE SET
                value = CASE WHEN (excluded.last_ms, excluded.value) > (last_ms, value)
                             THEN excluded.value ELSE value END,
                last_ms = max(last_ms, excluded.last_ms)",
@@ -45,7 +45,14 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
         for (k, cell) in &rollup.cells {
             match *cell {
                 Cell::Add(v) => {
-                    add.execute(params![k.customer, k.meter, k.minute_ms, v as i64, 0])?;
+                    add.execute(params![
+                        k.customer,
+                        k.meter,
+                        k.minute_ms,
+                        v as i64,
+                        0,
+                        k.dims
+                    ])?;
                 }
                 Cell::Latest { time_ms, value } => {
                     latest.execute(params![
@@ -53,7 +60,8 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
                         k.meter,
                         k.minute_ms,
                         value as i64,
-                        time_ms
+                        time_ms,
+                        k.dims
                     ])?;
                     gauge.execute(params![k.customer, k.meter, time_ms, value as i64])?;
                 }
