@@ -8,9 +8,9 @@
 # Debian packages (nginx, curl, clickhouse-server, chromium, node, and the linters of deploy/:
 # prometheus for promtool, yamllint, docker-compose), the tansu broker (cargo install),
 # playwright-core (npm, for the dashboard test in headless Chromium), kubernetes-validate
-# (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default ~/.cache/tally-tools). Exports
-# TANSU_BIN, TALLY_TEST_NODE_PATH, TALLY_TEST_CHROMIUM, TALLY_TEST_KUBERNETES_VALIDATE and
-# cargo-fuzz on PATH.
+# and the CloudEvents SDK (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default
+# ~/.cache/tally-tools). Exports TANSU_BIN, TALLY_TEST_NODE_PATH, TALLY_TEST_CHROMIUM,
+# TALLY_TEST_KUBERNETES_VALIDATE, TALLY_TEST_PYTHON and cargo-fuzz on PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -66,6 +66,14 @@ if ! "$pyenv/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$kube_va
     "$pyenv/bin/pip" install --quiet "kubernetes-validate==$kube_validate_version"
 fi
 export TALLY_TEST_KUBERNETES_VALIDATE="$pyenv/bin/kubernetes-validate"
+
+# The official CloudEvents Python SDK, which a test sends events with (tests/cloudevents_sdk.rs).
+cloudevents_version=1.12.1
+if ! "$pyenv/bin/python" -c "import cloudevents, sys; sys.exit(cloudevents.__version__ != '$cloudevents_version')" 2>/dev/null; then
+    echo "installing cloudevents $cloudevents_version (Python)"
+    "$pyenv/bin/pip" install --quiet "cloudevents==$cloudevents_version"
+fi
+export TALLY_TEST_PYTHON="$pyenv/bin/python"
 
 # cargo-fuzz for the fuzz smoke runs (fuzz/run.sh smoke).
 cargo_fuzz_version=0.13.2

@@ -239,3 +239,20 @@ async fn the_catalogue_reads_back_from_the_api() {
     assert_eq!(free["limits"]["api_requests"], 10_000);
     assert_eq!(free["display_name"], "Free");
 }
+
+/// The README's example meters are a valid catalogue addition.
+#[test]
+fn the_readme_example_meters_load() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut examples = 0;
+    for block in readme.split("```toml\n").skip(1) {
+        let toml = block.split("```").next().unwrap();
+        let catalog = format!("{}\n{toml}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
+        let c =
+            tally_schemas::Catalog::from_toml(&catalog).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert!(c.event_type("request").is_some());
+        examples += 1;
+    }
+    assert_eq!(examples, 1);
+}
