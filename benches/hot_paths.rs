@@ -103,6 +103,88 @@ fn rollup(c: &mut Criterion) {
     g.finish();
 }
 
+/// A meter over the payload with three dimensions, beside the built-in plain meters.
+const DIMENSIONED: &str = r#"
+[meters.request_bytes]
+event_type = "request"
+value = "$.bytes"
+aggregation = "sum"
+unit = "bytes"
+group_by = { region = "$.region", model = "$.model", route = "$.route" }
+"#;
+
+fn dimensioned_json(i: usize) -> String {
+    let region = ["eu", "us", "ap", "sa"][i % 4];
+    let model = ["m1", "m2", "m3", "m4", "m5"][i % 5];
+    format!(
+        r#"{{"specversion":"1.0","id":"evt-{i:010}","source":"edge-fra-1","type":"request","subject":"cust_{:06}","time":"2026-11-21T09:59:{:02}Z","data":{{"bytes":{},"region":"{region}","model":"{model}","route":"/r{}"}}}}"#,
+        i % 100_000,
+        i % 60,
+        1 + i % 7,
+        i % 10
+    )
+}
+
+/// Ingest's decode and the aggregator's roll-up of events with three dimensions, against
+/// today's plain meters in the same run (issue: >= 0.8x).
+fn dimensions(c: &mut Criterion) {
+    let catalog = Catalog::from_toml(&format!(
+        "{}\n{DIMENSIONED}",
+        tally_schemas::catalog::DEFAULT_CATALOG_TOML
+    ))
+    .expect("catalogue");
+    let policy = TimePolicy::default();
+    let batch =
+        |f: fn(usize) -> String| format!("[{}]", (0..1_000).map(f).collect::<Vec<_>>().join(","));
+    let (plain, dimensioned) = (batch(event_json), batch(dimensioned_json));
+    let mut g = c.benchmark_group("dimensions");
+    g.throughput(Throughput::Elements(1_000));
+    for (name, body) in [
+        ("decode_plain_batch_of_1000", &plain),
+        ("decode_three_dimensions_batch_of_1000", &dimensioned),
+    ] {
+        g.bench_function(name, |b| {
+            let mut buf = Vec::with_capacity(256 * 1_000);
+            b.iter(|| {
+                buf.clear();
+                for e in decode_batch(black_box(body), &catalog, &policy, NOW, usize::MAX)
+                    .expect("array")
+                {
+                    wire::encode_into(&e.expect("valid"), &mut buf);
+                }
+                black_box(&buf);
+            })
+        });
+    }
+    let records = |body: &str| -> Vec<Record> {
+        (0..10)
+            .flat_map(|round| {
+                decode_batch(body, &catalog, &policy, NOW, usize::MAX)
+                    .expect("array")
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, e)| (round * 1_000 + i, e))
+            })
+            .map(|(i, e)| Record {
+                partition: 0,
+                offset: i as u64,
+                event: e.expect("valid"),
+            })
+            .collect()
+    };
+    let (plain, dimensioned) = (records(&plain), records(&dimensioned));
+    g.throughput(Throughput::Elements(plain.len() as u64));
+    for (name, recs) in [
+        ("rollup_plain_10k", &plain),
+        ("rollup_three_dimensions_10k", &dimensioned),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(Rollup::from_records(black_box(recs), &catalog)))
+        });
+    }
+    g.finish();
+}
+
 fn decide(c: &mut Criterion) {
     let catalog = Arc::new(Catalog::builtin());
     let state = State::new(catalog, Arc::new(ManualClock::new(NOW)), true);
@@ -228,5 +310,5 @@ fn access(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse, rollup, decide, access);
+criterion_group!(benches, parse, rollup, dimensions, decide, access);
 criterion_main!(benches);

@@ -336,6 +336,9 @@ impl Wiring<'_> {
                     future_tolerance_ms: config.future_tolerance.as_millis() as i64,
                 },
             }),
+            dimensions: Arc::new(tally_ingest::dimensions::DimensionCap::new(
+                config.max_dimension_combinations,
+            )),
             room: enforcer.cloned().map(|state| {
                 let room: tally_ingest::UsageRoom =
                     Arc::new(move |customer, meter, time_ms| state.room(customer, meter, time_ms));

@@ -52,6 +52,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Most events in one ingest request. `TALLY_MAX_BATCH_EVENTS`.
     pub max_batch_events: usize,
+    /// Most distinct combinations of dimension values per customer, meter and month that an
+    /// ingest process admits (`dimension_cap_exceeded` past it).
+    /// `TALLY_MAX_DIMENSION_COMBINATIONS`.
+    pub max_dimension_combinations: usize,
     /// Oldest event time accepted; older events are refused with `event_too_old`.
     /// `TALLY_LATE_WINDOW`.
     #[serde(with = "duration")]
@@ -182,6 +186,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             max_body_bytes: 16 * 1024 * 1024,
             max_batch_events: 50_000,
+            max_dimension_combinations: 1_000,
             late_window: Duration::from_secs(35 * 86_400),
             future_tolerance: Duration::from_secs(5 * 60),
             dedup_window: Duration::from_secs(36 * 86_400),

@@ -256,3 +256,50 @@ fn the_readme_example_meters_load() {
     }
     assert_eq!(examples, 1);
 }
+
+/// Past `max_dimension_combinations` distinct combinations of a customer's meter in a month,
+/// an event with a new one is refused; known combinations and other customers go on.
+#[tokio::test]
+async fn new_dimension_combinations_past_the_cap_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.toml");
+    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
+    std::fs::write(&path, catalog).unwrap();
+    let mut config = common::config(dir.path());
+    config.catalog_file = Some(path);
+    config.max_dimension_combinations = 2;
+    let t = Tally::start_with(dir, config).await;
+    let post = |events: Value| {
+        let t = &t;
+        async move {
+            t.post("/v1/events", "application/json", events.to_string())
+                .await
+        }
+    };
+    let ev = |id: &str, customer: &str, region: &str| {
+        event(
+            id,
+            customer,
+            "request",
+            json!({"bytes": 1, "region": region}),
+        )
+    };
+    let (_, b) = post(json!([ev("1", "c3", "eu"), ev("2", "c3", "us")])).await;
+    assert_eq!(b["accepted"], 2, "{b}");
+    let (s, b) = post(json!([
+        ev("3", "c3", "ap"),
+        ev("4", "c3", "eu"),
+        ev("5", "c4", "ap")
+    ]))
+    .await;
+    assert_eq!(s.as_u16(), 202);
+    assert_eq!(
+        (b["accepted"].clone(), b["rejected"].clone()),
+        (json!(2), json!(1)),
+        "{b}"
+    );
+    assert_eq!(b["errors"][0]["index"], 0);
+    assert_eq!(b["errors"][0]["code"], "dimension_cap_exceeded");
+    t.wait_stored("c3", "request_bytes", 3).await;
+    t.wait_stored("c4", "request_bytes", 1).await;
+}

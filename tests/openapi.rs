@@ -153,6 +153,7 @@ fn every_event_error_code_is_documented() {
         E::InvalidValue(String::new()),
         E::ValuePrecision(String::new()),
         E::InvalidDimension(String::new()),
+        E::DimensionCapExceeded { cap: 1 },
     ];
     // A new variant must be added to `all` (and to the document): this match stops compiling.
     fn _every_variant_listed(e: &E) {
@@ -176,7 +177,8 @@ fn every_event_error_code_is_documented() {
             | E::MissingValue(_)
             | E::InvalidValue(_)
             | E::ValuePrecision(_)
-            | E::InvalidDimension(_) => {}
+            | E::InvalidDimension(_)
+            | E::DimensionCapExceeded { .. } => {}
         }
     }
     let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();

@@ -31,6 +31,7 @@ use utoipa::{OpenApi, ToSchema};
 use tally_backends::log::EventLog;
 use tally_http::problem::{ApiError, EventFault, Problem, from_body_rejection};
 
+use crate::dimensions::DimensionCap;
 use crate::metrics;
 
 /// Limits and rules of the ingest endpoint.
@@ -76,6 +77,9 @@ pub struct IngestState {
     /// Events that would push a known period total past the cap are refused
     /// (`usage_cap_exceeded`).
     pub room: Option<UsageRoom>,
+    /// Events that would add a dimension combination past the cap are refused
+    /// (`dimension_cap_exceeded`).
+    pub dimensions: Arc<DimensionCap>,
 }
 
 /// Most per-event errors listed in one reply; the counts stay exact.
@@ -396,6 +400,7 @@ fn decode_utf8(
     if let Some(room) = &state.room {
         refuse_past_cap(&mut decoded, room);
     }
+    refuse_past_dimension_cap(&mut decoded, &state.dimensions);
     Ok(decoded)
 }
 
@@ -451,16 +456,34 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
             refused.push(decoded.index[n]);
         }
     }
+    refuse(decoded, &keep, refused, &EventError::UsageCapExceeded);
+}
+
+/// Moves the events whose dimensions would pass the cap of distinct combinations to the
+/// faults (see [`crate::dimensions`]).
+fn refuse_past_dimension_cap(decoded: &mut Decoded, cap: &DimensionCap) {
+    let keep: Vec<bool> = decoded.valid.iter().map(|e| cap.admit(e)).collect();
+    let refused: Vec<usize> = keep
+        .iter()
+        .zip(&decoded.index)
+        .filter(|(k, _)| !**k)
+        .map(|(_, i)| *i)
+        .collect();
+    let e = EventError::DimensionCapExceeded { cap: cap.cap() };
+    refuse(decoded, &keep, refused, &e);
+}
+
+/// Drops the valid events not kept and lists them, at their request `index`, as faults `e`.
+fn refuse(decoded: &mut Decoded, keep: &[bool], refused: Vec<usize>, e: &EventError) {
     if refused.is_empty() {
         return;
     }
     (decoded.valid, decoded.index) = std::mem::take(&mut decoded.valid)
         .into_iter()
         .zip(std::mem::take(&mut decoded.index))
-        .zip(keep)
+        .zip(keep.iter().copied())
         .filter_map(|(pair, keep)| keep.then_some(pair))
         .unzip();
-    let e = EventError::UsageCapExceeded;
     metrics::REJECTED
         .with_label_values(&[e.code()])
         .inc_by(refused.len() as u64);

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`http`]: `POST /v1/events` (CloudEvents 1.0: single, batch, NDJSON).
+//! - [`dimensions`]: the cap on distinct dimension combinations per customer and meter.
 //! - [`metrics`]: Prometheus metrics of this stage.
 //!
 //! The log it appends to is the backends' (`tally_backends::log::EventLog`: embedded or Kafka);
@@ -16,6 +17,7 @@
 //! again. Nothing is acknowledged when the log fails: the reply is 503 with `Retry-After`, and the
 //! client's retry is de-duplicated.
 
+pub mod dimensions;
 pub mod error;
 pub mod http;
 pub mod metrics;

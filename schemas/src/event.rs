@@ -123,6 +123,11 @@ pub enum EventError {
     ValuePrecision(String),
     #[error("{0}")]
     InvalidDimension(String),
+    /// Raised at ingest, not by the decoder.
+    #[error(
+        "this event would add a combination of dimension values past the {cap} a customer's meter may have in a month"
+    )]
+    DimensionCapExceeded { cap: usize },
     /// Raised at ingest, not by the decoder (see [`crate::quantity`]).
     #[error(
         "this event would push the customer's period total of the meter past 9223372036854775807"
@@ -154,6 +159,7 @@ impl EventError {
         "invalid_value",
         "value_precision",
         "invalid_dimension",
+        "dimension_cap_exceeded",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -178,6 +184,7 @@ impl EventError {
             EventError::InvalidValue(_) => "invalid_value",
             EventError::ValuePrecision(_) => "value_precision",
             EventError::InvalidDimension(_) => "invalid_dimension",
+            EventError::DimensionCapExceeded { .. } => "dimension_cap_exceeded",
         }
     }
 }
