@@ -475,13 +475,10 @@ fn validate(
             };
             (value, Vec::new())
         }
-        None => {
-            let data: serde_json::Value = match raw.data {
-                None => serde_json::Value::Null,
-                Some(d) => serde_json::from_str(d.get()).map_err(json_error)?,
-            };
-            (0, event_type.readings(&data)?)
-        }
+        None => (
+            0,
+            event_type.readings(&crate::path::Payload::raw(raw.data))?,
+        ),
     };
     // An event that feeds no meter (filtered out everywhere) names none, so it reads as empty.
     let meter = if event_type.plain_meter().is_none() && readings.is_empty() {

@@ -23,7 +23,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::EventError;
-use crate::path::{Ambiguous, JsonPath};
+use crate::path::{Ambiguous, JsonPath, Payload};
+
+/// `data.value`, the quantity of the first meters.
+static DATA_VALUE: std::sync::LazyLock<JsonPath> =
+    std::sync::LazyLock::new(|| JsonPath::parse("$.value").expect("a valid path"));
 
 /// Longest dimension value kept, in bytes.
 pub const MAX_DIMENSION_BYTES: usize = 256;
@@ -82,11 +86,11 @@ impl Condition {
         }
     }
 
-    fn met(&self, data: &Value) -> Result<bool, EventError> {
-        let v = self
-            .path
-            .get(data)
+    fn met(&self, data: &Payload<'_>) -> Result<bool, EventError> {
+        let v = data
+            .get(&self.path)
             .map_err(|Ambiguous| ambiguous(&self.path))?;
+        let v = v.as_deref();
         Ok(match (&self.eq, &self.ne, &self.any_of) {
             (Some(want), _, _) => v == Some(want),
             (_, Some(not), _) => v != Some(not),
@@ -144,8 +148,8 @@ impl EventType {
         }
     }
 
-    /// The readings of one event, from its `data` (`Value::Null` when it has none).
-    pub fn readings(&self, data: &Value) -> Result<Vec<Reading>, EventError> {
+    /// The readings of one event, from its `data`.
+    pub fn readings(&self, data: &Payload<'_>) -> Result<Vec<Reading>, EventError> {
         let mut out = Vec::with_capacity(self.readers.len());
         for r in &self.readers {
             if !all_met(&r.filter, data)? {
@@ -153,26 +157,28 @@ impl EventType {
             }
             let value = match &r.value {
                 ValueRule::One => 1,
-                ValueRule::DataValue => match data.get("value") {
+                ValueRule::DataValue => match data.get(&DATA_VALUE).ok().flatten().as_deref() {
                     None | Some(Value::Null) => scaled(1, r.scale)?,
                     Some(v) => quantity(v, r.scale)?,
                 },
-                ValueRule::Path(p) => match p.get(data).map_err(|Ambiguous| ambiguous(p))? {
-                    None | Some(Value::Null) => {
-                        return Err(EventError::MissingValue(format!(
-                            "meter `{}` reads `{p}`, which the event does not carry",
-                            r.meter
-                        )));
+                ValueRule::Path(p) => {
+                    match data.get(p).map_err(|Ambiguous| ambiguous(p))?.as_deref() {
+                        None | Some(Value::Null) => {
+                            return Err(EventError::MissingValue(format!(
+                                "meter `{}` reads `{p}`, which the event does not carry",
+                                r.meter
+                            )));
+                        }
+                        Some(v) => quantity(v, r.scale)?,
                     }
-                    Some(v) => quantity(v, r.scale)?,
-                },
+                }
             };
             let mut dimensions = Vec::with_capacity(r.group_by.len());
             for (name, path) in &r.group_by {
-                let Some(v) = path.get(data).map_err(|Ambiguous| ambiguous(path))? else {
+                let Some(v) = data.get(path).map_err(|Ambiguous| ambiguous(path))? else {
                     continue;
                 };
-                if let Some(value) = dimension_value(name, v)? {
+                if let Some(value) = dimension_value(name, &v)? {
                     dimensions.push(Dimension {
                         name: name.clone(),
                         value,
@@ -189,7 +195,7 @@ impl EventType {
     }
 }
 
-fn all_met(filter: &[Condition], data: &Value) -> Result<bool, EventError> {
+fn all_met(filter: &[Condition], data: &Payload<'_>) -> Result<bool, EventError> {
     for c in filter {
         if !c.met(data)? {
             return Ok(false);
@@ -375,6 +381,19 @@ mod tests {
         }
     }
 
+    /// The readings of `data` read from its JSON text, as the decoder does.
+    fn read(t: &EventType, data: Value) -> Result<Vec<Reading>, EventError> {
+        let text = data.to_string();
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(&text).unwrap();
+        let from_text = t.readings(&Payload::raw(Some(&raw)));
+        assert_eq!(
+            from_text,
+            t.readings(&Payload::Value(&data)),
+            "both ways agree"
+        );
+        from_text
+    }
+
     fn reader(meter: &str, value: ValueRule) -> Reader {
         Reader {
             meter: meter.into(),
@@ -407,9 +426,7 @@ mod tests {
             readers: vec![reader("requests", ValueRule::One), bytes, eu],
         };
         assert_eq!(t.plain_meter(), None);
-        let got = t
-            .readings(&json!({"bytes": 1200, "region": "eu", "model": "m1"}))
-            .unwrap();
+        let got = read(&t, json!({"bytes": 1200, "region": "eu", "model": "m1"})).unwrap();
         let dims = |pairs: &[(&str, &str)]| {
             pairs
                 .iter()
@@ -439,7 +456,7 @@ mod tests {
                 },
             ]
         );
-        let us = t.readings(&json!({"bytes": 5, "region": "us"})).unwrap();
+        let us = read(&t, json!({"bytes": 5, "region": "us"})).unwrap();
         let meters: Vec<&str> = us.iter().map(|r| r.meter.as_str()).collect();
         assert_eq!(
             meters,
@@ -451,14 +468,12 @@ mod tests {
             dims(&[("region", "us")]),
             "no model: no model value"
         );
-        let err = t.readings(&json!({"region": "eu"})).unwrap_err();
+        let err = read(&t, json!({"region": "eu"})).unwrap_err();
         assert_eq!(err.code(), "value_missing");
-        let err = t
-            .readings(&json!({"bytes": 1, "region": {"name": "eu"}}))
-            .unwrap_err();
+        let err = read(&t, json!({"bytes": 1, "region": {"name": "eu"}})).unwrap_err();
         assert_eq!(err.code(), "invalid_dimension");
         let long = "x".repeat(MAX_DIMENSION_BYTES + 1);
-        let err = t.readings(&json!({"bytes": 1, "model": long})).unwrap_err();
+        let err = read(&t, json!({"bytes": 1, "model": long})).unwrap_err();
         assert_eq!(err.code(), "invalid_dimension");
     }
 
@@ -472,16 +487,30 @@ mod tests {
         };
         let gold = json!({"tier": "gold"});
         let none = json!({});
-        assert!(c(Some(json!("gold")), None, None).met(&gold).unwrap());
-        assert!(!c(Some(json!("gold")), None, None).met(&none).unwrap());
-        assert!(!c(None, Some(json!("gold")), None).met(&gold).unwrap());
         assert!(
-            c(None, Some(json!("gold")), None).met(&none).unwrap(),
+            c(Some(json!("gold")), None, None)
+                .met(&Payload::Value(&gold))
+                .unwrap()
+        );
+        assert!(
+            !c(Some(json!("gold")), None, None)
+                .met(&Payload::Value(&none))
+                .unwrap()
+        );
+        assert!(
+            !c(None, Some(json!("gold")), None)
+                .met(&Payload::Value(&gold))
+                .unwrap()
+        );
+        assert!(
+            c(None, Some(json!("gold")), None)
+                .met(&Payload::Value(&none))
+                .unwrap(),
             "missing differs"
         );
         let any = c(None, None, Some(vec![json!("gold"), json!("silver")]));
-        assert!(any.met(&gold).unwrap());
-        assert!(!any.met(&none).unwrap());
+        assert!(any.met(&Payload::Value(&gold)).unwrap());
+        assert!(!any.met(&Payload::Value(&none)).unwrap());
         assert!(any.check().is_ok());
         assert!(c(Some(json!(1)), Some(json!(2)), None).check().is_err());
         assert!(c(None, None, Some(vec![])).check().is_err());
@@ -495,8 +524,8 @@ mod tests {
             readers: vec![reader("api_requests", ValueRule::DataValue)],
         };
         assert_eq!(t.plain_meter(), Some("api_requests"));
-        let got = t.readings(&json!({"value": 7})).unwrap();
+        let got = read(&t, json!({"value": 7})).unwrap();
         assert_eq!(got[0].value, 7);
-        assert_eq!(t.readings(&Value::Null).unwrap()[0].value, 1, "default 1");
+        assert_eq!(read(&t, Value::Null).unwrap()[0].value, 1, "default 1");
     }
 }

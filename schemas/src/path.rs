@@ -5,8 +5,11 @@
 
 use std::fmt;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Longest path text accepted.
 pub const MAX_PATH_BYTES: usize = 256;
@@ -16,6 +19,45 @@ pub const MAX_PATH_BYTES: usize = 256;
 pub struct JsonPath {
     text: String,
     query: serde_json_path::JsonPath,
+    /// The member names of a path made of names only (`$.usage.tokens`, `$['a b']`), which
+    /// [`Payload`] walks without building the whole `data`.
+    members: Option<Vec<String>>,
+}
+
+/// The member names of `$` followed by `.name` (RFC 9535 shorthand: a letter, `_` or
+/// non-ASCII first, then those or digits) or `['name']` / `["name"]` without escapes; `None`
+/// for any other path (indices, wildcards, filters, escapes), which takes the general way.
+fn member_names(text: &str) -> Option<Vec<String>> {
+    let mut rest = text.strip_prefix('$')?;
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r
+                .char_indices()
+                .find(|&(i, c)| {
+                    let first = c.is_ascii_alphabetic() || c == '_' || !c.is_ascii();
+                    !(first || (i > 0 && c.is_ascii_digit()))
+                })
+                .map_or(r.len(), |(i, _)| i);
+            if end == 0 {
+                return None;
+            }
+            names.push(r[..end].to_owned());
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix("['").or_else(|| rest.strip_prefix("[\"")) {
+            let quote = if rest.starts_with("['") { "']" } else { "\"]" };
+            let end = r.find(quote)?;
+            let name = &r[..end];
+            if name.contains(['\\', '\'', '"']) {
+                return None;
+            }
+            names.push(name.to_owned());
+            rest = &r[end + 2..];
+        } else {
+            return None;
+        }
+    }
+    Some(names)
 }
 
 /// Why a path was not understood.
@@ -43,6 +85,7 @@ impl JsonPath {
         Ok(JsonPath {
             text: text.to_owned(),
             query,
+            members: member_names(text),
         })
     }
 
@@ -55,6 +98,165 @@ impl JsonPath {
     pub fn get<'v>(&self, root: &'v Value) -> Result<Option<&'v Value>, Ambiguous> {
         self.query.query(root).at_most_one().map_err(|_| Ambiguous)
     }
+}
+
+/// An event's `data`, read lazily: a path of member names walks the JSON text to its value
+/// without building the rest; any other path reads the whole value once.
+pub enum Payload<'a> {
+    /// The JSON text of `data` (none: the event has no `data`).
+    Raw {
+        raw: Option<&'a RawValue>,
+        /// The top-level members of `data` (empty when it is not an object), read once.
+        top: std::cell::OnceCell<Vec<(Cow<'a, str>, &'a RawValue)>>,
+        whole: std::cell::OnceCell<Value>,
+    },
+    Value(&'a Value),
+}
+
+impl<'a> Payload<'a> {
+    pub fn raw(raw: Option<&'a RawValue>) -> Payload<'a> {
+        Payload::Raw {
+            raw,
+            top: std::cell::OnceCell::new(),
+            whole: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn whole(&self) -> Value {
+        match self {
+            Payload::Raw { raw: Some(r), .. } => serde_json::from_str(r.get()).unwrap_or_default(),
+            _ => Value::Null,
+        }
+    }
+
+    /// The one value `path` names: `None` when it names none, [`Ambiguous`] when several.
+    pub fn get(&self, path: &JsonPath) -> Result<Option<Cow<'_, Value>>, Ambiguous> {
+        match self {
+            Payload::Value(v) => Ok(path.get(v)?.map(Cow::Borrowed)),
+            Payload::Raw { raw, top, whole } => {
+                if let Some(names) = &path.members {
+                    let Some(root) = *raw else {
+                        return Ok(None);
+                    };
+                    let Some((first, deeper)) = names.split_first() else {
+                        return Ok(serde_json::from_str::<Value>(root.get())
+                            .ok()
+                            .map(Cow::Owned));
+                    };
+                    let top = top.get_or_init(|| members(root));
+                    // The last of repeated names, like a full parse.
+                    let Some(mut at) = top.iter().rev().find(|(k, _)| k == first).map(|(_, v)| *v)
+                    else {
+                        return Ok(None);
+                    };
+                    for name in deeper {
+                        match member(at, name) {
+                            Some(next) => at = next,
+                            None => return Ok(None),
+                        }
+                    }
+                    return Ok(serde_json::from_str::<Value>(at.get()).ok().map(Cow::Owned));
+                }
+                let whole = whole.get_or_init(|| self.whole());
+                Ok(path.get(whole)?.map(Cow::Borrowed))
+            }
+        }
+    }
+}
+
+/// The members of a JSON object's text, in order, values unparsed; none when it is not an
+/// object.
+fn members(object: &RawValue) -> Vec<(Cow<'_, str>, &RawValue)> {
+    serde_json::from_str::<ObjectMembers<'_>>(object.get())
+        .map(|m| m.0)
+        .unwrap_or_default()
+}
+
+/// A member name, borrowed from the text unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+struct ObjectMembers<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for ObjectMembers<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = ObjectMembers<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                    out.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(ObjectMembers(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// The raw value of member `name` of a JSON object's text; `None` when it is not an object or
+/// has no such member (the last of repeated names, like a full parse).
+fn member<'a>(object: &'a RawValue, name: &str) -> Option<&'a RawValue> {
+    struct Find<'n>(&'n str);
+    impl<'de> serde::de::Visitor<'de> for Find<'_> {
+        type Value = Option<&'de RawValue>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                if key == self.0 {
+                    found = Some(map.next_value::<&'de RawValue>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    impl<'de> serde::de::DeserializeSeed<'de> for Find<'_> {
+        type Value = Option<&'de RawValue>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    let text = object.get();
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(Find(name), &mut de)
+        .ok()
+        .flatten()
 }
 
 impl PartialEq for JsonPath {
@@ -147,5 +349,47 @@ mod tests {
         assert_eq!(path, p("$.usage.tokens"));
         assert_eq!(serde_json::to_string(&path).unwrap(), r#""$.usage.tokens""#);
         assert!(serde_json::from_str::<JsonPath>(r#""usage""#).is_err());
+    }
+
+    #[test]
+    fn name_paths_walk_the_text_and_agree_with_the_whole_value() {
+        assert_eq!(
+            member_names("$.usage.tokens"),
+            Some(vec!["usage".into(), "tokens".into()])
+        );
+        assert_eq!(
+            member_names("$['model name']"),
+            Some(vec!["model name".into()])
+        );
+        assert_eq!(
+            member_names("$.a1._b"),
+            Some(vec!["a1".into(), "_b".into()])
+        );
+        assert_eq!(member_names("$"), Some(vec![]), "the root");
+        for general in ["$.items[0]", "$.*", "$..a", r"$['it\'s']"] {
+            assert_eq!(member_names(general), None, "{general}");
+        }
+        let text = r#"{"usage": {"tokens": 7, "model name": "m1"}, "items": [1, 2], "n": null, "d": 1, "d": 2}"#;
+        let raw: Box<RawValue> = serde_json::from_str(text).unwrap();
+        let whole: Value = serde_json::from_str(text).unwrap();
+        let lazy = Payload::raw(Some(&raw));
+        for path in [
+            "$.usage.tokens",
+            "$.usage['model name']",
+            "$.items[1]",
+            "$.items.x",
+            "$.usage.tokens.deeper",
+            "$.missing",
+            "$.n",
+            "$.d",
+        ] {
+            let path = p(path);
+            let got = lazy.get(&path).map(|v| v.map(Cow::into_owned));
+            let want = Payload::Value(&whole)
+                .get(&path)
+                .map(|v| v.map(Cow::into_owned));
+            assert_eq!(got, want, "{path}");
+        }
+        assert_eq!(Payload::raw(None).get(&p("$.a")), Ok(None));
     }
 }

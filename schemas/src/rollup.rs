@@ -30,11 +30,24 @@ pub fn dimensions_key(dimensions: &[Dimension]) -> String {
     if dimensions.is_empty() {
         return String::new();
     }
-    let map: serde_json::Map<String, serde_json::Value> = dimensions
+    // What serializing the map of names to values writes (names are in order already), without
+    // building the map.
+    let len: usize = dimensions
         .iter()
-        .map(|d| (d.name.clone(), serde_json::Value::String(d.value.clone())))
-        .collect();
-    serde_json::Value::Object(map).to_string()
+        .map(|d| d.name.len() + d.value.len() + 6)
+        .sum();
+    let mut out = Vec::with_capacity(len + 2);
+    out.push(b'{');
+    for (i, d) in dimensions.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &d.name).expect("a string serializes");
+        out.push(b':');
+        serde_json::to_writer(&mut out, &d.value).expect("a string serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON text is UTF-8")
 }
 
 /// The dimensions of a stored key (the inverse of [`dimensions_key`]); a key that is not a
@@ -228,5 +241,24 @@ mod tests {
         let mut rev = recs.clone();
         rev.reverse();
         assert_eq!(Rollup::from_records(&rev, &c).cells, r.cells);
+    }
+
+    #[test]
+    fn dimensions_keys_are_the_json_object_of_the_values_and_read_back() {
+        let d = |n: &str, v: &str| Dimension {
+            name: n.into(),
+            value: v.into(),
+        };
+        let dims = [d("model", "m\"1"), d("region", "eu\u{e9}")];
+        let key = dimensions_key(&dims);
+        let map: serde_json::Map<String, serde_json::Value> = dims
+            .iter()
+            .map(|x| (x.name.clone(), serde_json::Value::String(x.value.clone())))
+            .collect();
+        assert_eq!(key, serde_json::Value::Object(map).to_string());
+        assert_eq!(key, "{\"model\":\"m\\\"1\",\"region\":\"eu\u{e9}\"}");
+        assert_eq!(parse_dimensions_key(&key), dims);
+        assert_eq!(dimensions_key(&[]), "");
+        assert!(parse_dimensions_key("").is_empty());
     }
 }
