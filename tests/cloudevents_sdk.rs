@@ -12,19 +12,9 @@ use std::time::{Duration, Instant};
 use common::process::{Proc, free_port, start_with_env};
 use serde_json::{Value, json};
 
-const METERS: &str = r#"
-[meters.requests]
-event_type = "request"
-aggregation = "count"
-unit = "requests"
-
-[meters.request_bytes]
-event_type = "request"
-value = "$.bytes"
-aggregation = "sum"
-unit = "bytes"
-group_by = { region = "$.region", model = "$.model" }
-"#;
+/// Among them `requests` and `request_bytes` (dimensions `region` and `model`) over `request`
+/// events.
+const METERS: &str = include_str!("fixtures/payload_meters.toml");
 
 /// The SDK's interpreter (tests/install.sh installs the package and sets it), if it has it.
 fn python() -> Option<String> {

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{Proc, free_port, start};
+use common::process::{Proc, free_port, start, start_with_env};
 use serde_json::{Value, json};
 
 fn batch(k: usize) -> String {
@@ -100,6 +100,103 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
         assert_eq!(usage(&client, &p, &format!("crash-{c}"), "check"), *want);
         assert_eq!(usage(&client, &p, &format!("crash-{c}"), "usage"), *want);
     }
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// Events of payload meters (a decimal quantity, dimensions) through kill -9 mid-flush, three
+/// times, each batch sent again after every restart as an edge node would: the totals by
+/// dimension and the decimal sums count every event once.
+#[test]
+fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "{}\n{}",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML,
+            include_str!("fixtures/payload_meters.toml")
+        ),
+    )
+    .unwrap();
+    let catalog = catalog.to_string_lossy().into_owned();
+    let env = [("TALLY_CATALOG_FILE", catalog.as_str())];
+    let (api_port, admin_port) = (free_port(), free_port());
+    let client = reqwest::blocking::Client::new();
+    let regions = ["eu", "us", "ap"];
+    let batch = |k: usize| -> String {
+        let events: Vec<Value> = (0..60)
+            .map(|i| {
+                let (ty, data) = if i % 2 == 0 {
+                    (
+                        "request",
+                        json!({"bytes": 10 + i, "region": regions[i % 3]}),
+                    )
+                } else {
+                    ("gpu", json!({"hours": "0.125"}))
+                };
+                json!({"specversion": "1.0", "id": format!("p{k}-{i}"), "source": "edge-crash",
+                       "type": ty, "subject": "crash-payload", "data": data})
+            })
+            .collect();
+        Value::Array(events).to_string()
+    };
+    let mut want_bytes = [0u64; 3];
+    for _ in 0..30 {
+        for i in (0..60).step_by(2) {
+            want_bytes[i % 3] += 10 + i as u64;
+        }
+    }
+    let want_gpu = 30 * 30 * 125; // 900 events of 0.125 h, at scale 3
+    let mut p = start_with_env("run", dir.path(), api_port, admin_port, "100ms", &env);
+    for round in 0..3 {
+        // Send every batch (again, after a restart): what was acknowledged before is a duplicate.
+        for k in 0..30 {
+            let r = p.post_batch(batch(k));
+            assert_eq!(r.status().as_u16(), 202, "round {round}, batch {k}");
+            if round < 2 && k == 10 + round * 7 {
+                // Mid-stream: batches after this one are sent again in the next round.
+                break;
+            }
+        }
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+        p = start_with_env("run", dir.path(), api_port, admin_port, "100ms", &env);
+    }
+    let get = |path: &str| -> Value {
+        client
+            .get(format!("{}{path}", p.api))
+            .send()
+            .expect("reply")
+            .json()
+            .expect("json")
+    };
+    let want_groups: Vec<Value> = {
+        let mut g: Vec<(u64, &str)> = want_bytes.iter().copied().zip(regions).collect();
+        g.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+        g.into_iter()
+            .map(|(usage, r)| json!({"dimensions": {"region": r}, "usage": usage}))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let by_region = get("/v1/usage?customer=crash-payload&meter=request_bytes&group_by=region");
+        let gpu = get("/v1/usage?customer=crash-payload&meter=gpu_hours");
+        if by_region["groups"] == json!(want_groups) && gpu["usage"] == want_gpu {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {by_region} / {gpu}, want {want_groups:?} and {want_gpu}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let check = get("/v1/check?customer=crash-payload&meter=gpu_hours&quantity=0");
+    assert_eq!(check["usage"], want_gpu, "the enforcer agrees");
+    let total: u64 = want_bytes.iter().sum();
+    let check = get("/v1/check?customer=crash-payload&meter=request_bytes&quantity=0");
+    assert_eq!(check["usage"], total);
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }

@@ -8,32 +8,7 @@ mod common;
 use common::{NOW, Tally};
 use serde_json::{Value, json};
 
-const METERS: &str = r#"
-[meters.requests]
-event_type = "request"
-aggregation = "count"
-unit = "requests"
-
-[meters.request_bytes]
-event_type = "request"
-value = "$.bytes"
-aggregation = "sum"
-unit = "bytes"
-group_by = { region = "$.region", model = "$.model" }
-
-[meters.eu_requests]
-event_type = "request"
-aggregation = "count"
-unit = "requests"
-filter = [{ path = "$.region", eq = "eu" }]
-
-[meters.gpu_hours]
-event_type = "gpu"
-value = "$.hours"
-scale = 3
-aggregation = "sum"
-unit = "hours"
-"#;
+const METERS: &str = include_str!("fixtures/payload_meters.toml");
 
 async fn start() -> Tally {
     let dir = tempfile::tempdir().unwrap();
