@@ -91,3 +91,69 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     let ids = q("SELECT id FROM {db}.event_ids FORMAT TSV").unwrap();
     assert_eq!(ids.trim(), "e-2");
 }
+
+/// The same schema, with its read patterns, on a current ClickHouse engine (chdb, in process),
+/// so the statements hold on today's releases as well as on 18.16.
+#[test]
+fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
+    let python = std::env::var("TALLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_chdb = std::process::Command::new(&python)
+        .args(["-c", "import chdb"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if servers::skip_without_tool("chdb (Python)", has_chdb) {
+        return;
+    }
+    let db = "tally_current";
+    let mut statements: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m, db)).collect();
+    let cells = "INSERT INTO {db}.usage_block_cells VALUES \
+        ('c1','api_requests','2026-11-21 10:00:00',5,0,0,100,110,''), \
+        ('c1','api_requests','2026-11-21 10:00:00',2,0,0,100,105,''), \
+        ('c1','api_requests','2026-11-21 10:01:00',1,0,0,110,111,''), \
+        ('c2','request_bytes','2026-11-21 10:00:00',5,0,1,0,1,'{\"region\":\"eu\"}'), \
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}'), \
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}')";
+    statements.push(cells.replace("{db}", db));
+    let checks: Vec<(String, &str)> = [
+        (
+            "SELECT sum(value) FROM {db}.usage_block_cells FINAL WHERE customer = 'c1'",
+            "6",
+        ),
+        (
+            "SELECT partition, maxMerge(next_offset) FROM {db}.batch_offsets GROUP BY partition ORDER BY partition",
+            "0\t111\n1\t1",
+        ),
+        (
+            "SELECT argMax(batch_first_offset, batch_next_offset), max(batch_next_offset) FROM {db}.usage_block_cells WHERE partition = 0",
+            "110\t111",
+        ),
+        (
+            "SELECT dims, sum(bitShiftRight(value, 32)) AS h, sum(bitAnd(value, 4294967295)) AS l FROM {db}.usage_block_cells FINAL WHERE customer = 'c2' AND meter = 'request_bytes' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000) GROUP BY dims ORDER BY dims",
+            "{\"region\":\"eu\"}\t0\t5\n{\"region\":\"us\"}\t0\t7",
+        ),
+        (
+            "SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'dims'",
+            "1",
+        ),
+    ]
+    .into_iter()
+    .map(|(sql, want)| (sql.replace("{db}", db), want))
+    .collect();
+    let job = serde_json::json!({"statements": statements, "checks": checks});
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/chdb_schema.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(
+        child.stdin.as_mut().expect("stdin"),
+        job.to_string().as_bytes(),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("checks passed"), "{text}");
+}

@@ -8,7 +8,7 @@
 # Debian packages (nginx, curl, clickhouse-server, chromium, node, and the linters of deploy/:
 # prometheus for promtool, yamllint, docker-compose), the tansu broker (cargo install),
 # playwright-core (npm, for the dashboard test in headless Chromium), kubernetes-validate
-# and the CloudEvents SDK (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default
+# the CloudEvents SDK and chdb (PyPI) and cargo-fuzz, cached in $TALLY_TOOLS_DIR (default
 # ~/.cache/tally-tools). Exports TANSU_BIN, TALLY_TEST_NODE_PATH, TALLY_TEST_CHROMIUM,
 # TALLY_TEST_KUBERNETES_VALIDATE, TALLY_TEST_PYTHON and cargo-fuzz on PATH.
 set -euo pipefail
@@ -72,6 +72,13 @@ cloudevents_version=1.12.1
 if ! "$pyenv/bin/python" -c "import cloudevents, sys; sys.exit(cloudevents.__version__ != '$cloudevents_version')" 2>/dev/null; then
     echo "installing cloudevents $cloudevents_version (Python)"
     "$pyenv/bin/pip" install --quiet "cloudevents==$cloudevents_version"
+fi
+# chdb: a current ClickHouse engine in process, which the schema test also runs the schema on
+# (tests/clickhouse_schema.rs).
+chdb_version=4.4.0
+if ! "$pyenv/bin/python" -c "import chdb, sys; sys.exit(chdb.__version__ != '$chdb_version')" 2>/dev/null; then
+    echo "installing chdb $chdb_version (Python; a current ClickHouse engine)"
+    "$pyenv/bin/pip" install --quiet "chdb==$chdb_version"
 fi
 export TALLY_TEST_PYTHON="$pyenv/bin/python"
 
