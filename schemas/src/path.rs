@@ -222,41 +222,11 @@ impl<'de> Deserialize<'de> for ObjectMembers<'de> {
 /// The raw value of member `name` of a JSON object's text; `None` when it is not an object or
 /// has no such member (the last of repeated names, like a full parse).
 fn member<'a>(object: &'a RawValue, name: &str) -> Option<&'a RawValue> {
-    struct Find<'n>(&'n str);
-    impl<'de> serde::de::Visitor<'de> for Find<'_> {
-        type Value = Option<&'de RawValue>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut found = None;
-            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-                if key == self.0 {
-                    found = Some(map.next_value::<&'de RawValue>()?);
-                } else {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-            Ok(found)
-        }
-    }
-    impl<'de> serde::de::DeserializeSeed<'de> for Find<'_> {
-        type Value = Option<&'de RawValue>;
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-    let text = object.get();
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde::de::DeserializeSeed::deserialize(Find(name), &mut de)
-        .ok()
-        .flatten()
+    members(object)
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
 }
 
 impl PartialEq for JsonPath {
