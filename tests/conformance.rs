@@ -526,6 +526,26 @@ mod store {
                 (r#"{"region":"us"}"#.to_owned(), 800),
             ]
         );
+        let days = store
+            .dimension_series("a", "request_bytes", nov, now, Window::Day)
+            .await
+            .unwrap();
+        let day = at("2026-11-02T00:00:00Z");
+        assert_eq!(
+            days,
+            [
+                (String::new(), vec![(day, 7)]),
+                (
+                    r#"{"model":"m1","region":"eu"}"#.to_owned(),
+                    vec![(day, 1205)]
+                ),
+                (
+                    r#"{"model":"m2","region":"eu"}"#.to_owned(),
+                    vec![(day, 300)]
+                ),
+                (r#"{"region":"us"}"#.to_owned(), vec![(day, 800)]),
+            ]
+        );
         let before = store
             .dimension_totals("a", "request_bytes", nov, at("2026-11-02T00:00:00Z"))
             .await

@@ -101,7 +101,29 @@ async fn one_event_feeds_several_meters_exactly_in_the_enforcer_and_the_store() 
         .get("/v1/usage?customer=c1&meter=request_bytes&filter%5Bregion%5D=us")
         .await;
     assert_eq!(b["groups"], json!([{"dimensions": {}, "usage": 800}]));
+    // A series by dimension: the events' day, per region.
+    let (s, b) = t
+        .get("/v1/usage?customer=c1&meter=request_bytes&from=2026-11-20T00:00:00Z&to=2026-11-22T00:00:00Z&window=day&group_by=region")
+        .await;
+    assert_eq!(s.as_u16(), 200, "{b}");
+    let point = |usage: u64| json!([{"start": "2026-11-21T00:00:00Z", "end": "2026-11-22T00:00:00Z", "value": usage}]);
+    assert_eq!(
+        b["groups"],
+        json!([
+            {"dimensions": {"region": "eu"}, "points": point(1205)},
+            {"dimensions": {"region": "us"}, "points": point(800)},
+        ])
+    );
+    assert_eq!(
+        (b["window"].clone(), b["unit"].clone()),
+        (json!("day"), json!("bytes"))
+    );
     for (query, code) in [
+        ("group_by=region&window=period", "unsupported_breakdown"),
+        (
+            "group_by=region&from=2020-01-01T00:00:00Z&window=minute",
+            "range_too_large",
+        ),
         ("group_by=colour", "unknown_dimension"),
         ("filter[colour]=red", "unknown_dimension"),
         ("group_by=region&format=csv", "unsupported_breakdown"),

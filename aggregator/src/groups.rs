@@ -15,6 +15,9 @@ use utoipa::ToSchema;
 /// Most dimensions one query may group by.
 pub const MAX_GROUP_BY: usize = 8;
 
+/// A group's value of each asked dimension; `None` where its readings had none.
+pub type GroupKey = BTreeMap<String, Option<String>>;
+
 /// One group of a breakdown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Group {
@@ -86,26 +89,59 @@ impl Breakdown {
         Ok((!b.group_by.is_empty() || !b.filter.is_empty()).then_some(b))
     }
 
+    /// The group a stored dimensions key falls in; `None` when the filter leaves it out.
+    fn group_of(&self, key: &str) -> Option<GroupKey> {
+        let dims: BTreeMap<String, String> = parse_dimensions_key(key)
+            .into_iter()
+            .map(|d| (d.name, d.value))
+            .collect();
+        self.filter
+            .iter()
+            .all(|(n, v)| dims.get(n).is_some_and(|have| have == v))
+            .then(|| {
+                self.group_by
+                    .iter()
+                    .map(|n| (n.clone(), dims.get(n).cloned()))
+                    .collect()
+            })
+    }
+
+    /// The groups of per-key series, largest total first (ties by dimensions), each with its
+    /// buckets summed over its keys in time order.
+    pub fn series_groups(
+        &self,
+        per_key: Vec<(String, Vec<(i64, u64)>)>,
+    ) -> Vec<(GroupKey, Vec<(i64, u64)>)> {
+        let mut groups: BTreeMap<GroupKey, BTreeMap<i64, u64>> = BTreeMap::new();
+        for (key, points) in per_key {
+            let Some(group) = self.group_of(&key) else {
+                continue;
+            };
+            let buckets = groups.entry(group).or_default();
+            for (t, v) in points {
+                let b = buckets.entry(t).or_insert(0);
+                *b = tally_schemas::quantity::add(*b, v);
+            }
+        }
+        let total = |b: &BTreeMap<i64, u64>| {
+            b.values()
+                .fold(0u64, |t, v| tally_schemas::quantity::add(t, *v))
+        };
+        let mut out: Vec<_> = groups
+            .into_iter()
+            .map(|(g, b)| (total(&b), g, b.into_iter().collect::<Vec<_>>()))
+            .collect();
+        out.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        out.into_iter().map(|(_, g, points)| (g, points)).collect()
+    }
+
     /// The groups of per-key totals, largest first (ties by dimensions).
     pub fn groups(&self, totals: &[(String, u64)]) -> Vec<Group> {
-        let mut sums: BTreeMap<BTreeMap<String, Option<String>>, u64> = BTreeMap::new();
+        let mut sums: BTreeMap<GroupKey, u64> = BTreeMap::new();
         for (key, usage) in totals {
-            let dims: BTreeMap<String, String> = parse_dimensions_key(key)
-                .into_iter()
-                .map(|d| (d.name, d.value))
-                .collect();
-            if !self
-                .filter
-                .iter()
-                .all(|(n, v)| dims.get(n).is_some_and(|have| have == v))
-            {
+            let Some(group) = self.group_of(key) else {
                 continue;
-            }
-            let group = self
-                .group_by
-                .iter()
-                .map(|n| (n.clone(), dims.get(n).cloned()))
-                .collect();
+            };
             let sum = sums.entry(group).or_insert(0);
             *sum = tally_schemas::quantity::add(*sum, *usage);
         }
@@ -195,5 +231,27 @@ mod tests {
         let typo: BTreeMap<String, String> = [("fliter".into(), "x".into())].into();
         let err = Breakdown::parse("b", &meter(), None, &typo).unwrap_err();
         assert_eq!(err.code, "invalid_request");
+    }
+
+    #[test]
+    fn series_groups_sum_their_keys_bucket_by_bucket() {
+        let none = BTreeMap::new();
+        let by_region = Breakdown::parse("b", &meter(), Some("region"), &none)
+            .unwrap()
+            .unwrap();
+        let per_key = vec![
+            (
+                r#"{"model":"m1","region":"eu"}"#.to_owned(),
+                vec![(0, 10), (60, 5)],
+            ),
+            (r#"{"model":"m2","region":"eu"}"#.to_owned(), vec![(60, 1)]),
+            (r#"{"region":"us"}"#.to_owned(), vec![(0, 100)]),
+        ];
+        let eu: GroupKey = [("region".to_owned(), Some("eu".to_owned()))].into();
+        let us: GroupKey = [("region".to_owned(), Some("us".to_owned()))].into();
+        assert_eq!(
+            by_region.series_groups(per_key),
+            [(us, vec![(0, 100)]), (eu, vec![(0, 10), (60, 6)])]
+        );
     }
 }

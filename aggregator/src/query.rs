@@ -82,7 +82,10 @@ pub fn router(state: QueryState) -> Router {
         Top,
         TopCustomer,
         Totals,
-        MeterTotals
+        MeterTotals,
+        GroupedSeries,
+        SeriesGroup,
+        crate::groups::Group
     ))
 )]
 pub struct QueryApi;
@@ -215,6 +218,31 @@ pub struct Point {
     pub start: String,
     pub end: String,
     pub value: u64,
+}
+
+/// Most buckets per group of a series by dimension (the answer is not streamed).
+pub const MAX_GROUP_POINTS: i64 = 10_000;
+
+/// One group of a series by dimension.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SeriesGroup {
+    /// The group's value of each asked dimension; `null` where its readings had none.
+    pub dimensions: BTreeMap<String, Option<String>>,
+    /// Buckets with usage, in time order.
+    pub points: Vec<Point>,
+}
+
+/// A usage series by dimension (`group_by` or `filter[...]` with `from`/`window`), largest
+/// group first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupedSeries {
+    pub customer: String,
+    pub meter: String,
+    pub unit: String,
+    pub window: &'static str,
+    pub from: String,
+    pub to: String,
+    pub groups: Vec<SeriesGroup>,
 }
 
 /// A usage series (streamed).
@@ -452,10 +480,10 @@ async fn get_usage(
     let meter = lookup(&s.catalog, &meter_name)?.clone();
     let now = s.clock.now_ms();
     let breakdown = Breakdown::parse(&meter_name, &meter, q.group_by.as_deref(), &q.rest)?;
-    if breakdown.is_some() && (format == Format::Csv || q.from.is_some() || q.window.is_some()) {
+    if breakdown.is_some() && (format == Format::Csv || q.window.as_deref() == Some("period")) {
         return Err(ApiError::bad_request(
             "unsupported_breakdown",
-            "group_by and filter apply to the current period's usage in JSON",
+            "group_by and filter apply to the current period and to minute, hour, day and month series, in JSON",
         ));
     }
     let record = record(&s, &customer).await?;
@@ -502,6 +530,46 @@ async fn get_usage(
             "range_too_large",
             format!("a series may have at most {MAX_POINTS} points; use a larger window"),
         ));
+    }
+    if let (Some(b), Some(w)) = (breakdown, window) {
+        if (to - from) / step > MAX_GROUP_POINTS {
+            return Err(ApiError::bad_request(
+                "range_too_large",
+                format!(
+                    "a series by dimension may have at most {MAX_GROUP_POINTS} buckets per group; use a larger window"
+                ),
+            ));
+        }
+        let per_key = s
+            .usage
+            .dimension_series(&customer, &meter_name, from, to, w)
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?;
+        let groups = b
+            .series_groups(per_key)
+            .into_iter()
+            .map(|(dimensions, points)| SeriesGroup {
+                dimensions,
+                points: points
+                    .into_iter()
+                    .map(|(start, value)| Point {
+                        start: rfc3339(start),
+                        end: rfc3339(bucket_end(w, start)),
+                        value,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let body = GroupedSeries {
+            customer,
+            meter: meter_name,
+            unit: meter.unit.clone(),
+            window: window_name(window),
+            from: rfc3339(from),
+            to: rfc3339(to),
+            groups,
+        };
+        return reply(format, &body, &[], std::iter::empty::<&Point>());
     }
     Ok(series_response(
         s, customer, meter_name, meter, record, from, to, window, format,
@@ -626,15 +694,20 @@ struct SeriesQuery {
     format: Format,
 }
 
+/// The name of a series window; `period` for billing periods.
+fn window_name(window: Option<Window>) -> &'static str {
+    match window {
+        Some(Window::Minute) => "minute",
+        Some(Window::Hour) => "hour",
+        Some(Window::Day) => "day",
+        Some(Window::Month) => "month",
+        None => "period",
+    }
+}
+
 impl SeriesQuery {
     fn window_name(&self) -> &'static str {
-        match self.window {
-            Some(Window::Minute) => "minute",
-            Some(Window::Hour) => "hour",
-            Some(Window::Day) => "day",
-            Some(Window::Month) => "month",
-            None => "period",
-        }
+        window_name(self.window)
     }
 
     /// The body before the points: the JSON object up to its `points` array, or the CSV

@@ -149,6 +149,17 @@ pub trait UsageReader: Send + Sync + 'static {
         to_ms: i64,
     ) -> Result<Vec<(String, u64)>>;
 
+    /// [`UsageReader::dimension_totals`] per window bucket: for each stored dimensions key (in
+    /// key order), its usage per bucket over `[from_ms, to_ms)`, buckets without usage left out.
+    async fn dimension_series(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(String, Vec<(i64, u64)>)>>;
+
     /// Usage per window bucket over `[from_ms, to_ms)`: sums, or the latest gauge value in each
     /// bucket. Buckets without events are left out.
     async fn series(
@@ -350,6 +361,33 @@ pub(crate) fn check_positions(rollup: &Rollup, stored: &BTreeMap<u32, u64>) -> R
     } else {
         Applied::Replay
     })
+}
+
+/// Splits `(key, time, value)` rows ordered by key then time into each key's buckets (sums).
+pub(crate) fn bucket_by_key(
+    rows: impl IntoIterator<Item = (String, i64, u64)>,
+    window: Window,
+) -> Vec<(String, Vec<(i64, u64)>)> {
+    let mut keys: Vec<(String, Vec<(i64, u64)>)> = Vec::new();
+    for (key, t, v) in rows {
+        match keys.last_mut() {
+            Some((k, points)) if *k == key => points.push((t, v)),
+            _ => keys.push((key, vec![(t, v)])),
+        }
+    }
+    keys.into_iter()
+        .map(|(k, points)| (k, bucket(points, window, Aggregation::Sum)))
+        .map(|(k, points)| {
+            (
+                k,
+                points
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, points)| !points.is_empty())
+        .collect()
 }
 
 /// Groups time-ordered `(bucket start or finer time, value)` rows into `window` buckets: sums

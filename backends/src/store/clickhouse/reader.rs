@@ -89,6 +89,40 @@ impl UsageReader for ClickHouseStore {
             .collect())
     }
 
+    async fn dimension_series(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(String, Vec<(i64, u64)>)>> {
+        let bucket = match window {
+            Window::Minute => "minute",
+            Window::Hour => "toStartOfHour(minute)",
+            Window::Day | Window::Month => "toStartOfDay(minute)",
+        };
+        let rows: Vec<(String, u32, u64, u64)> = self
+            .client
+            .query(&format!(
+                "SELECT dims, toUInt32({bucket}) AS b, {SPLIT_SUM} FROM usage_block_cells FINAL
+                 WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 GROUP BY dims, b ORDER BY dims, b"
+            ))
+            .bind(customer)
+            .bind(meter)
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms))
+            .fetch_all()
+            .await
+            .map_err(ch)?;
+        Ok(crate::store::bucket_by_key(
+            rows.into_iter()
+                .map(|(dims, b, h, l)| (dims, b as i64 * 1000, joined((h, l)))),
+            window,
+        ))
+    }
+
     async fn series(
         &self,
         customer: &str,

@@ -86,6 +86,34 @@ impl UsageReader for SqliteStore {
         .await
     }
 
+    async fn dimension_series(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+        window: Window,
+    ) -> Result<Vec<(String, Vec<(i64, u64)>)>> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT dims, minute_ms, value FROM usage_minute
+                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+                 ORDER BY dims, minute_ms",
+            )?;
+            let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?.max(0) as u64,
+                ))
+            })?;
+            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(crate::store::bucket_by_key(rows, window))
+        })
+        .await
+    }
+
     async fn series(
         &self,
         customer: &str,
