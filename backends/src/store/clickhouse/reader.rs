@@ -5,6 +5,16 @@ use async_trait::async_trait;
 
 use super::*;
 
+/// The bucket expression of a series window: hours and days are rolled up by ClickHouse,
+/// calendar months from its daily rows.
+fn bucket_of(window: Window) -> &'static str {
+    match window {
+        Window::Minute => "minute",
+        Window::Hour => "toStartOfHour(minute)",
+        Window::Day | Window::Month => "toStartOfDay(minute)",
+    }
+}
+
 #[async_trait]
 impl UsageReader for ClickHouseStore {
     async fn counted_at(&self, records: &[Record]) -> Result<Vec<Option<u64>>> {
@@ -97,11 +107,7 @@ impl UsageReader for ClickHouseStore {
         to_ms: i64,
         window: Window,
     ) -> Result<Vec<(String, Vec<(i64, u64)>)>> {
-        let bucket = match window {
-            Window::Minute => "minute",
-            Window::Hour => "toStartOfHour(minute)",
-            Window::Day | Window::Month => "toStartOfDay(minute)",
-        };
+        let bucket = bucket_of(window);
         let rows: Vec<(String, u32, u64, u64)> = self
             .client
             .query(&format!(
@@ -132,12 +138,7 @@ impl UsageReader for ClickHouseStore {
         to_ms: i64,
         window: Window,
     ) -> Result<Vec<(i64, u64)>> {
-        // Hours and days are rolled up by ClickHouse; months (calendar) from its daily rows.
-        let bucket = match window {
-            Window::Minute => "minute",
-            Window::Hour => "toStartOfHour(minute)",
-            Window::Day | Window::Month => "toStartOfDay(minute)",
-        };
+        let bucket = bucket_of(window);
         let sql = if aggregation.is_additive() {
             format!(
                 "SELECT toUInt32({bucket}) AS b, {SPLIT_SUM} FROM usage_block_cells FINAL
