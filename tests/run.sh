@@ -20,10 +20,12 @@ if [ "${1:-}" = --quick ]; then
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo test --workspace --locked --lib --bins \
-        --test api --test auth --test billing --test components --test crash --test grpc \
-        --test hostile --test openapi --test query --test replay
+        --test api --test auth --test billing --test components --test conformance --test crash \
+        --test grpc --test hostile --test layout --test meters --test openapi --test query \
+        --test replay
     echo "quick tier passed; not run: the Kafka and ClickHouse tests (distributed, chaos,"
-    echo "webhooks, clickhouse_schema, readme), nginx, dashboard, deploy and the fuzz smoke runs"
+    echo "webhooks, clickhouse_schema, readme; conformance runs its SQLite and embedded-log half),"
+    echo "cloudevents_sdk, nginx, dashboard, deploy and the fuzz smoke runs"
     exit 0
 fi
 
