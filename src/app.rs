@@ -306,19 +306,22 @@ struct Wiring<'a> {
 }
 
 impl Wiring<'_> {
-    /// Runs a pipeline task; its failure stops the process.
+    /// Runs a pipeline task; its failure stops the process (the reason goes to `/healthz`).
     fn spawn<E: std::fmt::Display + Send + 'static>(
         &self,
         name: &'static str,
         fut: impl std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
     ) {
-        spawn(
-            &self.tasks,
-            name,
-            fut,
-            self.stop.clone(),
-            self.fatal.clone(),
-        );
+        let (stop, fatal) = (self.stop.clone(), self.fatal.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!(component = name, error = %e, "pipeline task failed; stopping");
+                if let Ok(mut f) = fatal.lock() {
+                    f.get_or_insert_with(|| format!("{name}: {e}"));
+                }
+                stop.cancel();
+            }
+        });
     }
 
     /// `POST /v1/events`, refusing events past the usage cap of the enforcer in this process.
@@ -523,24 +526,6 @@ fn announce_access(config: &Config, keys: &KeyRing) {
             "API keys required"
         );
     }
-}
-
-fn spawn<E: std::fmt::Display + Send + 'static>(
-    tasks: &TaskTracker,
-    name: &'static str,
-    fut: impl std::future::Future<Output = std::result::Result<(), E>> + Send + 'static,
-    stop: CancellationToken,
-    fatal: Arc<Mutex<Option<String>>>,
-) {
-    tasks.spawn(async move {
-        if let Err(e) = fut.await {
-            tracing::error!(component = name, error = %e, "pipeline task failed; stopping");
-            if let Ok(mut f) = fatal.lock() {
-                f.get_or_insert_with(|| format!("{name}: {e}"));
-            }
-            stop.cancel();
-        }
-    });
 }
 
 /// What the admin endpoints read.

@@ -175,8 +175,8 @@ pub struct UsageQuery {
     window: Option<String>,
     /// json (default) or csv; `Accept: text/csv` also selects CSV.
     format: Option<String>,
-    /// Current period: break the usage down by these dimensions of the meter, comma-separated
-    /// (`region,model`); the reply lists `groups`. JSON only.
+    /// Break the usage (current period, or a minute to month series) down by these dimensions
+    /// of the meter, comma-separated (`region,model`); the reply lists `groups`. JSON only.
     group_by: Option<String>,
     /// `filter[<dimension>]=<value>` (any number of dimensions): `groups` keep only usage
     /// with these values. Any other parameter is refused.

@@ -16,14 +16,15 @@ use std::sync::Mutex;
 use tally_schemas::UsageEvent;
 use tally_schemas::period::calendar_month;
 
-/// Per (customer, meter): the month counted, and the hashes of its combinations seen.
-type Seen = HashMap<(String, String), (i64, HashSet<u64>)>;
+/// Per customer, per meter: the month counted and the hashes of its combinations seen.
+type Seen = HashMap<String, HashMap<String, (i64, HashSet<u64>)>>;
 
 /// The combinations seen per (customer, meter) in the current month.
 pub struct DimensionCap {
     cap: usize,
     hasher: std::collections::hash_map::RandomState,
-    seen: Mutex<Seen>,
+    /// The latest month seen, and what was seen.
+    seen: Mutex<(i64, Seen)>,
 }
 
 impl DimensionCap {
@@ -31,7 +32,7 @@ impl DimensionCap {
         DimensionCap {
             cap,
             hasher: Default::default(),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new((i64::MIN, HashMap::new())),
         }
     }
 
@@ -40,53 +41,57 @@ impl DimensionCap {
         self.cap
     }
 
-    fn combination(&self, dimensions: &[tally_schemas::meter::Dimension]) -> u64 {
-        self.hasher.hash_one(dimensions)
-    }
-
     /// Whether every dimensioned reading of `e` stays within the cap; if so, its new
     /// combinations are remembered. Events without dimensions always pass.
     pub fn admit(&self, e: &UsageEvent) -> bool {
-        let mut wanted: Vec<(&str, u64)> = e
+        let wanted: Vec<(&str, u64)> = e
             .readings()
             .filter(|r| !r.dimensions.is_empty())
-            .map(|r| (r.meter, self.combination(r.dimensions)))
+            .map(|r| (r.meter, self.hasher.hash_one(r.dimensions)))
             .collect();
         if wanted.is_empty() {
             return true;
         }
-        wanted.sort_unstable();
-        wanted.dedup();
         let month = calendar_month(e.time_ms).start_ms;
-        let mut seen = self.seen.lock().expect("dimension cap lock");
-        let mut fresh: HashMap<&str, usize> = HashMap::new();
+        let mut guard = self.seen.lock().expect("dimension cap lock");
+        let (latest, seen) = &mut *guard;
+        if month > *latest {
+            // A new month: what earlier months saw no longer counts anywhere.
+            *latest = month;
+            seen.retain(|_, meters| {
+                meters.retain(|_, (m, _)| *m >= month);
+                !meters.is_empty()
+            });
+        }
+        // Check first, so nothing is remembered for a refused event. A meter has one reading
+        // per event, so each meter of `wanted` adds at most one combination.
         for (meter, combination) in &wanted {
-            let known = seen
-                .get(&(e.customer.clone(), (*meter).to_owned()))
-                .filter(|(m, _)| *m == month);
-            let have = known.map_or(0, |(_, set)| set.len());
-            if known.is_some_and(|(_, set)| set.contains(combination)) {
+            let set = match seen.get(e.customer.as_str()).and_then(|m| m.get(*meter)) {
+                Some((m, set)) if *m == month => Some(set),
+                _ => None,
+            };
+            if set.is_some_and(|set| set.contains(combination)) {
                 continue;
             }
-            let adding = fresh.entry(meter).or_insert(0);
-            *adding += 1;
-            if have + *adding > self.cap {
+            if set.map_or(0, HashSet::len) + 1 > self.cap {
                 return false;
             }
         }
+        if !seen.contains_key(e.customer.as_str()) {
+            seen.insert(e.customer.clone(), HashMap::new());
+        }
+        let meters = seen.get_mut(e.customer.as_str()).expect("just inserted");
         for (meter, combination) in wanted {
-            let entry = seen
-                .entry((e.customer.clone(), meter.to_owned()))
-                .or_insert_with(|| (month, HashSet::new()));
-            if entry.0 != month {
-                // A new month (or an older event's): the count starts again.
-                if month > entry.0 {
-                    *entry = (month, HashSet::new());
-                } else {
-                    continue;
-                }
+            if !meters.contains_key(meter) {
+                meters.insert(meter.to_owned(), (month, HashSet::new()));
             }
-            entry.1.insert(combination);
+            let (m, set) = meters.get_mut(meter).expect("just inserted");
+            if *m < month {
+                (*m, *set) = (month, HashSet::new());
+            }
+            if *m == month {
+                set.insert(combination);
+            }
         }
         true
     }

@@ -415,11 +415,10 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
         .flat_map(|e| e.readings())
         .fold(0u64, |t, r| t.saturating_add(r.value));
     let mut left: HashMap<(String, String, i64), u64> = HashMap::new();
-    let mut refused = Vec::new();
     let mut keep = vec![true; decoded.valid.len()];
     for (n, e) in decoded.valid.iter().enumerate() {
-        // What the event takes from each (customer, meter, period): all of it fits, or the
-        // event is refused and takes nothing.
+        // What the event takes from each (customer, meter, period), one reading per meter: all
+        // of it fits, or the event is refused and takes nothing.
         let mut takes: Vec<((String, String, i64), u64)> = Vec::new();
         let mut fits = true;
         for r in e.readings() {
@@ -433,13 +432,7 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
                 continue;
             }
             let key = (e.customer.clone(), r.meter.to_owned(), period);
-            let available = *left.entry(key.clone()).or_insert(known);
-            let taken: u64 = takes
-                .iter()
-                .filter(|(k, _)| *k == key)
-                .map(|(_, v)| v)
-                .sum();
-            if r.value > available.saturating_sub(taken) {
+            if r.value > *left.entry(key.clone()).or_insert(known) {
                 fits = false;
                 break;
             }
@@ -453,28 +446,30 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
             }
         } else {
             keep[n] = false;
-            refused.push(decoded.index[n]);
         }
     }
-    refuse(decoded, &keep, refused, &EventError::UsageCapExceeded);
+    refuse(decoded, &keep, &EventError::UsageCapExceeded);
 }
 
 /// Moves the events whose dimensions would pass the cap of distinct combinations to the
 /// faults (see [`crate::dimensions`]).
 fn refuse_past_dimension_cap(decoded: &mut Decoded, cap: &DimensionCap) {
     let keep: Vec<bool> = decoded.valid.iter().map(|e| cap.admit(e)).collect();
+    refuse(
+        decoded,
+        &keep,
+        &EventError::DimensionCapExceeded { cap: cap.cap() },
+    );
+}
+
+/// Drops the valid events not kept and lists them, at their request `index`, as faults `e`.
+fn refuse(decoded: &mut Decoded, keep: &[bool], e: &EventError) {
     let refused: Vec<usize> = keep
         .iter()
         .zip(&decoded.index)
         .filter(|(k, _)| !**k)
         .map(|(_, i)| *i)
         .collect();
-    let e = EventError::DimensionCapExceeded { cap: cap.cap() };
-    refuse(decoded, &keep, refused, &e);
-}
-
-/// Drops the valid events not kept and lists them, at their request `index`, as faults `e`.
-fn refuse(decoded: &mut Decoded, keep: &[bool], refused: Vec<usize>, e: &EventError) {
     if refused.is_empty() {
         return;
     }

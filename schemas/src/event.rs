@@ -460,28 +460,26 @@ fn validate(
             tolerance_secs: policy.future_tolerance_ms / 1000,
         });
     }
-    let (value, readings) = match event_type.plain_meter() {
+    let plain = event_type.plain_meter().is_some();
+    let (value, readings) = if plain {
         // One plain meter: `data.value` alone is read, without building the whole `data`.
-        Some(_) => {
-            let value = match raw.data {
-                None => None,
-                Some(d) => serde_json::from_str::<Option<DataIn>>(d.get())
-                    .map_err(json_error)?
-                    .and_then(|d| d.value),
-            };
-            let value = match value {
-                None => 1,
-                Some(n) => value_of(&n)?,
-            };
-            (value, Vec::new())
-        }
-        None => (
-            0,
-            event_type.readings(&crate::path::Payload::raw(raw.data))?,
-        ),
+        let value = match raw.data {
+            None => None,
+            Some(d) => serde_json::from_str::<Option<DataIn>>(d.get())
+                .map_err(json_error)?
+                .and_then(|d| d.value),
+        };
+        let value = match value {
+            None => 1,
+            Some(n) => value_of(&n)?,
+        };
+        (value, Vec::new())
+    } else {
+        let readings = event_type.readings(&crate::path::Payload::raw(raw.data))?;
+        (0, readings)
     };
     // An event that feeds no meter (filtered out everywhere) names none, so it reads as empty.
-    let meter = if event_type.plain_meter().is_none() && readings.is_empty() {
+    let meter = if !plain && readings.is_empty() {
         Cow::Borrowed("")
     } else {
         meter

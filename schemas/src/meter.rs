@@ -17,8 +17,6 @@
 //! - `group_by`: named dimensions, each a path whose value (a string, number or boolean) the
 //!   reading carries. An event without the path has no value for that dimension.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -320,9 +318,6 @@ fn decimal(text: &str, scale: u8) -> Result<u64, EventError> {
 fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
-
-/// A meter's dimensions in name order, as the catalogue TOML writes them.
-pub type GroupBy = BTreeMap<String, JsonPath>;
 
 #[cfg(test)]
 mod tests {
