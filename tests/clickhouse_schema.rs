@@ -135,6 +135,15 @@ fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
             "SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'dims'",
             "1",
         ),
+        // The figures of `max` and `min` meters, split as the reader reads them.
+        (
+            "SELECT bitShiftRight(max(value), 32) AS h, bitAnd(max(value), 4294967295) AS l FROM {db}.usage_block_cells FINAL WHERE customer = 'c2' AND meter = 'request_bytes' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000)",
+            "0\t7",
+        ),
+        (
+            "SELECT customer, h + bitShiftRight(l, 32) AS hi, bitAnd(l, 4294967295) AS lo FROM (SELECT customer, bitShiftRight(min(value), 32) AS h, bitAnd(min(value), 4294967295) AS l FROM {db}.usage_block_cells FINAL WHERE meter = 'request_bytes' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000) GROUP BY customer HAVING h > 0 OR l > 0) ORDER BY hi DESC, lo DESC, customer LIMIT 10",
+            "c2\t0\t5",
+        ),
     ]
     .into_iter()
     .map(|(sql, want)| (sql.replace("{db}", db), want))

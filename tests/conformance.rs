@@ -146,6 +146,7 @@ store_conformance!(
     sums_past_the_cap_are_held_and_cross_customer_totals_exact,
     the_snapshot_covers_each_customers_period,
     usage_with_other_dimensions_is_kept_apart,
+    the_largest_and_smallest_values_of_a_period_are_kept,
     duplicates_are_told_from_replays_where_the_store_drops_them,
     customer_records_round_trip_and_the_latest_write_wins,
     billing_marks_keep_the_latest_per_customer_and_meter,
@@ -553,6 +554,134 @@ mod store {
         assert!(before.is_empty(), "{before:?}");
     }
 
+    /// `max` and `min` meters: every read (totals, series, top customers, totals across
+    /// customers, the snapshot) gives the period's largest or smallest value, whatever the
+    /// batches, minutes and blocks the values came in; 0 is a smallest value like any other,
+    /// and values at the usage cap are kept exactly.
+    pub async fn the_largest_and_smallest_values_of_a_period_are_kept(s: &StoreSubject) {
+        let store = &s.store;
+        let toml = format!(
+            "{}\n[meters.peak]\naggregation = 'max'\nunit = 'x'\n\
+             [meters.least]\naggregation = 'min'\nunit = 'x'\n",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        );
+        let catalog = Catalog::from_toml(&toml).unwrap();
+        let max = tally_schemas::quantity::MAX;
+        let both = |o: u64, c: &str, v: u64, t: &str| {
+            [
+                record(o, c, "peak", v, t),
+                record(o + 100, c, "least", v, t),
+            ]
+        };
+        let mut first = Vec::new();
+        for (o, c, v, t) in [
+            (0, "a", 5, "2026-11-02T00:00:00Z"),
+            (1, "a", 40, "2026-10-25T00:00:00Z"),
+            (2, "b", max, "2026-11-05T00:00:00Z"),
+        ] {
+            first.extend(both(o, c, v, t));
+        }
+        let mut second = Vec::new();
+        for (o, c, v, t) in [
+            (3, "a", 9, "2026-11-02T00:00:30Z"),
+            (4, "a", 3, "2026-11-03T00:00:00Z"),
+            (5, "a", 0, "2026-11-04T00:00:00Z"),
+            (6, "b", 7, "2026-11-05T00:00:10Z"),
+            (7, "a", 2, "2026-10-26T00:00:00Z"),
+        ] {
+            second.extend(both(o, c, v, t));
+        }
+        first.sort_by_key(|r| r.offset);
+        second.sort_by_key(|r| r.offset);
+        // Offsets of one partition: the second batch starts after the first.
+        let renumber = |recs: &mut Vec<Record>, from: u64| {
+            for (i, r) in recs.iter_mut().enumerate() {
+                r.offset = from + i as u64;
+            }
+        };
+        renumber(&mut first, 0);
+        renumber(&mut second, first.len() as u64);
+        let one = Rollup::from_records(&first, &catalog);
+        assert_eq!(store.apply(&one).await.unwrap(), Applied::Written);
+        let two = Rollup::from_records(&second, &catalog);
+        assert_eq!(store.apply(&two).await.unwrap(), Applied::Written);
+        assert_eq!(store.apply(&one).await.unwrap(), Applied::Replay);
+        let (nov, now) = (at(NOV), at(NOW));
+        let (peak, least) = (Aggregation::Max, Aggregation::Min);
+        let total = |c: &'static str, m: &'static str, a, from, to| async move {
+            store.total(c, m, a, from, to).await.unwrap()
+        };
+        assert_eq!(total("a", "peak", peak, nov, now).await, 9);
+        assert_eq!(total("a", "least", least, nov, now).await, 0);
+        let before_4th = at("2026-11-04T00:00:00Z");
+        assert_eq!(total("a", "least", least, nov, before_4th).await, 3);
+        assert_eq!(total("a", "peak", peak, 0, now).await, 40);
+        assert_eq!(total("a", "least", least, 0, nov).await, 2);
+        assert_eq!(total("b", "peak", peak, nov, now).await, max);
+        assert_eq!(total("b", "least", least, nov, now).await, 7);
+        assert_eq!(total("c", "least", least, nov, now).await, 0);
+        let days = store
+            .series("a", "peak", peak, nov, now, Window::Day)
+            .await
+            .unwrap();
+        let day = |d: &str| at(&format!("2026-11-{d}T00:00:00Z"));
+        assert_eq!(days, [(day("02"), 9), (day("03"), 3), (day("04"), 0)]);
+        let months = store
+            .series("a", "least", least, 0, now, Window::Month)
+            .await
+            .unwrap();
+        assert_eq!(months, [(at("2026-10-01T00:00:00Z"), 2), (nov, 0)]);
+        let meters = [
+            ("peak".to_owned(), peak),
+            ("least".to_owned(), least),
+            ("api_requests".to_owned(), Aggregation::Count),
+        ];
+        assert_eq!(
+            store.totals("a", &meters, nov, now).await.unwrap(),
+            [9, 0, 0]
+        );
+        let top = store
+            .top_customers("peak", peak, nov, now, 10)
+            .await
+            .unwrap();
+        assert_eq!(top, [("b".to_owned(), max), ("a".to_owned(), 9)]);
+        // A smallest value of 0 is no usage to rank.
+        let top = store
+            .top_customers("least", least, nov, now, 10)
+            .await
+            .unwrap();
+        assert_eq!(top, [("b".to_owned(), 7)]);
+        let across = store.meter_total("peak", peak, nov, now).await.unwrap();
+        assert_eq!((across.usage, across.customers), (max + 9, 2));
+        let all = store.meter_totals(&meters, nov, now).await.unwrap();
+        assert_eq!(all[0], across);
+        assert_eq!((all[1].usage, all[1].customers), (7, 1));
+        assert_eq!(all[2], Default::default());
+        let snap = store
+            .snapshot(SnapshotRequest {
+                default_since_ms: nov,
+                since_by_customer: vec![
+                    ("b".into(), at("2026-11-05T00:00:00Z")),
+                    ("c".into(), nov),
+                ],
+                periodic_meters: vec![("peak".into(), peak), ("least".into(), least)],
+            })
+            .await
+            .unwrap();
+        let mut totals = snap.totals.clone();
+        totals.sort();
+        let row = |c: &str, m: &str, v| (c.to_owned(), m.to_owned(), v);
+        assert_eq!(
+            totals,
+            [
+                row("a", "least", 0),
+                row("a", "peak", 9),
+                row("b", "least", 7),
+                row("b", "peak", max),
+            ]
+        );
+    }
+
     /// The enforcer's start-up read: additive usage since each customer's own period start,
     /// the latest value of every gauge, and the positions it is consistent with.
     pub async fn the_snapshot_covers_each_customers_period(s: &StoreSubject) {
@@ -570,7 +699,7 @@ mod store {
             .snapshot(SnapshotRequest {
                 default_since_ms: at(NOV),
                 since_by_customer: vec![("c".into(), at("2026-11-10T00:00:00Z"))],
-                additive_meters: vec!["api_requests".into()],
+                periodic_meters: vec![("api_requests".into(), Aggregation::Count)],
             })
             .await
             .unwrap();

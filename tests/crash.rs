@@ -104,9 +104,10 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
     p.child.wait().unwrap();
 }
 
-/// Events of payload meters (a decimal quantity, dimensions) through kill -9 mid-flush, three
-/// times, each batch sent again after every restart as an edge node would: the totals by
-/// dimension and the decimal sums count every event once.
+/// Events of payload meters (a decimal quantity, dimensions, the largest and smallest value)
+/// through kill -9 mid-flush, three times, each batch sent again after every restart as an edge
+/// node would: the totals by dimension and the decimal sums count every event once, and the
+/// extremes are those of the events sent.
 #[test]
 fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,7 +135,9 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
                         json!({"bytes": 10 + i, "region": regions[i % 3]}),
                     )
                 } else {
-                    ("gpu", json!({"hours": "0.125"}))
+                    // The last batch holds the period's largest decimal value.
+                    let hours = if k == 29 && i == 59 { "7.5" } else { "0.125" };
+                    ("gpu", json!({"hours": hours}))
                 };
                 json!({"specversion": "1.0", "id": format!("p{k}-{i}"), "source": "edge-crash",
                        "type": ty, "subject": "crash-payload", "data": data})
@@ -148,7 +151,7 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
             want_bytes[i % 3] += 10 + i as u64;
         }
     }
-    let want_gpu = 30 * 30 * 125; // 900 events of 0.125 h, at scale 3
+    let want_gpu = 899 * 125 + 7_500; // 899 events of 0.125 h and one of 7.5 h, at scale 3
     let mut p = start_with_env("run", dir.path(), api_port, admin_port, "100ms", &env);
     for round in 0..3 {
         // Send every batch (again, after a restart): what was acknowledged before is a duplicate.
@@ -183,12 +186,21 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
     loop {
         let by_region = get("/v1/usage?customer=crash-payload&meter=request_bytes&group_by=region");
         let gpu = get("/v1/usage?customer=crash-payload&meter=gpu_hours");
-        if by_region["groups"] == json!(want_groups) && gpu["usage"] == want_gpu {
+        let peak = get("/v1/usage?customer=crash-payload&meter=peak_request_bytes");
+        let least = get("/v1/usage?customer=crash-payload&meter=least_request_bytes");
+        let peak_gpu = get("/v1/usage?customer=crash-payload&meter=peak_gpu_hours");
+        if by_region["groups"] == json!(want_groups)
+            && gpu["usage"] == want_gpu
+            && peak["usage"] == 68
+            && least["usage"] == 10
+            && peak_gpu["usage"] == 7_500
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "stored {by_region} / {gpu}, want {want_groups:?} and {want_gpu}"
+            "stored {by_region} / {gpu} / {peak} / {least} / {peak_gpu}, \
+             want {want_groups:?}, {want_gpu}, 68, 10 and 7500"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -197,6 +209,16 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
     let total: u64 = want_bytes.iter().sum();
     let check = get("/v1/check?customer=crash-payload&meter=request_bytes&quantity=0");
     assert_eq!(check["usage"], total);
+    for (meter, want) in [
+        ("peak_request_bytes", 68),
+        ("least_request_bytes", 10),
+        ("peak_gpu_hours", 7_500),
+    ] {
+        let check = get(&format!(
+            "/v1/check?customer=crash-payload&meter={meter}&quantity=0"
+        ));
+        assert_eq!(check["usage"], want, "{meter}: the enforcer agrees");
+    }
     p.child.kill().unwrap();
     p.child.wait().unwrap();
 }

@@ -383,7 +383,7 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
             .snapshot(SnapshotRequest {
                 default_since_ms: 0,
                 since_by_customer: vec![],
-                additive_meters: vec!["api_requests".into()],
+                periodic_meters: vec![("api_requests".into(), Aggregation::Count)],
             })
             .await
             .unwrap();

@@ -1,7 +1,8 @@
 //! Meters over the event's payload through the embedded pipeline: one event feeding several
-//! meters (value paths, filters, decimals), read back exactly from the enforcer and the store,
-//! after a restart too; bad payloads refused with their codes and nothing of the request lost;
-//! the catalogue read back from `/v1/meters` and `/v1/plans`.
+//! meters (value paths, filters, decimals, sums and the largest and smallest values), read back
+//! exactly from the enforcer and the store, after a restart too; bad payloads refused with their
+//! codes and nothing of the request lost; the catalogue read back from `/v1/meters` and
+//! `/v1/plans`.
 
 mod common;
 
@@ -65,12 +66,21 @@ async fn one_event_feeds_several_meters_exactly_in_the_enforcer_and_the_store() 
         ("request_bytes", 2005),
         ("eu_requests", 2),
         ("gpu_hours", 1255),
+        ("peak_request_bytes", 1200),
+        ("least_request_bytes", 5),
+        ("peak_gpu_hours", 1250),
     ] {
         t.wait_usage("c1", meter, usage).await;
         t.wait_stored("c1", meter, usage).await;
     }
     let t = t.restart().await;
-    for (meter, usage) in [("request_bytes", 2005), ("gpu_hours", 1255)] {
+    for (meter, usage) in [
+        ("request_bytes", 2005),
+        ("gpu_hours", 1255),
+        ("peak_request_bytes", 1200),
+        ("least_request_bytes", 5),
+        ("peak_gpu_hours", 1250),
+    ] {
         t.wait_usage("c1", meter, usage).await;
         t.wait_stored("c1", meter, usage).await;
     }

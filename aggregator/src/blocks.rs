@@ -257,13 +257,7 @@ mod tests {
     }
 
     fn total(b: &Block) -> u64 {
-        b.cells
-            .values()
-            .map(|c| match c {
-                Cell::Add(v) => *v,
-                Cell::Latest { value, .. } => *value,
-            })
-            .sum()
+        b.cells.values().map(Cell::value).sum()
     }
 
     #[test]

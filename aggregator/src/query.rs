@@ -426,14 +426,15 @@ async fn soft_crossed(
         .await
         .map_err(|e| ApiError::unavailable(&e))?;
     let soft = s.catalog.policy.soft_percent;
-    let mut sum = 0u64;
+    let mut usage: Option<u64> = None;
     for (minute, value) in minutes {
-        sum = if aggregation.is_additive() {
-            sum.saturating_add(value)
-        } else {
-            value
+        // The period's usage as of this minute.
+        let now = match (usage, aggregation) {
+            (Some(u), a) if a.is_periodic() => a.fold(u, value),
+            _ => value,
         };
-        if quota::reaches(sum, limit, soft) {
+        usage = Some(now);
+        if quota::reaches(now, limit, soft) {
             return Ok(Some(minute));
         }
     }

@@ -49,8 +49,8 @@ pub use state::State;
 use tally_backends::backoff::Backoff;
 use tally_backends::log::EventLog;
 use tally_backends::store::{SnapshotRequest, Store};
-use tally_schemas::period::calendar_month;
-use tally_schemas::{Customer, Notification};
+use tally_schemas::period::{Window, calendar_month};
+use tally_schemas::{Aggregation, Customer, Notification};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -137,9 +137,28 @@ pub async fn update_customer(
         state.queue(state.limit_crossings(id, old.as_deref(), now));
     } else {
         for (name, meter) in &state.catalog().meters {
-            if meter.aggregation.is_additive() {
+            let aggregation = meter.aggregation;
+            if aggregation == Aggregation::Min {
+                // A smallest value exists only with cells: read by month so an empty period
+                // stays empty (not a smallest value of 0).
+                let months = store
+                    .series(
+                        id,
+                        name,
+                        aggregation,
+                        new_period.start_ms,
+                        i64::MAX,
+                        Window::Month,
+                    )
+                    .await?;
+                if let Some(v) = months.into_iter().map(|(_, v)| v).min() {
+                    state.load_total(id, name, new_period.start_ms, v);
+                } else {
+                    state.clear_period(id, name, new_period.start_ms);
+                }
+            } else if aggregation.is_periodic() {
                 let total = store
-                    .total(id, name, meter.aggregation, new_period.start_ms, i64::MAX)
+                    .total(id, name, aggregation, new_period.start_ms, i64::MAX)
                     .await?;
                 state.load_total(id, name, new_period.start_ms, total);
             }
@@ -173,11 +192,11 @@ async fn load(
         .snapshot(SnapshotRequest {
             default_since_ms: default_since,
             since_by_customer,
-            additive_meters: catalog
+            periodic_meters: catalog
                 .meters
                 .iter()
-                .filter(|(_, m)| m.aggregation.is_additive())
-                .map(|(n, _)| n.clone())
+                .filter(|(_, m)| m.aggregation.is_periodic())
+                .map(|(n, m)| (n.clone(), m.aggregation))
                 .collect(),
         })
         .await?;

@@ -40,10 +40,12 @@ use tally_schemas::{
 /// used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter {
-    /// Usage in the period, or the gauge's latest value.
+    /// Usage in the period (the sum, or the largest or smallest value), or the gauge's latest
+    /// value.
     pub usage: u64,
-    /// Additive meters: start of the billing period `usage` belongs to. Gauges: event time of
-    /// the latest value. `i64::MIN` before the first event.
+    /// Periodic meters: start of the billing period `usage` belongs to (any earlier time: no
+    /// usage in the current period). Gauges: event time of the latest value. `i64::MIN`
+    /// before the first event.
     pub time_ms: i64,
     /// When usage first reached the soft limit in that period, in seconds since the epoch;
     /// 0 if it did not.
@@ -444,7 +446,7 @@ impl State {
                 continue;
             };
             let c = e.counter_mut(i);
-            let counted = !agg.is_additive() || c.time_ms == period.start_ms;
+            let counted = !agg.is_periodic() || c.time_ms == period.start_ms;
             let usage = if counted { c.usage } else { 0 };
             for t in [
                 policy.warn_percent,
@@ -485,7 +487,7 @@ impl State {
             .catalog
             .meters
             .values()
-            .map(|m| m.aggregation.is_additive())
+            .map(|m| m.aggregation.is_periodic())
             .collect();
         let idle = |c: &Counter| {
             c.meter == NO_METER
@@ -543,6 +545,20 @@ impl State {
         };
     }
 
+    /// Marks a periodic counter as holding no usage of the period starting at
+    /// `period_start_ms` (its next event there starts it), whatever it held before.
+    pub fn clear_period(&self, customer: &str, meter: &str, period_start_ms: i64) {
+        let Some(&(i, _)) = self.meters.get(meter) else {
+            return;
+        };
+        let mut e = self.entry(customer);
+        *e.counter_mut(i) = Counter {
+            time_ms: period_start_ms.saturating_sub(1),
+            meter: i as u8,
+            ..Counter::default()
+        };
+    }
+
     /// Sets a gauge from the store at start-up.
     pub fn load_gauge(&self, customer: &str, meter: &str, time_ms: i64, value: u64) {
         let Some(&(i, _)) = self.meters.get(meter) else {
@@ -564,7 +580,7 @@ impl State {
         };
         let mut e = self.entry(&n.customer);
         let c = e.counter_mut(i);
-        let same_period = !agg.is_additive() || c.time_ms == n.period_start_ms;
+        let same_period = !agg.is_periodic() || c.time_ms == n.period_start_ms;
         if same_period && c.soft_crossed_ms().is_none_or(|t| n.crossed_ms < t) {
             c.set_soft_crossed(n.crossed_ms);
         }
@@ -582,7 +598,7 @@ impl State {
                 if c.time_ms == i64::MIN {
                     continue;
                 }
-                let period = if agg.is_additive() {
+                let period = if agg.is_periodic() {
                     if c.time_ms == i64::MIN {
                         continue;
                     }
@@ -637,7 +653,7 @@ impl State {
         let policy = &self.catalog.policy;
         let c = e.counter_mut(i);
         let before;
-        if agg.is_additive() {
+        if agg.is_periodic() {
             if period.start_ms < c.time_ms {
                 return; // a late event of a period already closed in memory
             }
@@ -647,9 +663,12 @@ impl State {
                     meter: i as u8,
                     ..Counter::default()
                 };
+                before = 0;
+                c.usage = value;
+            } else {
+                before = c.usage;
+                c.usage = agg.fold(c.usage, value);
             }
-            before = c.usage;
-            c.usage = tally_schemas::quantity::add(c.usage, value);
         } else {
             if (event.time_ms, value) <= (c.time_ms, c.usage) {
                 return;
@@ -678,8 +697,8 @@ impl State {
                 crossed_ms: event.time_ms,
             });
         }
-        if !agg.is_additive() && c.usage < before {
-            // A gauge that went back below the soft limit ends its grace.
+        if c.usage < before {
+            // A gauge or a smallest value that went back below the soft limit ends its grace.
             let back_under = limit
                 .finite()
                 .is_some_and(|l| !quota::reaches(c.usage, l, policy.soft_percent));
@@ -774,8 +793,9 @@ impl State {
         ready: bool,
     ) -> Answer {
         let counter = c.counter(i);
-        // Gauges carry over; additive usage counts only in the period it belongs to.
-        let (usage, crossed) = if !agg.is_additive() || counter.time_ms == period.start_ms {
+        // Gauges carry over; periodic usage counts only in the period it belongs to.
+        let counted = counter.time_ms == period.start_ms;
+        let (usage, crossed) = if !agg.is_periodic() || counted {
             (counter.usage, counter.soft_crossed_ms())
         } else {
             (0, None)
@@ -790,12 +810,25 @@ impl State {
             }
             _ => None,
         };
+        // What the usage would be with the quantity asked for: added to a sum or a gauge, as
+        // the next value of a `max` or `min` meter (0 asks about the usage as it is).
+        let (base, quantity) = match agg {
+            Aggregation::Max | Aggregation::Min if q.quantity > 0 => {
+                let next = if counted {
+                    agg.fold(usage, q.quantity)
+                } else {
+                    q.quantity
+                };
+                (next, 0)
+            }
+            _ => (usage, q.quantity),
+        };
         let mut verdict = quota::decide(
             &self.catalog.policy,
             limit,
             plan.on_limit,
-            usage,
-            q.quantity,
+            base,
+            quantity,
             crossed,
             now,
         );
@@ -1178,6 +1211,74 @@ mod tests {
         );
         clock.set(ms("2026-12-05T00:00:00Z"));
         assert_eq!(s.check(ask("c", "wasm_modules", 0)).unwrap().usage, 2);
+    }
+
+    /// `max` and `min` meters: usage is the period's largest or smallest value, a single
+    /// report past a threshold crosses it, the next period starts empty, and a check's quantity
+    /// is the next value.
+    #[test]
+    fn largest_and_smallest_values_per_period_cross_thresholds() {
+        let toml = format!(
+            "{}\n[meters.peak]\naggregation = 'max'\nunit = 'x'\n\
+             [meters.least]\naggregation = 'min'\nunit = 'x'\n",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        );
+        let catalog = Arc::new(Catalog::from_toml(&toml).unwrap());
+        let clock = Arc::new(ManualClock::new(ms("2026-11-21T10:00:00Z")));
+        let s = State::new(catalog.clone(), clock.clone(), false);
+        s.set_ready();
+        let mut rec = Customer::new_default(&catalog);
+        for m in ["peak", "least"] {
+            rec.limit_overrides.insert(m.into(), Limit::Finite(100));
+        }
+        s.set_customer("c", rec);
+        let mut notes = Vec::new();
+        let feed = |meter: &str, v: u64, t: &str, notes: &mut Vec<Notification>| {
+            s.apply(&ev("c", meter, v, t), notes);
+        };
+        feed("peak", 79, "2026-11-02T00:00:00Z", &mut notes);
+        feed("peak", 10, "2026-11-03T00:00:00Z", &mut notes);
+        assert!(notes.is_empty());
+        let a = s.check(ask("c", "peak", 0)).unwrap();
+        assert_eq!((a.usage, a.verdict.decision), (79, Decision::Allow));
+        // The next value asked about, not added: 79 then 80 peaks at 80.
+        let a = s.check(ask("c", "peak", 80)).unwrap();
+        assert_eq!(a.verdict.threshold, Some(80));
+        assert_eq!(
+            s.check(ask("c", "peak", 50)).unwrap().verdict.threshold,
+            None
+        );
+        // One report at 110 % crosses every threshold at once.
+        feed("peak", 110, "2026-11-04T00:00:00Z", &mut notes);
+        let crossed: Vec<u32> = notes.iter().map(|n| n.threshold).collect();
+        assert_eq!(crossed, [80, 100, 110]);
+        feed("peak", 5, "2026-11-05T00:00:00Z", &mut notes);
+        let a = s.check(ask("c", "peak", 0)).unwrap();
+        assert_eq!((a.usage, a.verdict.decision), (110, Decision::Block));
+        // The next period starts empty: its first value is the usage.
+        clock.set(ms("2026-12-01T00:10:00Z"));
+        assert_eq!(s.check(ask("c", "peak", 0)).unwrap().usage, 0);
+        feed("peak", 7, "2026-12-01T00:05:00Z", &mut notes);
+        assert_eq!(s.check(ask("c", "peak", 0)).unwrap().usage, 7);
+        // A late report of the closed period changes nothing.
+        feed("peak", 500, "2026-11-30T23:59:00Z", &mut notes);
+        assert_eq!(s.check(ask("c", "peak", 0)).unwrap().usage, 7);
+
+        // The smallest value: the first report of the period is the usage, then only lower.
+        notes.clear();
+        feed("least", 120, "2026-12-01T00:01:00Z", &mut notes);
+        let crossed: Vec<u32> = notes.iter().map(|n| n.threshold).collect();
+        assert_eq!(crossed, [80, 100, 110]);
+        let a = s.check(ask("c", "least", 0)).unwrap();
+        assert_eq!((a.usage, a.verdict.decision), (120, Decision::Block));
+        // A value of 90 would take the smallest down to 90: past the soft limit no more.
+        let a = s.check(ask("c", "least", 90)).unwrap();
+        assert_eq!(a.verdict.threshold, Some(80));
+        feed("least", 0, "2026-12-01T00:02:00Z", &mut notes);
+        feed("least", 40, "2026-12-01T00:03:00Z", &mut notes);
+        let a = s.check(ask("c", "least", 0)).unwrap();
+        assert_eq!((a.usage, a.verdict.decision), (0, Decision::Allow));
+        assert_eq!(notes.len(), 3, "falling values notify nothing");
     }
 
     #[test]

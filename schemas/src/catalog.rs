@@ -16,6 +16,11 @@ use crate::{Error, Result};
 pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
 
 /// How the events of a meter fold into one figure per period.
+///
+/// What a plan's limit bounds follows the aggregation: for `count` and `sum` the period's total,
+/// for `max` the largest value reported in the period (one report past the limit crosses it),
+/// for `min` the smallest (the period's usage reaches the limit only while every report of the
+/// period did), for `latest` the current value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
@@ -23,15 +28,35 @@ pub enum Aggregation {
     Count,
     /// Each event adds its `data.value`: bytes, minutes.
     Sum,
+    /// The largest value of the period's events: peak concurrency, the largest build.
+    Max,
+    /// The smallest value of the period's events.
+    Min,
     /// A gauge: the value of the latest event (by event time) is the usage, and it carries over
     /// from one period to the next. Ties on event time keep the larger value.
     Latest,
 }
 
 impl Aggregation {
-    /// Whether the events of this meter add up (count, sum) rather than replace each other.
+    /// Whether the events of this meter add up (count, sum).
     pub fn is_additive(self) -> bool {
+        matches!(self, Aggregation::Count | Aggregation::Sum)
+    }
+
+    /// Whether usage belongs to a billing period and starts afresh with the next one (every
+    /// aggregation but the `latest` gauge, which carries over).
+    pub fn is_periodic(self) -> bool {
         !matches!(self, Aggregation::Latest)
+    }
+
+    /// Folds value `b` into the figure `a` of the same period: commutative and associative.
+    /// For `latest` (which orders by event time, see [`crate::rollup::Cell`]) the larger value.
+    pub fn fold(self, a: u64, b: u64) -> u64 {
+        match self {
+            Aggregation::Count | Aggregation::Sum => crate::quantity::add(a, b),
+            Aggregation::Max | Aggregation::Latest => a.max(b),
+            Aggregation::Min => a.min(b),
+        }
     }
 }
 

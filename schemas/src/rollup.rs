@@ -1,6 +1,7 @@
 //! Folding log records into per (customer, meter, minute) cells: the pure heart of the
-//! aggregator. Additive meters sum; gauges keep the latest value by event time (ties keep the
-//! larger value). Both merges are commutative and associative, so any batching, order or replay
+//! aggregator. Additive meters sum, `max` and `min` meters keep the minute's largest or smallest
+//! value, gauges keep the latest value by event time (ties keep the larger value). Every merge
+//! is commutative and associative (and for max, min and gauges idempotent), so any batching, order or replay
 //! of the same records yields the same cells. Duplicates are dropped before the fold (by the log,
 //! or by the store's de-duplication table) and only [`Rollup::cover`]ed.
 
@@ -69,15 +70,29 @@ pub fn parse_dimensions_key(key: &str) -> Vec<Dimension> {
 pub enum Cell {
     /// Sum of the values of an additive meter.
     Add(u64),
+    /// The largest value of a `max` meter.
+    Max(u64),
+    /// The smallest value of a `min` meter.
+    Min(u64),
     /// The latest value of a gauge, with its event time.
     Latest { time_ms: i64, value: u64 },
 }
 
 impl Cell {
+    /// The cell's figure: the sum, the extreme or the gauge's value.
+    pub fn value(&self) -> u64 {
+        match *self {
+            Cell::Add(v) | Cell::Max(v) | Cell::Min(v) => v,
+            Cell::Latest { value, .. } => value,
+        }
+    }
+
     /// Merges `other` into `self`; commutative and associative.
     pub fn merge(&mut self, other: Cell) {
         match (self, other) {
             (Cell::Add(a), Cell::Add(b)) => *a = crate::quantity::add(*a, b),
+            (Cell::Max(a), Cell::Max(b)) => *a = (*a).max(b),
+            (Cell::Min(a), Cell::Min(b)) => *a = (*a).min(b),
             (
                 Cell::Latest { time_ms, value },
                 Cell::Latest {
@@ -130,13 +145,14 @@ pub fn cells_of<'r>(
         let kind = catalog
             .meter(r.meter)
             .map_or(Aggregation::Sum, |m| m.aggregation);
-        let cell = if kind.is_additive() {
-            Cell::Add(r.value)
-        } else {
-            Cell::Latest {
+        let cell = match kind {
+            Aggregation::Count | Aggregation::Sum => Cell::Add(r.value),
+            Aggregation::Max => Cell::Max(r.value),
+            Aggregation::Min => Cell::Min(r.value),
+            Aggregation::Latest => Cell::Latest {
                 time_ms: e.time_ms,
                 value: r.value,
-            }
+            },
         };
         let key = CellKey {
             partition: rec.partition,
@@ -241,6 +257,46 @@ mod tests {
         let mut rev = recs.clone();
         rev.reverse();
         assert_eq!(Rollup::from_records(&rev, &c).cells, r.cells);
+    }
+
+    #[test]
+    fn max_and_min_cells_keep_the_extremes_of_the_minute_in_any_order() {
+        let toml = format!(
+            "{}\n[meters.peak]\naggregation = 'max'\nunit = 'x'\n\
+             [meters.least]\naggregation = 'min'\nunit = 'x'\n",
+            crate::catalog::DEFAULT_CATALOG_TOML
+        );
+        let c = Catalog::from_toml(&toml).unwrap();
+        let max = crate::quantity::MAX;
+        let mut recs = Vec::new();
+        for (i, v) in [7, 0, max, 3, 7].into_iter().enumerate() {
+            recs.push(rec(i as u64, "peak", v, 60_000 + i as i64));
+            recs.push(rec(10 + i as u64, "least", v, 60_000 + i as i64));
+        }
+        recs.push(rec(20, "least", 5, 120_000));
+        let key = |m: &str, minute| CellKey {
+            partition: 0,
+            customer: "c".into(),
+            meter: m.into(),
+            dims: String::new(),
+            minute_ms: minute,
+        };
+        let r = Rollup::from_records(&recs, &c);
+        assert_eq!(r.cells[&key("peak", 60_000)], Cell::Max(max));
+        assert_eq!(r.cells[&key("least", 60_000)], Cell::Min(0));
+        assert_eq!(r.cells[&key("least", 120_000)], Cell::Min(5));
+        let mut rev = recs.clone();
+        rev.reverse();
+        assert_eq!(Rollup::from_records(&rev, &c).cells, r.cells);
+        // A replayed record changes no extreme (the merge is idempotent).
+        let mut twice = recs.clone();
+        twice.extend(recs.iter().cloned());
+        assert_eq!(Rollup::from_records(&twice, &c).cells, r.cells);
+        assert_eq!(Aggregation::Min.fold(4, 9), 4);
+        assert_eq!(Aggregation::Max.fold(4, 9), 9);
+        assert_eq!(Aggregation::Sum.fold(max, 9), max, "sums hold at the cap");
+        assert!(Aggregation::Max.is_periodic() && !Aggregation::Max.is_additive());
+        assert!(!Aggregation::Latest.is_periodic());
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub struct SnapshotRequest {
     pub default_since_ms: i64,
     /// Customers whose current period starts elsewhere, with that start.
     pub since_by_customer: Vec<(String, i64)>,
-    /// Meters that add up; the others are gauges.
-    pub additive_meters: Vec<String>,
+    /// Meters whose usage belongs to a period ([`Aggregation::is_periodic`]), with their
+    /// aggregation; the others are gauges.
+    pub periodic_meters: Vec<(String, Aggregation)>,
 }
 
 /// Period-to-date usage, consistent with the log positions it covers.
@@ -203,8 +204,10 @@ pub trait UsageReader: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(String, u64)>>;
 
-    /// One meter's usage across every customer over `[from_ms, to_ms)` (for gauges: the sum
-    /// of each customer's latest value before `to_ms`), and how many customers it covers.
+    /// One meter's usage across every customer over `[from_ms, to_ms)`: the sum of each
+    /// customer's usage (for `max` and `min` meters the sum of each customer's largest or
+    /// smallest value, for gauges of each customer's latest value before `to_ms`), and how many
+    /// customers it covers.
     async fn meter_total(
         &self,
         meter: &str,
@@ -391,7 +394,8 @@ pub(crate) fn bucket_by_key(
 }
 
 /// Groups time-ordered `(bucket start or finer time, value)` rows into `window` buckets: sums
-/// for additive meters, the last (latest) value for gauges.
+/// for additive meters, the largest or smallest for `max` and `min`, the last (latest) value for
+/// gauges.
 pub(crate) fn bucket(
     rows: impl IntoIterator<Item = (i64, u64)>,
     window: Window,
@@ -402,11 +406,11 @@ pub(crate) fn bucket(
         let bucket = window.bucket_of(t);
         match out.last_mut() {
             Some((b, v)) if *b == bucket => {
-                if aggregation.is_additive() {
-                    *v = tally_schemas::quantity::add(*v, value);
+                *v = if aggregation.is_periodic() {
+                    aggregation.fold(*v, value)
                 } else {
-                    *v = value;
-                }
+                    value
+                };
             }
             _ => out.push((bucket, value)),
         }

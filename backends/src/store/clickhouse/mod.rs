@@ -87,6 +87,20 @@ const LOOKUP_CHUNK: usize = 5_000;
 /// `sum(UInt64)` wraps past 2^64. Joined by [`joined`] (see [`tally_schemas::quantity`]).
 const SPLIT_SUM: &str = "sum(bitShiftRight(value, 32)) AS h, sum(bitAnd(value, 4294967295)) AS l";
 
+/// The split figure (`h`, `l`) of the rows selected, by `aggregation`: [`SPLIT_SUM`] for
+/// additive meters, the parts of the largest or smallest value for `max` and `min`.
+fn split_of(aggregation: Aggregation) -> &'static str {
+    match aggregation {
+        Aggregation::Max => {
+            "bitShiftRight(max(value), 32) AS h, bitAnd(max(value), 4294967295) AS l"
+        }
+        Aggregation::Min => {
+            "bitShiftRight(min(value), 32) AS h, bitAnd(min(value), 4294967295) AS l"
+        }
+        _ => SPLIT_SUM,
+    }
+}
+
 /// A customer's total from its split sums: exact, held at the cap.
 fn joined((h, l): (u64, u64)) -> u64 {
     quantity::join_capped(h.into(), l.into())
@@ -312,7 +326,8 @@ impl ClickHouseStore {
 }
 
 /// For each of `meters`, in order, its row from `additive` or `gauges` (by the meter's kind), or
-/// the default when the query returned none (no usage).
+/// the default when the query returned none (no usage). `max` and `min` meters get the default
+/// too: the caller reads them on their own.
 fn per_meter<T: Clone + Default>(
     meters: &[(String, Aggregation)],
     additive: &[(String, T)],
@@ -321,10 +336,10 @@ fn per_meter<T: Clone + Default>(
     meters
         .iter()
         .map(|(meter, aggregation)| {
-            let rows = if aggregation.is_additive() {
-                additive
-            } else {
-                gauges
+            let rows = match aggregation {
+                a if a.is_additive() => additive,
+                Aggregation::Latest => gauges,
+                _ => &[],
             };
             rows.iter()
                 .find(|(m, _)| m == meter)

@@ -38,11 +38,12 @@ impl UsageReader for ClickHouseStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<u64> {
-        if aggregation.is_additive() {
+        if aggregation.is_periodic() {
+            let split = split_of(aggregation);
             let v: (u64, u64) = self
                 .client
                 .query(&format!(
-                    "SELECT {SPLIT_SUM} FROM usage_block_cells FINAL
+                    "SELECT {split} FROM usage_block_cells FINAL
                      WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)"
                 ))
                 .bind(customer)
@@ -139,11 +140,12 @@ impl UsageReader for ClickHouseStore {
         window: Window,
     ) -> Result<Vec<(i64, u64)>> {
         let bucket = bucket_of(window);
-        let sql = if aggregation.is_additive() {
+        let sql = if aggregation.is_periodic() {
             format!(
-                "SELECT toUInt32({bucket}) AS b, {SPLIT_SUM} FROM usage_block_cells FINAL
+                "SELECT toUInt32({bucket}) AS b, {} FROM usage_block_cells FINAL
                  WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
-                 GROUP BY b ORDER BY b"
+                 GROUP BY b ORDER BY b",
+                split_of(aggregation)
             )
         } else {
             format!(
@@ -206,7 +208,15 @@ impl UsageReader for ClickHouseStore {
             .into_iter()
             .map(|(m, h, l)| (m, joined((h, l))))
             .collect();
-        Ok(per_meter(meters, &sums, &latest))
+        let mut out = per_meter(meters, &sums, &latest);
+        for (i, (meter, aggregation)) in meters.iter().enumerate() {
+            if aggregation.is_periodic() && !aggregation.is_additive() {
+                out[i] = self
+                    .total(customer, meter, *aggregation, from_ms, to_ms)
+                    .await?;
+            }
+        }
+        Ok(out)
     }
 
     async fn top_customers(
@@ -217,12 +227,13 @@ impl UsageReader for ClickHouseStore {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<(String, u64)>> {
-        let query = if aggregation.is_additive() {
+        let query = if aggregation.is_periodic() {
+            let split = split_of(aggregation);
             // The sums normalised to (high, low < 2^32) order exactly, without overflow.
             self.client
                 .query(&format!(
                     "SELECT customer, h + bitShiftRight(l, 32) AS hi, bitAnd(l, 4294967295) AS lo
-                     FROM (SELECT customer, {SPLIT_SUM} FROM usage_block_cells FINAL
+                     FROM (SELECT customer, {split} FROM usage_block_cells FINAL
                            WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                            GROUP BY customer HAVING h > 0 OR l > 0)
                      ORDER BY hi DESC, lo DESC, customer LIMIT ?"
@@ -281,7 +292,7 @@ impl UsageReader for ClickHouseStore {
             )
             .bind(seconds(to_ms));
         let additive = meters.iter().any(|(_, a)| a.is_additive());
-        let gauges = meters.iter().any(|(_, a)| !a.is_additive());
+        let gauges = meters.iter().any(|(_, a)| !a.is_periodic());
         let (sums, latest) = tokio::try_join!(
             async {
                 if additive {
@@ -308,7 +319,15 @@ impl UsageReader for ClickHouseStore {
                 })
                 .collect()
         };
-        Ok(per_meter(meters, &total(sums), &total(latest)))
+        let mut out = per_meter(meters, &total(sums), &total(latest));
+        for (i, (meter, aggregation)) in meters.iter().enumerate() {
+            if aggregation.is_periodic() && !aggregation.is_additive() {
+                out[i] = self
+                    .meter_total(meter, *aggregation, from_ms, to_ms)
+                    .await?;
+            }
+        }
+        Ok(out)
     }
 
     async fn meter_total(
@@ -318,11 +337,12 @@ impl UsageReader for ClickHouseStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<MeterTotal> {
-        let query = if aggregation.is_additive() {
+        let query = if aggregation.is_periodic() {
+            let split = split_of(aggregation);
             self.client
                 .query(&format!(
                     "SELECT sum(h), sum(l), count() FROM (
-                         SELECT customer, {SPLIT_SUM} FROM usage_block_cells FINAL
+                         SELECT customer, {split} FROM usage_block_cells FINAL
                          WHERE meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
                          GROUP BY customer HAVING h > 0 OR l > 0)"
                 ))
@@ -356,20 +376,29 @@ impl UsageReader for ClickHouseStore {
         let (parts, nexts): (Vec<u32>, Vec<u64>) = offsets.iter().map(|(p, n)| (*p, *n)).unzip();
         let covered = "batch_next_offset <= transform(partition, ?, ?, toUInt64(0))";
         let mut totals = Vec::new();
-        if !req.additive_meters.is_empty() {
-            let special: HashSet<&str> = req
-                .since_by_customer
-                .iter()
-                .map(|(c, _)| c.as_str())
-                .collect();
+        let special: HashSet<&str> = req
+            .since_by_customer
+            .iter()
+            .map(|(c, _)| c.as_str())
+            .collect();
+        // One read per kind of figure (sums, largest, smallest) among the meters asked.
+        let mut kinds: Vec<(&'static str, Vec<&str>)> = Vec::new();
+        for (meter, aggregation) in &req.periodic_meters {
+            let split = split_of(*aggregation);
+            match kinds.iter_mut().find(|(s, _)| *s == split) {
+                Some((_, meters)) => meters.push(meter),
+                None => kinds.push((split, vec![meter])),
+            }
+        }
+        for (split, meters) in &kinds {
             let rows: Vec<(String, String, u64, u64)> = self
                 .client
                 .query(&format!(
-                    "SELECT customer, meter, {SPLIT_SUM} FROM usage_block_cells FINAL
+                    "SELECT customer, meter, {split} FROM usage_block_cells FINAL
                      WHERE has(?, meter) AND minute >= toDateTime(?) AND customer != '' AND {covered}
                      GROUP BY customer, meter"
                 ))
-                .bind(&req.additive_meters)
+                .bind(meters)
                 .bind(seconds(req.default_since_ms))
                 .bind(&parts)
                 .bind(&nexts)
@@ -385,23 +414,22 @@ impl UsageReader for ClickHouseStore {
                 let rows: Vec<(String, u64, u64)> = self
                     .client
                     .query(&format!(
-                        "SELECT meter, {SPLIT_SUM} FROM usage_block_cells FINAL
+                        "SELECT meter, {split} FROM usage_block_cells FINAL
                          WHERE customer = ? AND has(?, meter) AND minute >= toDateTime(?) AND {covered}
                          GROUP BY meter"
                     ))
                     .bind(customer.as_str())
-                    .bind(&req.additive_meters)
+                    .bind(meters)
                     .bind(seconds(*since))
                     .bind(&parts)
                     .bind(&nexts)
                     .fetch_all()
                     .await
                     .map_err(ch)?;
+                // A row is a meter with cells in the period (a smallest value may be 0).
                 totals.extend(
                     rows.into_iter()
-                        .map(|(m, h, l)| (m, joined((h, l))))
-                        .filter(|(_, v)| *v > 0)
-                        .map(|(m, v)| (customer.clone(), m, v)),
+                        .map(|(m, h, l)| (customer.clone(), m, joined((h, l)))),
                 );
             }
         }

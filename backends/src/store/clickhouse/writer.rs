@@ -84,7 +84,7 @@ impl UsageWriter for ClickHouseStore {
             }
             for (k, cell) in &block.cells {
                 let (value, last_ms) = match *cell {
-                    Cell::Add(v) => (v, 0),
+                    Cell::Add(v) | Cell::Max(v) | Cell::Min(v) => (v, 0),
                     Cell::Latest { time_ms, value } => (value, time_ms),
                 };
                 insert

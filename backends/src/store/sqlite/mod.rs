@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(m.usage, max + 1 + 5);
         let snap = store
             .snapshot(SnapshotRequest {
-                additive_meters: vec!["api_requests".into()],
+                periodic_meters: vec![("api_requests".into(), Aggregation::Count)],
                 default_since_ms: 0,
                 since_by_customer: vec![("b".into(), 0)],
             })
@@ -284,7 +284,7 @@ mod tests {
             .snapshot(SnapshotRequest {
                 default_since_ms: 0,
                 since_by_customer: vec![],
-                additive_meters: vec!["api_requests".into()],
+                periodic_meters: vec![("api_requests".into(), Aggregation::Count)],
             })
             .await
             .unwrap();
@@ -314,7 +314,7 @@ mod tests {
             .snapshot(SnapshotRequest {
                 default_since_ms: 60_000,
                 since_by_customer: vec![("anchored".into(), 0)],
-                additive_meters: vec!["api_requests".into()],
+                periodic_meters: vec![("api_requests".into(), Aggregation::Count)],
             })
             .await
             .unwrap();

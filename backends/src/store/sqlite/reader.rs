@@ -6,6 +6,38 @@ use async_trait::async_trait;
 use super::writer::read_offsets;
 use super::*;
 
+/// The high and low parts (`h`, `l`) of the figure of the `usage_minute` rows selected, by
+/// `aggregation`: the sums of the parts for additive meters (exact past 2^63, see
+/// [`tally_schemas::quantity`]), the parts of the largest or smallest value for `max` and `min`.
+pub(super) fn split(aggregation: Aggregation) -> &'static str {
+    match aggregation {
+        Aggregation::Max => "MAX(value) >> 32 AS h, MAX(value) & 4294967295 AS l",
+        Aggregation::Min => "MIN(value) >> 32 AS h, MIN(value) & 4294967295 AS l",
+        _ => "SUM(value >> 32) AS h, SUM(value & 4294967295) AS l",
+    }
+}
+
+/// A customer's usage of a periodic meter over `[from_ms, to_ms)`, `None` without any cell.
+fn period_figure(
+    c: &Connection,
+    customer: &str,
+    meter: &str,
+    aggregation: Aggregation,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Option<u64>> {
+    let (high, low, cells): (Option<i64>, Option<i64>, i64) = c
+        .prepare_cached(&format!(
+            "SELECT {}, COUNT(*) FROM usage_minute
+             WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
+            split(aggregation)
+        ))?
+        .query_row(params![customer, meter, from_ms, to_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    Ok((cells > 0).then(|| joined(high, low)))
+}
+
 fn total(
     c: &Connection,
     customer: &str,
@@ -14,16 +46,9 @@ fn total(
     from_ms: i64,
     to_ms: i64,
 ) -> Result<u64> {
-    if aggregation.is_additive() {
-        let (high, low): (Option<i64>, Option<i64>) = c
-            .prepare_cached(
-                "SELECT SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
-                 WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4",
-            )?
-            .query_row(params![customer, meter, from_ms, to_ms], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        return Ok(joined(high, low));
+    if aggregation.is_periodic() {
+        let v = period_figure(c, customer, meter, aggregation, from_ms, to_ms)?;
+        return Ok(v.unwrap_or(0));
     }
     let v: Option<i64> = {
         c.prepare_cached(
@@ -151,20 +176,25 @@ impl UsageReader for SqliteStore {
         let meter = meter.to_owned();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         Self::with(&self.reader, move |c| {
-            let mut stmt = c.prepare_cached(if aggregation.is_additive() {
+            let sql = if aggregation.is_periodic() {
                 // The sums normalised to (high, low < 2^32) order exactly, without overflow.
-                "SELECT customer, h + (l >> 32) AS hi, l & 4294967295 AS lo FROM (
-                     SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
-                     FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
-                     GROUP BY customer)
-                 WHERE h > 0 OR l > 0 ORDER BY hi DESC, lo DESC, customer LIMIT ?4"
+                format!(
+                    "SELECT customer, h + (l >> 32) AS hi, l & 4294967295 AS lo FROM (
+                         SELECT customer, {}
+                         FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                         GROUP BY customer)
+                     WHERE h > 0 OR l > 0 ORDER BY hi DESC, lo DESC, customer LIMIT ?4",
+                    split(aggregation)
+                )
             } else {
                 "SELECT customer, value >> 32, value & 4294967295 AS v FROM (
                      SELECT customer, value, ROW_NUMBER() OVER
                          (PARTITION BY customer ORDER BY minute_ms DESC) AS n
                      FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
                  WHERE n = 1 AND value > 0 ORDER BY value DESC, customer LIMIT ?4"
-            })?;
+                    .to_owned()
+            };
+            let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(params![meter, from_ms, to_ms, limit], |r| {
                 Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
             })?;
@@ -183,17 +213,21 @@ impl UsageReader for SqliteStore {
         let meter = meter.to_owned();
         Self::with(&self.reader, move |c| {
             let (high, low, customers): (Option<i64>, Option<i64>, i64) = c
-                .prepare_cached(if aggregation.is_additive() {
-                    "SELECT SUM(h), SUM(l), COUNT(*) FROM (
-                         SELECT customer, SUM(value >> 32) AS h, SUM(value & 4294967295) AS l
-                         FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
-                         GROUP BY customer HAVING h > 0 OR l > 0)"
+                .prepare_cached(&if aggregation.is_periodic() {
+                    format!(
+                        "SELECT SUM(h), SUM(l), COUNT(*) FROM (
+                             SELECT customer, {}
+                             FROM usage_minute WHERE meter = ?1 AND minute_ms >= ?2 AND minute_ms < ?3
+                             GROUP BY customer HAVING h > 0 OR l > 0)",
+                        split(aggregation)
+                    )
                 } else {
                     "SELECT SUM(value >> 32), SUM(value & 4294967295), COUNT(*) FROM (
                          SELECT customer, value, ROW_NUMBER() OVER
                              (PARTITION BY customer ORDER BY minute_ms DESC) AS n
                          FROM usage_minute WHERE meter = ?1 AND minute_ms < ?3)
                      WHERE n = 1 AND value > 0"
+                        .to_owned()
                 })?
                 .query_row(params![meter, from_ms, to_ms], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -218,11 +252,12 @@ impl UsageReader for SqliteStore {
                 .map(|(c, s)| (c.as_str(), *s))
                 .collect();
             {
-                let mut stmt = tx.prepare(
-                    "SELECT customer, SUM(value >> 32), SUM(value & 4294967295) FROM usage_minute
-                     WHERE meter = ?1 AND minute_ms >= ?2 GROUP BY customer",
-                )?;
-                for meter in &req.additive_meters {
+                for (meter, aggregation) in &req.periodic_meters {
+                    let mut stmt = tx.prepare_cached(&format!(
+                        "SELECT customer, {} FROM usage_minute
+                         WHERE meter = ?1 AND minute_ms >= ?2 GROUP BY customer",
+                        split(*aggregation)
+                    ))?;
                     let rows = stmt.query_map(params![meter, req.default_since_ms], |r| {
                         Ok((r.get::<_, String>(0)?, joined(r.get(1)?, r.get(2)?)))
                     })?;
@@ -234,9 +269,10 @@ impl UsageReader for SqliteStore {
                     }
                 }
                 for (customer, since) in &req.since_by_customer {
-                    for meter in &req.additive_meters {
-                        let v = total(&tx, customer, meter, Aggregation::Sum, *since, i64::MAX)?;
-                        if v > 0 {
+                    for (meter, aggregation) in &req.periodic_meters {
+                        let v =
+                            period_figure(&tx, customer, meter, *aggregation, *since, i64::MAX)?;
+                        if let Some(v) = v {
                             totals.push((customer.clone(), meter.clone(), v));
                         }
                     }

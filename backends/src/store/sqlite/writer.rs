@@ -27,6 +27,18 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
                                         THEN 9223372036854775807
                                         ELSE value + excluded.value END",
         )?;
+        let mut max = tx.prepare_cached(
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (customer, meter, dims, minute_ms)
+             DO UPDATE SET value = max(value, excluded.value)",
+        )?;
+        let mut min = tx.prepare_cached(
+            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (customer, meter, dims, minute_ms)
+             DO UPDATE SET value = min(value, excluded.value)",
+        )?;
         let mut latest = tx.prepare_cached(
             "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -44,8 +56,13 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
         )?;
         for (k, cell) in &rollup.cells {
             match *cell {
-                Cell::Add(v) => {
-                    add.execute(params![
+                Cell::Add(v) | Cell::Max(v) | Cell::Min(v) => {
+                    let stmt = match cell {
+                        Cell::Max(_) => &mut max,
+                        Cell::Min(_) => &mut min,
+                        _ => &mut add,
+                    };
+                    stmt.execute(params![
                         k.customer,
                         k.meter,
                         k.minute_ms,
