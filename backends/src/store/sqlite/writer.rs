@@ -19,34 +19,29 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
         return Ok(Applied::Replay);
     }
     {
-        let mut add = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (customer, meter, dims, minute_ms)
-             DO UPDATE SET value = CASE WHEN value > 9223372036854775807 - excluded.value
-                                        THEN 9223372036854775807
-                                        ELSE value + excluded.value END",
-        )?;
-        let mut max = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (customer, meter, dims, minute_ms)
-             DO UPDATE SET value = max(value, excluded.value)",
-        )?;
-        let mut min = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (customer, meter, dims, minute_ms)
-             DO UPDATE SET value = min(value, excluded.value)",
-        )?;
-        let mut latest = tx.prepare_cached(
-            "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (customer, meter, dims, minute_ms) DO UPDATE SET
-               value = CASE WHEN (excluded.last_ms, excluded.value) > (last_ms, value)
-                            THEN excluded.value ELSE value END,
-               last_ms = max(last_ms, excluded.last_ms)",
-        )?;
+        // One upsert of a minute's cell per kind of merge: `$set` is the conflict's update.
+        macro_rules! upsert_cell {
+            ($set:literal) => {
+                concat!(
+                    "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (customer, meter, dims, minute_ms) DO UPDATE SET ",
+                    $set
+                )
+            };
+        }
+        let mut add = tx.prepare_cached(upsert_cell!(
+            "value = CASE WHEN value > 9223372036854775807 - excluded.value
+                          THEN 9223372036854775807
+                          ELSE value + excluded.value END"
+        ))?;
+        let mut max = tx.prepare_cached(upsert_cell!("value = max(value, excluded.value)"))?;
+        let mut min = tx.prepare_cached(upsert_cell!("value = min(value, excluded.value)"))?;
+        let mut latest = tx.prepare_cached(upsert_cell!(
+            "value = CASE WHEN (excluded.last_ms, excluded.value) > (last_ms, value)
+                          THEN excluded.value ELSE value END,
+             last_ms = max(last_ms, excluded.last_ms)"
+        ))?;
         let mut gauge = tx.prepare_cached(
             "INSERT INTO gauge_latest (customer, meter, time_ms, value) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (customer, meter) DO UPDATE SET
