@@ -482,6 +482,7 @@ mod store {
                         value: (*v).into(),
                     })
                     .collect(),
+                distinct: None,
             }];
             r.event.meter = "request".into();
             r.event.value = 0;

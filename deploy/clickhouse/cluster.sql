@@ -51,9 +51,10 @@ CREATE TABLE IF NOT EXISTS tally.usage_block_cells_local ON CLUSTER tally (
     partition UInt32,
     batch_first_offset UInt64,
     batch_next_offset UInt64,
-    dims String
+    dims String,
+    distinct_value String
 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/tally/usage_block_cells', '{replica}', batch_next_offset)
-ORDER BY (customer, meter, minute, partition, batch_first_offset, dims);
+ORDER BY (customer, meter, minute, partition, batch_first_offset, dims, distinct_value);
 
 CREATE TABLE IF NOT EXISTS tally.usage_block_cells ON CLUSTER tally AS tally.usage_block_cells_local
 ENGINE = Distributed(tally, tally, usage_block_cells_local, partition);

@@ -156,6 +156,16 @@ pub async fn update_customer(
                 } else {
                     state.clear_period(id, name, new_period.start_ms);
                 }
+            } else if aggregation == Aggregation::UniqueCount {
+                let values = store
+                    .distinct_values(id, name, new_period.start_ms, i64::MAX)
+                    .await?;
+                state.load_distinct(
+                    id,
+                    name,
+                    new_period.start_ms,
+                    values.iter().map(String::as_str),
+                );
             } else if aggregation.is_periodic() {
                 let total = store
                     .total(id, name, aggregation, new_period.start_ms, i64::MAX)
@@ -206,6 +216,14 @@ async fn load(
     }
     for (customer, meter, time_ms, value) in &snapshot.gauges {
         state.load_gauge(customer, meter, *time_ms, *value);
+    }
+    let mut distinct: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for (customer, meter, value) in &snapshot.distinct {
+        distinct.entry((customer, meter)).or_default().push(value);
+    }
+    for ((customer, meter), values) in distinct {
+        let start = starts.get(customer).copied().unwrap_or(default_since);
+        state.load_distinct(customer, meter, start, values);
     }
     for n in log.notifications_since(now).await? {
         state.load_crossing(&n);

@@ -14,6 +14,13 @@
 //! meter index) with the billing period of its last check, recomputed only when the clock leaves
 //! it; customers without a record share one cached calendar month. Counters are sparse: a
 //! customer holds one only for each meter it used, the first inline.
+//!
+//! # Distinct values
+//! A `unique_count` meter's counter is the number of distinct values of the period; beside it
+//! the state keeps a set of the values' 64-bit hashes (fixed seed: every replica hashes alike),
+//! so a value seen again adds nothing. Two values with one hash would count once: at a million
+//! values of a period the odds are about 3 in 10^8. The figures billed come from the store,
+//! which keeps the values themselves.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +83,17 @@ impl Counter {
         self.soft_crossed_s = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
     }
 }
+
+/// The hashes of the values a `unique_count` counter saw in its period.
+#[derive(Debug, Default)]
+struct DistinctSet {
+    period_start_ms: i64,
+    hashes: std::collections::HashSet<u64, RandomState>,
+}
+
+/// Hashes `unique_count` values, alike in every process.
+const DISTINCT_HASH: foldhash::quality::FixedState =
+    foldhash::quality::FixedState::with_seed(0x7a11_7a11_d157_1c75);
 
 /// Token buckets of one plan, keyed by a hash of the customer id.
 type PlanLimiter =
@@ -268,6 +286,9 @@ pub struct State {
     /// Hashes customer ids for the rate limiters (no allocation per check).
     rate_keys: RandomState,
     customers: DashMap<CompactString, CustomerState, RandomState>,
+    /// Per (customer, meter index) of `unique_count` meters. Locked only while its customer's
+    /// entry in `customers` is (or after that entry was released), never the other way round.
+    distinct: DashMap<(CompactString, u8), DistinctSet, RandomState>,
     default_customer: Arc<Customer>,
     /// Stands for every customer never seen: default plan, no usage.
     unseen: CustomerState,
@@ -333,6 +354,7 @@ impl State {
             plans,
             plan_index,
             customers: DashMap::with_hasher(RandomState::default()),
+            distinct: DashMap::with_hasher(RandomState::default()),
             ready: AtomicBool::new(false),
             fail_open,
         }
@@ -498,13 +520,28 @@ impl State {
                 }
         };
         let before = self.customers.len();
-        self.customers.retain(|_, c| {
+        let mut forgotten = Vec::new();
+        self.customers.retain(|id, c| {
             let tail_idle = c
                 .tail
                 .as_ref()
                 .is_none_or(|t| t.extra.is_none() && t.counters.iter().all(idle));
-            !(tail_idle && idle(&c.first))
+            let keep = !(tail_idle && idle(&c.first));
+            if !keep {
+                forgotten.push(id.clone());
+            }
+            keep
         });
+        if !self.distinct.is_empty() {
+            // Their sets belong to earlier periods: the next event starts a new one anyway.
+            for id in forgotten {
+                for &(i, agg) in self.meters.values() {
+                    if agg == Aggregation::UniqueCount {
+                        self.distinct.remove(&(id.clone(), i as u8));
+                    }
+                }
+            }
+        }
         before - self.customers.len()
     }
 
@@ -543,6 +580,50 @@ impl State {
             soft_crossed_s: 0,
             meter: i as u8,
         };
+    }
+
+    /// Sets a `unique_count` counter from the store: the values seen in the period starting at
+    /// `period_start_ms` (at start-up, or after a period change), whatever it held before.
+    pub fn load_distinct<'v>(
+        &self,
+        customer: &str,
+        meter: &str,
+        period_start_ms: i64,
+        values: impl IntoIterator<Item = &'v str>,
+    ) {
+        let Some(&(i, Aggregation::UniqueCount)) = self.meters.get(meter) else {
+            return;
+        };
+        let mut e = self.entry(customer);
+        let mut set = self
+            .distinct
+            .entry((CompactString::from(customer), i as u8))
+            .or_default();
+        set.period_start_ms = period_start_ms;
+        set.hashes.clear();
+        set.hashes
+            .extend(values.into_iter().map(|v| DISTINCT_HASH.hash_one(v)));
+        *e.counter_mut(i) = Counter {
+            usage: set.hashes.len() as u64,
+            time_ms: period_start_ms,
+            soft_crossed_s: 0,
+            meter: i as u8,
+        };
+    }
+
+    /// Whether `value` is new to customer's set of meter `i` for the period starting at
+    /// `period_start_ms` (a set of an earlier period starts afresh). Called with the customer's
+    /// entry held.
+    fn first_in_period(&self, customer: &str, i: usize, period_start_ms: i64, value: &str) -> bool {
+        let mut set = self
+            .distinct
+            .entry((CompactString::from(customer), i as u8))
+            .or_default();
+        if set.period_start_ms != period_start_ms {
+            set.period_start_ms = period_start_ms;
+            set.hashes.clear();
+        }
+        set.hashes.insert(DISTINCT_HASH.hash_one(value))
     }
 
     /// Marks a periodic counter as holding no usage of the period starting at
@@ -627,7 +708,7 @@ impl State {
     /// Applies one log record: each meter it feeds; pushes the notifications it triggers.
     pub fn apply(&self, event: &UsageEvent, out: &mut Vec<Notification>) {
         for r in event.readings() {
-            self.apply_reading(event, r.meter, r.value, out);
+            self.apply_reading(event, r.meter, r.value, r.distinct, out);
         }
     }
 
@@ -637,6 +718,7 @@ impl State {
         event: &UsageEvent,
         meter: &str,
         value: u64,
+        distinct: Option<&str>,
         out: &mut Vec<Notification>,
     ) {
         let Some(&(i, agg)) = self.meters.get(meter) else {
@@ -657,6 +739,16 @@ impl State {
             if period.start_ms < c.time_ms {
                 return; // a late event of a period already closed in memory
             }
+            let value = if agg == Aggregation::UniqueCount {
+                let value = distinct.unwrap_or_default();
+                let new = self.first_in_period(&event.customer, i, period.start_ms, value);
+                if !new && period.start_ms == c.time_ms {
+                    return; // a value this period already counted
+                }
+                u64::from(new)
+            } else {
+                value
+            };
             if period.start_ms > c.time_ms {
                 *c = Counter {
                     time_ms: period.start_ms,
@@ -1279,6 +1371,98 @@ mod tests {
         let a = s.check(ask("c", "least", 0)).unwrap();
         assert_eq!((a.usage, a.verdict.decision), (0, Decision::Allow));
         assert_eq!(notes.len(), 3, "falling values notify nothing");
+    }
+
+    #[test]
+    fn distinct_values_count_once_per_period_and_cross_thresholds() {
+        let toml = format!(
+            "{}\n[meters.active_users]\naggregation = 'unique_count'\nunit = 'users'\n\
+             event_type = 'session'\nvalue = '$.user'\n",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        );
+        let catalog = Arc::new(Catalog::from_toml(&toml).unwrap());
+        let clock = Arc::new(ManualClock::new(ms("2026-11-21T10:00:00Z")));
+        let s = State::new(catalog.clone(), clock.clone(), false);
+        s.set_ready();
+        let mut rec = Customer::new_default(&catalog);
+        rec.limit_overrides
+            .insert("active_users".into(), Limit::Finite(10));
+        s.set_customer("c", rec);
+        let session = |user: &str, t: &str| {
+            let mut e = ev("c", "session", 0, t);
+            e.readings = vec![tally_schemas::meter::Reading {
+                meter: "active_users".into(),
+                value: 1,
+                dimensions: vec![],
+                distinct: Some(user.into()),
+            }];
+            e
+        };
+        let mut notes = Vec::new();
+        for (i, user) in ["u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7"]
+            .iter()
+            .enumerate()
+        {
+            // Each user twice: the second changes nothing.
+            s.apply(
+                &session(user, &format!("2026-11-0{}T00:00:00Z", i + 1)),
+                &mut notes,
+            );
+            s.apply(&session(user, "2026-11-20T00:00:00Z"), &mut notes);
+        }
+        let a = s.check(ask("c", "active_users", 0)).unwrap();
+        assert_eq!(a.usage, 8);
+        assert_eq!(
+            notes
+                .iter()
+                .map(|n| (n.threshold, n.usage))
+                .collect::<Vec<_>>(),
+            [(80, 8)],
+            "the eighth user of ten is 80 %, once"
+        );
+        // Asking about 3 more new values: 11 of 10 blocks, 2 more is the soft limit.
+        assert_eq!(
+            s.check(ask("c", "active_users", 3))
+                .unwrap()
+                .verdict
+                .decision,
+            Decision::Block
+        );
+        assert_eq!(
+            s.check(ask("c", "active_users", 2))
+                .unwrap()
+                .verdict
+                .threshold,
+            Some(100)
+        );
+        for user in ["u8", "u9", "u10", "u0"] {
+            s.apply(&session(user, "2026-11-21T09:00:00Z"), &mut notes);
+        }
+        let a = s.check(ask("c", "active_users", 0)).unwrap();
+        assert_eq!((a.usage, a.verdict.decision), (11, Decision::Block));
+        assert_eq!(
+            notes.iter().map(|n| n.threshold).collect::<Vec<_>>(),
+            [80, 100, 110]
+        );
+        // The next period starts with no users; a late event of the closed one changes nothing.
+        clock.set(ms("2026-12-01T00:10:00Z"));
+        assert_eq!(s.check(ask("c", "active_users", 0)).unwrap().usage, 0);
+        s.apply(&session("u0", "2026-12-01T00:05:00Z"), &mut notes);
+        s.apply(&session("u99", "2026-11-30T23:59:00Z"), &mut notes);
+        s.apply(&session("u0", "2026-12-01T00:06:00Z"), &mut notes);
+        assert_eq!(s.check(ask("c", "active_users", 0)).unwrap().usage, 1);
+        // Loaded from the store (a restart, a period change): the values seen count as one each,
+        // and seeing one of them again adds nothing.
+        s.load_distinct(
+            "c",
+            "active_users",
+            ms("2026-12-01T00:00:00Z"),
+            ["u0", "u1", "u1"],
+        );
+        assert_eq!(s.check(ask("c", "active_users", 0)).unwrap().usage, 2);
+        s.apply(&session("u1", "2026-12-01T00:07:00Z"), &mut notes);
+        s.apply(&session("u2", "2026-12-01T00:07:00Z"), &mut notes);
+        assert_eq!(s.check(ask("c", "active_users", 0)).unwrap().usage, 3);
     }
 
     #[test]

@@ -117,6 +117,7 @@ mod tests {
                     name: "region".into(),
                     value: region.into(),
                 }],
+                distinct: None,
             }],
             ..UsageEvent::default()
         }

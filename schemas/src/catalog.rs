@@ -20,7 +20,8 @@ pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
 /// What a plan's limit bounds follows the aggregation: for `count` and `sum` the period's total,
 /// for `max` the largest value reported in the period (one report past the limit crosses it),
 /// for `min` the smallest (the period's usage reaches the limit only while every report of the
-/// period did), for `latest` the current value.
+/// period did), for `unique_count` the number of distinct values reported in the period (seats,
+/// active users), for `latest` the current value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
@@ -32,6 +33,10 @@ pub enum Aggregation {
     Max,
     /// The smallest value of the period's events.
     Min,
+    /// How many distinct values of the `value` path the period's events carried (exactly):
+    /// seats, active users, distinct models. A value is a string, number or boolean, compared
+    /// as text (`7` and `"7"` are one value).
+    UniqueCount,
     /// A gauge: the value of the latest event (by event time) is the usage, and it carries over
     /// from one period to the next. Ties on event time keep the larger value.
     Latest,
@@ -51,9 +56,13 @@ impl Aggregation {
 
     /// Folds value `b` into the figure `a` of the same period: commutative and associative.
     /// For `latest` (which orders by event time, see [`crate::rollup::Cell`]) the larger value.
+    /// For `unique_count`, `b` is how many values are new to the period (the caller knows which
+    /// values it saw): they add.
     pub fn fold(self, a: u64, b: u64) -> u64 {
         match self {
-            Aggregation::Count | Aggregation::Sum => crate::quantity::add(a, b),
+            Aggregation::Count | Aggregation::Sum | Aggregation::UniqueCount => {
+                crate::quantity::add(a, b)
+            }
             Aggregation::Max | Aggregation::Latest => a.max(b),
             Aggregation::Min => a.min(b),
         }
@@ -106,6 +115,10 @@ impl Meter {
             (_, Some(_), Aggregation::Count) => {
                 return fail("a count meter counts events and takes no `value`".into());
             }
+            (_, Some(path), Aggregation::UniqueCount) => ValueRule::Distinct(path.clone()),
+            (_, None, Aggregation::UniqueCount) => {
+                return fail("a unique_count meter names the `value` path it counts".into());
+            }
             (_, Some(path), _) => ValueRule::Path(path.clone()),
             (None, None, _) => ValueRule::DataValue,
             (Some(_), None, Aggregation::Count) => ValueRule::One,
@@ -113,6 +126,9 @@ impl Meter {
                 return fail("a meter with an `event_type` names its `value` path".into());
             }
         };
+        if self.aggregation == Aggregation::UniqueCount && self.scale != 0 {
+            return fail("a unique_count meter counts whole values and takes no `scale`".into());
+        }
         if self.scale > MAX_SCALE {
             return fail(format!("`scale` is at most {MAX_SCALE}"));
         }

@@ -62,6 +62,8 @@ pub struct ReadingRef<'e> {
     pub meter: &'e str,
     pub value: u64,
     pub dimensions: &'e [Dimension],
+    /// The value a `unique_count` meter counts once per period.
+    pub distinct: Option<&'e str>,
 }
 
 impl UsageEvent {
@@ -71,6 +73,7 @@ impl UsageEvent {
             meter: &self.meter,
             value: self.value,
             dimensions: &[],
+            distinct: None,
         });
         plain
             .into_iter()
@@ -78,6 +81,7 @@ impl UsageEvent {
                 meter: &r.meter,
                 value: r.value,
                 dimensions: &r.dimensions,
+                distinct: r.distinct.as_deref(),
             }))
     }
 }

@@ -16,6 +16,10 @@
 //!   every digit. More decimal places than `scale` are refused (`value_precision`);
 //! - `group_by`: named dimensions, each a path whose value (a string, number or boolean) the
 //!   reading carries. An event without the path has no value for that dimension.
+//!
+//! A `unique_count` meter reads its `value` path as the value to count once per period (a
+//! string, number or boolean, as text, at most [`MAX_DIMENSION_BYTES`]); its reading carries it
+//! as `distinct`, with a value of 1.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -44,6 +48,9 @@ pub struct Reading {
     /// The meter's dimensions the event has a value for, in name order.
     #[prost(message, repeated, tag = "3")]
     pub dimensions: Vec<Dimension>,
+    /// For a `unique_count` meter: the value counted once per period.
+    #[prost(string, optional, tag = "4")]
+    pub distinct: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Message)]
@@ -111,6 +118,8 @@ pub enum ValueRule {
     One,
     /// The value at a path, which the event must carry.
     Path(JsonPath),
+    /// 1, and the value at a path (which the event must carry) as the reading's `distinct`.
+    Distinct(JsonPath),
 }
 
 /// How one meter reads the events of its type.
@@ -153,20 +162,29 @@ impl EventType {
             if !all_met(&r.filter, data)? {
                 continue;
             }
+            let mut distinct = None;
             let value = match &r.value {
                 ValueRule::One => 1,
+                ValueRule::Distinct(p) => {
+                    let v = data.get(p).map_err(|Ambiguous| ambiguous(p))?;
+                    let text = v
+                        .as_deref()
+                        .map(|v| value_text(p, v))
+                        .transpose()?
+                        .flatten();
+                    let Some(text) = text else {
+                        return Err(missing(&r.meter, p));
+                    };
+                    distinct = Some(text);
+                    1
+                }
                 ValueRule::DataValue => match data.get(&DATA_VALUE).ok().flatten().as_deref() {
                     None | Some(Value::Null) => scaled(1, r.scale)?,
                     Some(v) => quantity(v, r.scale)?,
                 },
                 ValueRule::Path(p) => {
                     match data.get(p).map_err(|Ambiguous| ambiguous(p))?.as_deref() {
-                        None | Some(Value::Null) => {
-                            return Err(EventError::MissingValue(format!(
-                                "meter `{}` reads `{p}`, which the event does not carry",
-                                r.meter
-                            )));
-                        }
+                        None | Some(Value::Null) => return Err(missing(&r.meter, p)),
                         Some(v) => quantity(v, r.scale)?,
                     }
                 }
@@ -187,6 +205,7 @@ impl EventType {
                 meter: r.meter.clone(),
                 value,
                 dimensions,
+                distinct,
             });
         }
         Ok(out)
@@ -202,25 +221,38 @@ fn all_met(filter: &[Condition], data: &Payload<'_>) -> Result<bool, EventError>
     Ok(true)
 }
 
-/// A dimension's value as text; `None` for JSON null (no value).
-fn dimension_value(name: &str, v: &Value) -> Result<Option<String>, EventError> {
+fn missing(meter: &str, p: &JsonPath) -> EventError {
+    EventError::MissingValue(format!(
+        "meter `{meter}` reads `{p}`, which the event does not carry"
+    ))
+}
+
+/// A string, number or boolean as text, at most [`MAX_DIMENSION_BYTES`]; `None` for JSON null
+/// (no value); `Err(why)` for anything else.
+fn scalar_text(v: &Value) -> Result<Option<String>, String> {
     let text = match v {
         Value::Null => return Ok(None),
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Array(_) | Value::Object(_) => {
-            return Err(EventError::InvalidDimension(format!(
-                "dimension `{name}` must be a string, number or boolean"
-            )));
+            return Err("must be a string, number or boolean".into());
         }
     };
     if text.len() > MAX_DIMENSION_BYTES {
-        return Err(EventError::InvalidDimension(format!(
-            "dimension `{name}` is longer than {MAX_DIMENSION_BYTES} bytes"
-        )));
+        return Err(format!("is longer than {MAX_DIMENSION_BYTES} bytes"));
     }
     Ok(Some(text))
+}
+
+/// A dimension's value as text; `None` for JSON null (no value).
+fn dimension_value(name: &str, v: &Value) -> Result<Option<String>, EventError> {
+    scalar_text(v).map_err(|why| EventError::InvalidDimension(format!("dimension `{name}` {why}")))
+}
+
+/// A `unique_count` meter's value as text; `None` for JSON null (no value).
+fn value_text(path: &JsonPath, v: &Value) -> Result<Option<String>, EventError> {
+    scalar_text(v).map_err(|why| EventError::InvalidValue(format!("`{path}` {why}")))
 }
 
 /// `whole * 10^scale`, within the usage cap.
@@ -437,17 +469,20 @@ mod tests {
                 Reading {
                     meter: "requests".into(),
                     value: 1,
-                    dimensions: vec![]
+                    dimensions: vec![],
+                    distinct: None,
                 },
                 Reading {
                     meter: "request_bytes".into(),
                     value: 1200,
-                    dimensions: dims(&[("model", "m1"), ("region", "eu")])
+                    dimensions: dims(&[("model", "m1"), ("region", "eu")]),
+                    distinct: None,
                 },
                 Reading {
                     meter: "eu_requests".into(),
                     value: 1,
-                    dimensions: vec![]
+                    dimensions: vec![],
+                    distinct: None,
                 },
             ]
         );

@@ -1,6 +1,6 @@
 //! Folding log records into per (customer, meter, minute) cells: the pure heart of the
 //! aggregator. Additive meters sum, `max` and `min` meters keep the minute's largest or smallest
-//! value, gauges keep the latest value by event time (ties keep the larger value). Every merge
+//! value, `unique_count` meters keep one cell per distinct value and minute, gauges keep the latest value by event time (ties keep the larger value). Every merge
 //! is commutative and associative (and for max, min and gauges idempotent), so any batching, order or replay
 //! of the same records yields the same cells. Duplicates are dropped before the fold (by the log,
 //! or by the store's de-duplication table) and only [`Rollup::cover`]ed.
@@ -21,6 +21,9 @@ pub struct CellKey {
     /// The reading's dimensions as a JSON object in name order (`{"model":"m1","region":"eu"}`),
     /// or empty for none: see [`dimensions_key`].
     pub dims: String,
+    /// For a `unique_count` meter, the value counted (each distinct value has its own cells);
+    /// empty for every other meter.
+    pub distinct: String,
     /// Start of the UTC minute, in ms.
     pub minute_ms: i64,
 }
@@ -70,7 +73,8 @@ pub fn parse_dimensions_key(key: &str) -> Vec<Dimension> {
 pub enum Cell {
     /// Sum of the values of an additive meter.
     Add(u64),
-    /// The largest value of a `max` meter.
+    /// The largest value of a `max` meter; 1 for a value seen by a `unique_count` meter (its
+    /// cells say which values were seen in which minute: seeing one again changes nothing).
     Max(u64),
     /// The smallest value of a `min` meter.
     Min(u64),
@@ -148,6 +152,7 @@ pub fn cells_of<'r>(
         let cell = match kind {
             Aggregation::Count | Aggregation::Sum => Cell::Add(r.value),
             Aggregation::Max => Cell::Max(r.value),
+            Aggregation::UniqueCount => Cell::Max(1),
             Aggregation::Min => Cell::Min(r.value),
             Aggregation::Latest => Cell::Latest {
                 time_ms: e.time_ms,
@@ -159,6 +164,7 @@ pub fn cells_of<'r>(
             customer: e.customer.clone(),
             meter: r.meter.to_owned(),
             dims: dimensions_key(r.dimensions),
+            distinct: r.distinct.unwrap_or_default().to_owned(),
             minute_ms: minute_of(e.time_ms),
         };
         (key, cell)
@@ -240,6 +246,7 @@ mod tests {
             customer: "c".into(),
             meter: m.into(),
             dims: String::new(),
+            distinct: String::new(),
             minute_ms: minute,
         };
         assert_eq!(r.cells[&key("api_requests", 60_000)], Cell::Add(5));
@@ -279,6 +286,7 @@ mod tests {
             customer: "c".into(),
             meter: m.into(),
             dims: String::new(),
+            distinct: String::new(),
             minute_ms: minute,
         };
         let r = Rollup::from_records(&recs, &c);
@@ -297,6 +305,65 @@ mod tests {
         assert_eq!(Aggregation::Sum.fold(max, 9), max, "sums hold at the cap");
         assert!(Aggregation::Max.is_periodic() && !Aggregation::Max.is_additive());
         assert!(!Aggregation::Latest.is_periodic());
+    }
+
+    #[test]
+    fn unique_count_cells_mark_each_value_once_per_minute() {
+        let toml = format!(
+            "{}\n[meters.active_users]\naggregation = 'unique_count'\nunit = 'users'\n\
+             event_type = 'session'\nvalue = '$.user'\n",
+            crate::catalog::DEFAULT_CATALOG_TOML
+        );
+        let c = Catalog::from_toml(&toml).unwrap();
+        let ty = c.event_type("session").unwrap();
+        let session = |offset: u64, user: serde_json::Value, time_ms: i64| {
+            let data = serde_json::json!({ "user": user });
+            let readings = ty.readings(&crate::path::Payload::Value(&data)).unwrap();
+            let mut r = rec(offset, "session", 0, time_ms);
+            r.event.readings = readings;
+            r
+        };
+        let recs = vec![
+            session(1, "ann".into(), 60_000),
+            session(2, "bob".into(), 61_000),
+            session(3, "ann".into(), 62_000),
+            session(4, 7.into(), 63_000),
+            session(5, "7".into(), 64_000),
+            session(6, "ann".into(), 120_000),
+        ];
+        let key = |user: &str, minute| CellKey {
+            partition: 0,
+            customer: "c".into(),
+            meter: "active_users".into(),
+            dims: String::new(),
+            distinct: user.into(),
+            minute_ms: minute,
+        };
+        let r = Rollup::from_records(&recs, &c);
+        assert_eq!(r.cells.len(), 4, "{:?}", r.cells);
+        assert_eq!(r.cells[&key("ann", 60_000)], Cell::Max(1));
+        assert_eq!(r.cells[&key("bob", 60_000)], Cell::Max(1));
+        assert_eq!(
+            r.cells[&key("7", 60_000)],
+            Cell::Max(1),
+            "7 and \"7\" are one value"
+        );
+        assert_eq!(r.cells[&key("ann", 120_000)], Cell::Max(1));
+        let mut twice = recs.clone();
+        twice.extend(recs.iter().rev().cloned());
+        assert_eq!(Rollup::from_records(&twice, &c).cells, r.cells);
+        let err = ty
+            .readings(&crate::path::Payload::Value(
+                &serde_json::json!({"user": [1]}),
+            ))
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_value");
+        let err = ty
+            .readings(&crate::path::Payload::Value(
+                &serde_json::json!({"seat": 1}),
+            ))
+            .unwrap_err();
+        assert_eq!(err.code(), "value_missing");
     }
 
     #[test]

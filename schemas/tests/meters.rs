@@ -229,6 +229,22 @@ fn the_catalogue_refuses_meters_it_cannot_read_with_reasons() {
             "aggregation = \"sum\"\nfilter = [{ path = \"$.r\", in = [] }]",
             "exactly one of eq, ne or in",
         ),
+        (
+            "aggregation = \"unique_count\"\nevent_type = \"t\"",
+            "names the `value` path it counts",
+        ),
+        (
+            "aggregation = \"unique_count\"",
+            "names the `value` path it counts",
+        ),
+        (
+            "aggregation = \"unique_count\"\nevent_type = \"t\"\nvalue = \"$.u\"\nscale = 2",
+            "takes no `scale`",
+        ),
+        (
+            "aggregation = \"unique_count\"\nevent_type = \"t\"\nvalue = \"$.u\"\ngroup_by = { r = \"$.r\" }",
+            "kept for count and sum meters only",
+        ),
     ] {
         let err = Catalog::from_toml(&with(meter)).unwrap_err().to_string();
         assert!(err.contains(why), "{meter}: {err}");

@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub totals: Vec<(String, String, u64)>,
     /// Latest gauge values: (customer, meter, event time, value).
     pub gauges: Vec<(String, String, i64, u64)>,
+    /// The values `unique_count` meters saw since each customer's period start: (customer,
+    /// meter, value).
+    pub distinct: Vec<(String, String, String)>,
 }
 
 /// Where the aggregator resumes one partition.
@@ -128,8 +131,9 @@ pub trait UsageReader: Send + Sync + 'static {
         Ok(vec![None; records.len()])
     }
 
-    /// Usage of one meter: the sum over `[from_ms, to_ms)` for additive meters; for gauges the
-    /// latest value reported before `to_ms` (gauges carry over between periods).
+    /// Usage of one meter: the sum over `[from_ms, to_ms)` for additive meters (the largest or
+    /// smallest value for `max` and `min`, how many distinct values for `unique_count`); for
+    /// gauges the latest value reported before `to_ms` (gauges carry over between periods).
     async fn total(
         &self,
         customer: &str,
@@ -161,8 +165,18 @@ pub trait UsageReader: Send + Sync + 'static {
         window: Window,
     ) -> Result<Vec<(String, Vec<(i64, u64)>)>>;
 
-    /// Usage per window bucket over `[from_ms, to_ms)`: sums, or the latest gauge value in each
-    /// bucket. Buckets without events are left out.
+    /// The values a `unique_count` meter saw from one customer over `[from_ms, to_ms)`, in
+    /// order (the enforcer's set when a customer's period moves).
+    async fn distinct_values(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<String>>;
+
+    /// Usage per window bucket over `[from_ms, to_ms)`: sums (largest, smallest, distinct
+    /// values), or the latest gauge value in each bucket. Buckets without events are left out.
     async fn series(
         &self,
         customer: &str,
@@ -391,6 +405,27 @@ pub(crate) fn bucket_by_key(
         })
         .filter(|(_, points)| !points.is_empty())
         .collect()
+}
+
+/// How many distinct values fall in each `window` bucket, from time-ordered `(bucket start or
+/// finer time, value)` rows (a `unique_count` meter's series).
+pub(crate) fn bucket_distinct(
+    rows: impl IntoIterator<Item = (i64, String)>,
+    window: Window,
+) -> Vec<(i64, u64)> {
+    let mut out: Vec<(i64, u64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (t, value) in rows {
+        let bucket = window.bucket_of(t);
+        if out.last().is_none_or(|(b, _)| *b != bucket) {
+            out.push((bucket, 0));
+            seen.clear();
+        }
+        if seen.insert(value) {
+            out.last_mut().expect("pushed above").1 += 1;
+        }
+    }
+    out
 }
 
 /// Groups time-ordered `(bucket start or finer time, value)` rows into `window` buckets: sums

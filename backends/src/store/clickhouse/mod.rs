@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
-use tally_schemas::rollup::{Block, Cell, Rollup};
+use tally_schemas::rollup::{Block, Cell, CellKey, Rollup};
 use tally_schemas::{Aggregation, Customer, Record, Window, quantity};
 
 use super::{
@@ -88,9 +88,14 @@ const LOOKUP_CHUNK: usize = 5_000;
 const SPLIT_SUM: &str = "sum(bitShiftRight(value, 32)) AS h, sum(bitAnd(value, 4294967295)) AS l";
 
 /// The split figure (`h`, `l`) of the rows selected, by `aggregation`: [`SPLIT_SUM`] for
-/// additive meters, the parts of the largest or smallest value for `max` and `min`.
+/// additive meters, the parts of the largest or smallest value for `max` and `min`, of the
+/// number of distinct values for `unique_count`.
 fn split_of(aggregation: Aggregation) -> &'static str {
     match aggregation {
+        Aggregation::UniqueCount => {
+            "bitShiftRight(uniqExact(distinct_value), 32) AS h, \
+             bitAnd(uniqExact(distinct_value), 4294967295) AS l"
+        }
         Aggregation::Max => {
             "bitShiftRight(max(value), 32) AS h, bitAnd(max(value), 4294967295) AS l"
         }
@@ -118,6 +123,7 @@ struct CellRow {
     batch_first_offset: u64,
     batch_next_offset: u64,
     dims: String,
+    distinct_value: String,
 }
 
 #[derive(Row, Serialize, Deserialize)]

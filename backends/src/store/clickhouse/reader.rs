@@ -130,6 +130,28 @@ impl UsageReader for ClickHouseStore {
         ))
     }
 
+    async fn distinct_values(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<String>> {
+        self.client
+            .query(
+                "SELECT DISTINCT distinct_value FROM usage_block_cells FINAL
+                 WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                 ORDER BY distinct_value",
+            )
+            .bind(customer)
+            .bind(meter)
+            .bind(seconds(from_ms))
+            .bind(seconds(to_ms))
+            .fetch_all()
+            .await
+            .map_err(ch)
+    }
+
     async fn series(
         &self,
         customer: &str,
@@ -140,6 +162,27 @@ impl UsageReader for ClickHouseStore {
         window: Window,
     ) -> Result<Vec<(i64, u64)>> {
         let bucket = bucket_of(window);
+        if aggregation == Aggregation::UniqueCount {
+            // Each value once per (finest) bucket; months count their days' values once.
+            let rows: Vec<(u32, String)> = self
+                .client
+                .query(&format!(
+                    "SELECT toUInt32({bucket}) AS b, distinct_value FROM usage_block_cells FINAL
+                     WHERE customer = ? AND meter = ? AND minute >= toDateTime(?) AND minute < toDateTime(?)
+                     GROUP BY b, distinct_value ORDER BY b"
+                ))
+                .bind(customer)
+                .bind(meter)
+                .bind(seconds(from_ms))
+                .bind(seconds(to_ms))
+                .fetch_all()
+                .await
+                .map_err(ch)?;
+            return Ok(crate::store::bucket_distinct(
+                rows.into_iter().map(|(b, v)| (b as i64 * 1000, v)),
+                window,
+            ));
+        }
         let sql = if aggregation.is_periodic() {
             format!(
                 "SELECT toUInt32({bucket}) AS b, {} FROM usage_block_cells FINAL
@@ -433,6 +476,49 @@ impl UsageReader for ClickHouseStore {
                 );
             }
         }
+        let unique: Vec<&str> = req
+            .periodic_meters
+            .iter()
+            .filter(|(_, a)| *a == Aggregation::UniqueCount)
+            .map(|(m, _)| m.as_str())
+            .collect();
+        let mut distinct = Vec::new();
+        if !unique.is_empty() {
+            let rows: Vec<(String, String, String)> = self
+                .client
+                .query(&format!(
+                    "SELECT DISTINCT customer, meter, distinct_value FROM usage_block_cells FINAL
+                     WHERE has(?, meter) AND minute >= toDateTime(?) AND customer != '' AND {covered}"
+                ))
+                .bind(&unique)
+                .bind(seconds(req.default_since_ms))
+                .bind(&parts)
+                .bind(&nexts)
+                .fetch_all()
+                .await
+                .map_err(ch)?;
+            distinct.extend(
+                rows.into_iter()
+                    .filter(|(c, _, _)| !special.contains(c.as_str())),
+            );
+            for (customer, since) in &req.since_by_customer {
+                let rows: Vec<(String, String)> = self
+                    .client
+                    .query(&format!(
+                        "SELECT DISTINCT meter, distinct_value FROM usage_block_cells FINAL
+                         WHERE customer = ? AND has(?, meter) AND minute >= toDateTime(?) AND {covered}"
+                    ))
+                    .bind(customer.as_str())
+                    .bind(&unique)
+                    .bind(seconds(*since))
+                    .bind(&parts)
+                    .bind(&nexts)
+                    .fetch_all()
+                    .await
+                    .map_err(ch)?;
+                distinct.extend(rows.into_iter().map(|(m, v)| (customer.clone(), m, v)));
+            }
+        }
         let gauges: Vec<(String, String, i64, u64)> = self
             .client
             .query(&format!(
@@ -449,6 +535,7 @@ impl UsageReader for ClickHouseStore {
             offsets,
             totals,
             gauges,
+            distinct,
         })
     }
 }

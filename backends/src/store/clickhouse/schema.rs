@@ -19,7 +19,8 @@
 //!   (read with `FINAL`). A write is one INSERT of fewer rows than `max_insert_block_size` into
 //!   an unpartitioned table: one part, all or nothing.
 //!   Version 6 adds `dims` (the readings' dimensions as a JSON object in name order, `''` for
-//!   none) to the columns and the sorting key.
+//!   none) to the columns and the sorting key; version 7 adds `distinct_value` (the value a
+//!   `unique_count` meter counts, `''` for other meters) after it.
 //! - `usage_cells` (version 1, no longer written): per-batch cells where the last write of a
 //!   key won; migration 5 copies them into `usage_block_cells`.
 //! - `batch_offsets`: the highest next offset per partition, fed by materialized views of
@@ -177,6 +178,19 @@ pub const MIGRATIONS: &[Migration] = &[
         unless: Some(
             "SELECT count() FROM system.columns
              WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'dims'",
+        ),
+    },
+    Migration {
+        version: 7,
+        name: "distinct values",
+        // Every stored cell keeps its place with no distinct value (''); a unique_count meter's
+        // cells of one key, block and dimensions are one per value.
+        statements: &["ALTER TABLE {db}.usage_block_cells ADD COLUMN distinct_value String,
+            MODIFY ORDER BY (customer, meter, minute, partition, batch_first_offset, dims,
+                distinct_value)"],
+        unless: Some(
+            "SELECT count() FROM system.columns
+             WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'distinct_value'",
         ),
     },
 ];

@@ -66,21 +66,21 @@ impl UsageWriter for ClickHouseStore {
             .await
             .map_err(ch)?;
         for block in blocks {
-            let row =
-                |customer: &str, meter: &str, dims: &str, minute_ms: i64, value, last_ms| CellRow {
-                    customer: customer.to_owned(),
-                    meter: meter.to_owned(),
-                    dims: dims.to_owned(),
-                    minute: seconds(minute_ms) as u32,
-                    value,
-                    last_ms,
-                    partition: block.partition,
-                    batch_first_offset: block.first,
-                    batch_next_offset: block.next,
-                };
+            let row = |k: Option<&CellKey>, value, last_ms| CellRow {
+                customer: k.map(|k| k.customer.clone()).unwrap_or_default(),
+                meter: k.map(|k| k.meter.clone()).unwrap_or_default(),
+                dims: k.map(|k| k.dims.clone()).unwrap_or_default(),
+                distinct_value: k.map(|k| k.distinct.clone()).unwrap_or_default(),
+                minute: k.map_or(0, |k| seconds(k.minute_ms) as u32),
+                value,
+                last_ms,
+                partition: block.partition,
+                batch_first_offset: block.first,
+                batch_next_offset: block.next,
+            };
             if block.cells.is_empty() {
                 // The block's position, without usage.
-                insert.write(&row("", "", "", 0, 0, 0)).await.map_err(ch)?;
+                insert.write(&row(None, 0, 0)).await.map_err(ch)?;
             }
             for (k, cell) in &block.cells {
                 let (value, last_ms) = match *cell {
@@ -88,14 +88,7 @@ impl UsageWriter for ClickHouseStore {
                     Cell::Latest { time_ms, value } => (value, time_ms),
                 };
                 insert
-                    .write(&row(
-                        &k.customer,
-                        &k.meter,
-                        &k.dims,
-                        k.minute_ms,
-                        value,
-                        last_ms,
-                    ))
+                    .write(&row(Some(k), value, last_ms))
                     .await
                     .map_err(ch)?;
             }

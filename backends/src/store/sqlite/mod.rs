@@ -1,6 +1,6 @@
 //! The embedded usage store: SQLite (`usage.db`) in WAL mode with `synchronous=FULL`.
 //!
-//! Tables: `usage_minute` (customer, meter, minute) cells; `gauge_latest`, the latest value of
+//! Tables: `usage_minute` (customer, meter, dimensions, distinct value, minute) cells; `gauge_latest`, the latest value of
 //! each gauge; `log_offsets`, the next log offset per partition, written in the same transaction
 //! as the cells; `customers`, JSON customer records; `billing_marks`, billing-sync's state;
 //! `webhook_outbox`, the enforcer's undelivered notifications; `api_keys`, API key records
@@ -45,29 +45,32 @@ fn open(path: &Path) -> Result<Connection> {
     })
 }
 
-/// Moves a store written before dimensions (`usage_minute` keyed by customer, meter and minute)
-/// to the keyed-by-dimensions table, every cell kept with no dimensions, in one transaction: a
-/// crash leaves the old table whole, and the next open moves it again.
-fn add_dimensions(c: &mut Connection) -> Result<()> {
+/// Moves a store written before dimensions or distinct values (`usage_minute` keyed by
+/// customer, meter and minute, or also by dimensions) to today's table, every cell kept (no
+/// dimensions, no distinct value where the old table had none), in one transaction: a crash
+/// leaves the old table whole, and the next open moves it again.
+fn upgrade_usage_minute(c: &mut Connection) -> Result<()> {
     let columns: Vec<String> = c
         .prepare("SELECT name FROM pragma_table_info('usage_minute')")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    if columns.is_empty() || columns.iter().any(|n| n == "dims") {
+    let has = |name: &str| columns.iter().any(|n| n == name);
+    if columns.is_empty() || has("distinct_value") {
         return Ok(());
     }
+    let dims = if has("dims") { "dims" } else { "''" };
     let tx = c.transaction()?;
     tx.execute_batch(
-        "ALTER TABLE usage_minute RENAME TO usage_minute_before_dimensions;
+        "ALTER TABLE usage_minute RENAME TO usage_minute_before_upgrade;
          DROP INDEX IF EXISTS usage_by_minute;",
     )?;
     tx.execute_batch(SCHEMA)?;
-    tx.execute_batch(
-        "INSERT INTO usage_minute (customer, meter, dims, minute_ms, value, last_ms)
-           SELECT customer, meter, '', minute_ms, value, last_ms
-           FROM usage_minute_before_dimensions;
-         DROP TABLE usage_minute_before_dimensions;",
-    )?;
+    tx.execute_batch(&format!(
+        "INSERT INTO usage_minute (customer, meter, dims, distinct_value, minute_ms, value, last_ms)
+           SELECT customer, meter, {dims}, '', minute_ms, value, last_ms
+           FROM usage_minute_before_upgrade;
+         DROP TABLE usage_minute_before_upgrade;"
+    ))?;
     tx.commit()?;
     Ok(())
 }
@@ -79,7 +82,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)?;
         }
         let mut writer = open(&path)?;
-        add_dimensions(&mut writer)?;
+        upgrade_usage_minute(&mut writer)?;
         writer.execute_batch(SCHEMA)?;
         let reader = open(&path)?;
         Ok(SqliteStore {
@@ -342,44 +345,55 @@ mod tests {
         assert!(store.customers_since(51).await.unwrap().is_empty());
     }
 
-    /// A store written before dimensions opens with every cell kept (no dimensions), and
-    /// opens again unchanged.
+    /// A store written before dimensions, or before distinct values, opens with every cell
+    /// kept (no dimensions, no distinct value where it had none), and opens again unchanged.
     #[tokio::test]
-    async fn a_store_from_before_dimensions_keeps_every_cell() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.db");
-        {
-            let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE usage_minute (
-                    customer TEXT NOT NULL, meter TEXT NOT NULL, minute_ms INTEGER NOT NULL,
-                    value INTEGER NOT NULL, last_ms INTEGER NOT NULL,
-                    PRIMARY KEY (customer, meter, minute_ms)) WITHOUT ROWID;
-                 CREATE INDEX usage_by_minute ON usage_minute (minute_ms);
-                 INSERT INTO usage_minute VALUES ('a', 'api_requests', 60000, 5, 0),
-                     ('a', 'api_requests', 120000, 7, 0), ('b', 'wasm_modules', 60000, 3, 61000);",
-            )
-            .unwrap();
-        }
-        for _ in 0..2 {
-            let store = SqliteStore::open(&path).unwrap();
-            let total = store
-                .total("a", "api_requests", Aggregation::Count, 0, i64::MAX)
-                .await
-                .unwrap();
-            assert_eq!(total, 12);
-            assert_eq!(
-                store
-                    .dimension_totals("a", "api_requests", 0, i64::MAX)
+    async fn a_store_from_before_dimensions_or_distinct_values_keeps_every_cell() {
+        let before_dimensions = "CREATE TABLE usage_minute (
+                customer TEXT NOT NULL, meter TEXT NOT NULL, minute_ms INTEGER NOT NULL,
+                value INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+                PRIMARY KEY (customer, meter, minute_ms)) WITHOUT ROWID;
+             CREATE INDEX usage_by_minute ON usage_minute (minute_ms);
+             INSERT INTO usage_minute VALUES ('a', 'api_requests', 60000, 5, 0),
+                 ('a', 'api_requests', 120000, 7, 0), ('b', 'wasm_modules', 60000, 3, 61000);";
+        let before_distinct = "CREATE TABLE usage_minute (
+                customer TEXT NOT NULL, meter TEXT NOT NULL, dims TEXT NOT NULL DEFAULT '',
+                minute_ms INTEGER NOT NULL, value INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+                PRIMARY KEY (customer, meter, dims, minute_ms)) WITHOUT ROWID;
+             CREATE INDEX usage_by_minute ON usage_minute (minute_ms);
+             INSERT INTO usage_minute VALUES ('a', 'api_requests', '', 60000, 5, 0),
+                 ('a', 'api_requests', '{\"region\":\"eu\"}', 120000, 7, 0),
+                 ('b', 'wasm_modules', '', 60000, 3, 61000);";
+        for (old, dims) in [
+            (before_dimensions, vec![(String::new(), 12)]),
+            (
+                before_distinct,
+                vec![(String::new(), 5), (r#"{"region":"eu"}"#.to_owned(), 7)],
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("usage.db");
+            Connection::open(&path).unwrap().execute_batch(old).unwrap();
+            for _ in 0..2 {
+                let store = SqliteStore::open(&path).unwrap();
+                let total = store
+                    .total("a", "api_requests", Aggregation::Count, 0, i64::MAX)
                     .await
-                    .unwrap(),
-                [(String::new(), 12)]
-            );
-            let gauge = store
-                .total("b", "wasm_modules", Aggregation::Latest, 0, i64::MAX)
-                .await
-                .unwrap();
-            assert_eq!(gauge, 3);
+                    .unwrap();
+                assert_eq!(total, 12);
+                assert_eq!(
+                    store
+                        .dimension_totals("a", "api_requests", 0, i64::MAX)
+                        .await
+                        .unwrap(),
+                    dims
+                );
+                let gauge = store
+                    .total("b", "wasm_modules", Aggregation::Latest, 0, i64::MAX)
+                    .await
+                    .unwrap();
+                assert_eq!(gauge, 3);
+            }
         }
     }
 }

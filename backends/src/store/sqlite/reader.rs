@@ -8,9 +8,14 @@ use super::*;
 
 /// The high and low parts (`h`, `l`) of the figure of the `usage_minute` rows selected, by
 /// `aggregation`: the sums of the parts for additive meters (exact past 2^63, see
-/// [`tally_schemas::quantity`]), the parts of the largest or smallest value for `max` and `min`.
+/// [`tally_schemas::quantity`]), the parts of the largest or smallest value for `max` and `min`,
+/// of the number of distinct values for `unique_count`.
 pub(super) fn split(aggregation: Aggregation) -> &'static str {
     match aggregation {
+        Aggregation::UniqueCount => {
+            "COUNT(DISTINCT distinct_value) >> 32 AS h, \
+             COUNT(DISTINCT distinct_value) & 4294967295 AS l"
+        }
         Aggregation::Max => "MAX(value) >> 32 AS h, MAX(value) & 4294967295 AS l",
         Aggregation::Min => "MIN(value) >> 32 AS h, MIN(value) & 4294967295 AS l",
         _ => "SUM(value >> 32) AS h, SUM(value & 4294967295) AS l",
@@ -60,6 +65,22 @@ fn total(
         .optional()?
     };
     Ok(v.unwrap_or(0).max(0) as u64)
+}
+
+fn distinct_values(
+    c: &Connection,
+    customer: &str,
+    meter: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<String>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT DISTINCT distinct_value FROM usage_minute
+         WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+         ORDER BY distinct_value",
+    )?;
+    let rows = stmt.query_map(params![customer, meter, from_ms, to_ms], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// A customer's total from the sums of the high and low parts of its cells (see
@@ -139,6 +160,20 @@ impl UsageReader for SqliteStore {
         .await
     }
 
+    async fn distinct_values(
+        &self,
+        customer: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<String>> {
+        let (customer, meter) = (customer.to_owned(), meter.to_owned());
+        Self::with(&self.reader, move |c| {
+            distinct_values(c, &customer, &meter, from_ms, to_ms)
+        })
+        .await
+    }
+
     async fn series(
         &self,
         customer: &str,
@@ -150,6 +185,19 @@ impl UsageReader for SqliteStore {
     ) -> Result<Vec<(i64, u64)>> {
         let (customer, meter) = (customer.to_owned(), meter.to_owned());
         Self::with(&self.reader, move |c| {
+            if aggregation == Aggregation::UniqueCount {
+                let mut stmt = c.prepare_cached(
+                    "SELECT minute_ms, distinct_value FROM usage_minute
+                     WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
+                     ORDER BY minute_ms",
+                )?;
+                let rows = stmt
+                    .query_map(params![customer, meter, from_ms, to_ms], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                return Ok(crate::store::bucket_distinct(rows, window));
+            }
             let mut stmt = c.prepare_cached(
                 "SELECT minute_ms, value, last_ms FROM usage_minute
                  WHERE customer = ?1 AND meter = ?2 AND minute_ms >= ?3 AND minute_ms < ?4
@@ -278,6 +326,31 @@ impl UsageReader for SqliteStore {
                     }
                 }
             }
+            let mut distinct = Vec::new();
+            for (meter, _) in req
+                .periodic_meters
+                .iter()
+                .filter(|(_, a)| *a == Aggregation::UniqueCount)
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT DISTINCT customer, distinct_value FROM usage_minute
+                     WHERE meter = ?1 AND minute_ms >= ?2",
+                )?;
+                let rows = stmt.query_map(params![meter, req.default_since_ms], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (customer, value) = row?;
+                    if !special.contains_key(customer.as_str()) {
+                        distinct.push((customer, meter.clone(), value));
+                    }
+                }
+                for (customer, since) in &req.since_by_customer {
+                    for value in distinct_values(&tx, customer, meter, *since, i64::MAX)? {
+                        distinct.push((customer.clone(), meter.clone(), value));
+                    }
+                }
+            }
             let mut gauges = Vec::new();
             {
                 let mut stmt =
@@ -299,6 +372,7 @@ impl UsageReader for SqliteStore {
                 offsets,
                 totals,
                 gauges,
+                distinct,
             })
         })
         .await

@@ -1,15 +1,17 @@
 -- The embedded usage store's schema (SQLite), applied at every open: every statement is
 -- IF NOT EXISTS.
--- Cells per (customer, meter, dimensions, minute); `dims` is the readings' dimensions as a JSON
--- object in name order, '' for none.
+-- Cells per (customer, meter, dimensions, distinct value, minute); `dims` is the readings'
+-- dimensions as a JSON object in name order, '' for none; `distinct_value` the value a
+-- unique_count meter counts ('' for other meters).
 CREATE TABLE IF NOT EXISTS usage_minute (
     customer TEXT NOT NULL,
     meter TEXT NOT NULL,
     dims TEXT NOT NULL DEFAULT '',
+    distinct_value TEXT NOT NULL DEFAULT '',
     minute_ms INTEGER NOT NULL,
     value INTEGER NOT NULL,
     last_ms INTEGER NOT NULL,
-    PRIMARY KEY (customer, meter, dims, minute_ms)
+    PRIMARY KEY (customer, meter, dims, distinct_value, minute_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_by_minute ON usage_minute (minute_ms);
 CREATE TABLE IF NOT EXISTS gauge_latest (

@@ -23,9 +23,10 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
         macro_rules! upsert_cell {
             ($set:literal) => {
                 concat!(
-                    "INSERT INTO usage_minute (customer, meter, minute_ms, value, last_ms, dims)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (customer, meter, dims, minute_ms) DO UPDATE SET ",
+                    "INSERT INTO usage_minute
+                         (customer, meter, minute_ms, value, last_ms, dims, distinct_value)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (customer, meter, dims, distinct_value, minute_ms) DO UPDATE SET ",
                     $set
                 )
             };
@@ -63,7 +64,8 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
                         k.minute_ms,
                         v as i64,
                         0,
-                        k.dims
+                        k.dims,
+                        k.distinct
                     ])?;
                 }
                 Cell::Latest { time_ms, value } => {
@@ -73,7 +75,8 @@ fn apply_rollup(c: &mut Connection, rollup: &Rollup) -> Result<Applied> {
                         k.minute_ms,
                         value as i64,
                         time_ms,
-                        k.dims
+                        k.dims,
+                        k.distinct
                     ])?;
                     gauge.execute(params![k.customer, k.meter, time_ms, value as i64])?;
                 }
