@@ -70,9 +70,9 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     assert_eq!(resume.trim(), "110\t111", "the furthest block's start");
     // Cells of one key and block with other dimensions stay apart; the copied cells have none.
     q(r#"INSERT INTO {db}.usage_block_cells VALUES
-        ('c2','request_bytes','2026-11-21 10:00:00',5,0,1,0,1,'{"region":"eu"}'),
-        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{"region":"us"}'),
-        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{"region":"us"}')"#)
+        ('c2','request_bytes','2026-11-21 10:00:00',5,0,1,0,1,'{"region":"eu"}',''),
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{"region":"us"}',''),
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{"region":"us"}','')"#)
     .unwrap();
     q("OPTIMIZE TABLE {db}.usage_block_cells FINAL").unwrap();
     let by_region = q("SELECT visitParamExtractString(dims, 'region') AS r, sum(value) FROM {db}.usage_block_cells FINAL WHERE customer = 'c2' GROUP BY r ORDER BY r FORMAT TSV")
@@ -81,6 +81,28 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     let copied =
         q("SELECT dims FROM {db}.usage_block_cells WHERE customer = 'c0' FORMAT TSV").unwrap();
     assert_eq!(copied.trim(), "");
+    // A unique_count meter's cells are one per value: the same value in one minute and block
+    // collapses, in other minutes or blocks it counts once in the period.
+    q("INSERT INTO {db}.usage_block_cells VALUES
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','ann'),
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','ann'),
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','bob'),
+        ('c3','active_users','2026-11-22 09:00:00',1,0,2,1,2,'','ann')")
+    .unwrap();
+    q("OPTIMIZE TABLE {db}.usage_block_cells FINAL").unwrap();
+    let rows =
+        q("SELECT count() FROM {db}.usage_block_cells WHERE customer = 'c3' FORMAT TSV").unwrap();
+    assert_eq!(rows.trim(), "3", "a cell written twice collapses");
+    let users = q("SELECT uniqExact(distinct_value) FROM {db}.usage_block_cells FINAL WHERE customer = 'c3' AND meter = 'active_users' FORMAT TSV")
+        .unwrap();
+    assert_eq!(users.trim(), "2");
+    let before = q("SELECT distinct_value FROM {db}.usage_block_cells WHERE customer = 'c1' GROUP BY distinct_value FORMAT TSV")
+        .unwrap();
+    assert_eq!(
+        before.trim(),
+        "",
+        "cells from before version 7 have no distinct value"
+    );
     // Customers: the latest update wins.
     q("INSERT INTO {db}.customers VALUES ('c1','{\"plan\":\"free\"}',1), ('c1','{\"plan\":\"starter\"}',2)").unwrap();
     let rec = q("SELECT record FROM {db}.customers FINAL WHERE id = 'c1' FORMAT TSVRaw").unwrap();
@@ -107,12 +129,16 @@ fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
     let db = "tally_current";
     let mut statements: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m, db)).collect();
     let cells = "INSERT INTO {db}.usage_block_cells VALUES \
-        ('c1','api_requests','2026-11-21 10:00:00',5,0,0,100,110,''), \
-        ('c1','api_requests','2026-11-21 10:00:00',2,0,0,100,105,''), \
-        ('c1','api_requests','2026-11-21 10:01:00',1,0,0,110,111,''), \
-        ('c2','request_bytes','2026-11-21 10:00:00',5,0,1,0,1,'{\"region\":\"eu\"}'), \
-        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}'), \
-        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}')";
+        ('c1','api_requests','2026-11-21 10:00:00',5,0,0,100,110,'',''), \
+        ('c1','api_requests','2026-11-21 10:00:00',2,0,0,100,105,'',''), \
+        ('c1','api_requests','2026-11-21 10:01:00',1,0,0,110,111,'',''), \
+        ('c2','request_bytes','2026-11-21 10:00:00',5,0,1,0,1,'{\"region\":\"eu\"}',''), \
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}',''), \
+        ('c2','request_bytes','2026-11-21 10:00:00',7,0,1,0,1,'{\"region\":\"us\"}',''), \
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','ann'), \
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','ann'), \
+        ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','bob'), \
+        ('c3','active_users','2026-11-22 09:00:00',1,0,2,1,2,'','ann')";
     statements.push(cells.replace("{db}", db));
     let checks: Vec<(String, &str)> = [
         (
@@ -121,7 +147,7 @@ fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
         ),
         (
             "SELECT partition, maxMerge(next_offset) FROM {db}.batch_offsets GROUP BY partition ORDER BY partition",
-            "0\t111\n1\t1",
+            "0\t111\n1\t1\n2\t2",
         ),
         (
             "SELECT argMax(batch_first_offset, batch_next_offset), max(batch_next_offset) FROM {db}.usage_block_cells WHERE partition = 0",
@@ -143,6 +169,19 @@ fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
         (
             "SELECT customer, h + bitShiftRight(l, 32) AS hi, bitAnd(l, 4294967295) AS lo FROM (SELECT customer, bitShiftRight(min(value), 32) AS h, bitAnd(min(value), 4294967295) AS l FROM {db}.usage_block_cells FINAL WHERE meter = 'request_bytes' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000) GROUP BY customer HAVING h > 0 OR l > 0) ORDER BY hi DESC, lo DESC, customer LIMIT 10",
             "c2\t0\t5",
+        ),
+        // A unique_count meter's figure and its values, as the reader reads them.
+        (
+            "SELECT bitShiftRight(uniqExact(distinct_value), 32) AS h, bitAnd(uniqExact(distinct_value), 4294967295) AS l FROM {db}.usage_block_cells FINAL WHERE customer = 'c3' AND meter = 'active_users' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000)",
+            "0\t2",
+        ),
+        (
+            "SELECT DISTINCT distinct_value FROM {db}.usage_block_cells FINAL WHERE customer = 'c3' AND meter = 'active_users' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000) ORDER BY distinct_value",
+            "ann\nbob",
+        ),
+        (
+            "SELECT toString(toStartOfDay(minute)) AS b, distinct_value FROM {db}.usage_block_cells FINAL WHERE customer = 'c3' AND meter = 'active_users' AND minute >= toDateTime(0) AND minute < toDateTime(2000000000) GROUP BY b, distinct_value ORDER BY b, distinct_value",
+            "2026-11-21 00:00:00\tann\n2026-11-21 00:00:00\tbob\n2026-11-22 00:00:00\tann",
         ),
     ]
     .into_iter()

@@ -147,6 +147,7 @@ store_conformance!(
     the_snapshot_covers_each_customers_period,
     usage_with_other_dimensions_is_kept_apart,
     the_largest_and_smallest_values_of_a_period_are_kept,
+    each_distinct_value_counts_once_per_period,
     duplicates_are_told_from_replays_where_the_store_drops_them,
     customer_records_round_trip_and_the_latest_write_wins,
     billing_marks_keep_the_latest_per_customer_and_meter,
@@ -681,6 +682,116 @@ mod store {
                 row("b", "peak", max),
             ]
         );
+    }
+
+    /// `unique_count` meters: every read (totals, series, top customers, totals across
+    /// customers, the snapshot, the values themselves) counts each distinct value once over
+    /// the range asked for, whichever batches, minutes and customers it came in; a replayed
+    /// batch changes nothing.
+    pub async fn each_distinct_value_counts_once_per_period(s: &StoreSubject) {
+        let store = &s.store;
+        let toml = format!(
+            "{}\n[meters.active_users]\naggregation = 'unique_count'\nunit = 'users'\n\
+             event_type = 'session'\nvalue = '$.user'\n",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        );
+        let catalog = Catalog::from_toml(&toml).unwrap();
+        let ty = catalog.event_type("session").unwrap();
+        let session = |o: u64, c: &str, user: &str, t: &str| {
+            let data = serde_json::json!({ "user": user });
+            let mut r = record(o, c, "session", 0, t);
+            r.event.readings = ty
+                .readings(&tally_schemas::path::Payload::Value(&data))
+                .unwrap();
+            r
+        };
+        let first = [
+            session(0, "a", "ann", "2026-10-30T00:00:00Z"),
+            session(1, "a", "ann", "2026-11-02T00:00:00Z"),
+            session(2, "a", "bob", "2026-11-02T00:00:20Z"),
+            session(3, "b", "ann", "2026-11-02T00:00:30Z"),
+        ];
+        let second = [
+            session(4, "a", "ann", "2026-11-03T00:00:00Z"),
+            session(5, "a", "cy", "2026-11-03T00:00:00Z"),
+            session(6, "a", "bob", "2026-11-04T00:00:00Z"),
+            session(7, "a", "dee", "2026-10-31T00:00:00Z"),
+        ];
+        let one = Rollup::from_records(&first, &catalog);
+        assert_eq!(store.apply(&one).await.unwrap(), Applied::Written);
+        let two = Rollup::from_records(&second, &catalog);
+        assert_eq!(store.apply(&two).await.unwrap(), Applied::Written);
+        assert_eq!(store.apply(&two).await.unwrap(), Applied::Replay);
+        let (nov, now) = (at(NOV), at(NOW));
+        let users = Aggregation::UniqueCount;
+        let total = |c: &'static str, from, to| async move {
+            store
+                .total(c, "active_users", users, from, to)
+                .await
+                .unwrap()
+        };
+        assert_eq!(total("a", nov, now).await, 3, "ann, bob and cy");
+        assert_eq!(total("a", 0, nov).await, 2, "ann and dee in October");
+        assert_eq!(total("a", 0, now).await, 4);
+        assert_eq!(total("a", nov, at("2026-11-03T00:00:00Z")).await, 2);
+        assert_eq!(total("b", nov, now).await, 1);
+        assert_eq!(total("c", nov, now).await, 0);
+        let values = store
+            .distinct_values("a", "active_users", nov, now)
+            .await
+            .unwrap();
+        assert_eq!(values, ["ann", "bob", "cy"]);
+        let day = |d: &str| at(&format!("2026-11-{d}T00:00:00Z"));
+        let days = store
+            .series("a", "active_users", users, nov, now, Window::Day)
+            .await
+            .unwrap();
+        assert_eq!(days, [(day("02"), 2), (day("03"), 2), (day("04"), 1)]);
+        let months = store
+            .series("a", "active_users", users, 0, now, Window::Month)
+            .await
+            .unwrap();
+        assert_eq!(months, [(at("2026-10-01T00:00:00Z"), 2), (nov, 3)]);
+        let meters = [
+            ("active_users".to_owned(), users),
+            ("api_requests".to_owned(), Aggregation::Count),
+        ];
+        assert_eq!(store.totals("a", &meters, nov, now).await.unwrap(), [3, 0]);
+        let top = store
+            .top_customers("active_users", users, nov, now, 10)
+            .await
+            .unwrap();
+        assert_eq!(top, [("a".to_owned(), 3), ("b".to_owned(), 1)]);
+        let across = store
+            .meter_total("active_users", users, nov, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            (across.usage, across.customers),
+            (4, 2),
+            "each customer's distinct values, added up"
+        );
+        assert_eq!(
+            store.meter_totals(&meters, nov, now).await.unwrap()[0],
+            across
+        );
+        let snap = store
+            .snapshot(SnapshotRequest {
+                default_since_ms: nov,
+                since_by_customer: vec![("b".into(), at("2026-11-03T00:00:00Z"))],
+                periodic_meters: vec![("active_users".into(), users)],
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            snap.totals,
+            [("a".to_owned(), "active_users".to_owned(), 3)],
+            "b has no value since its own period start"
+        );
+        let mut distinct = snap.distinct.clone();
+        distinct.sort();
+        let row = |c: &str, v: &str| (c.to_owned(), "active_users".to_owned(), v.to_owned());
+        assert_eq!(distinct, [row("a", "ann"), row("a", "bob"), row("a", "cy")]);
     }
 
     /// The enforcer's start-up read: additive usage since each customer's own period start,

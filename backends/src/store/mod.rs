@@ -62,7 +62,8 @@ pub struct SnapshotRequest {
 pub struct Snapshot {
     /// Next offset per partition: follow the log from here.
     pub offsets: BTreeMap<u32, u64>,
-    /// Additive usage since each customer's period start: (customer, meter, usage).
+    /// The figure of every periodic meter (sums, extremes, distinct counts) since each
+    /// customer's period start: (customer, meter, usage).
     pub totals: Vec<(String, String, u64)>,
     /// Latest gauge values: (customer, meter, event time, value).
     pub gauges: Vec<(String, String, i64, u64)>,
