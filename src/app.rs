@@ -341,6 +341,7 @@ impl Wiring<'_> {
             }),
             dimensions: Arc::new(tally_ingest::dimensions::DimensionCap::new(
                 config.max_dimension_combinations,
+                config.max_distinct_values,
             )),
             room: enforcer.cloned().map(|state| {
                 let room: tally_ingest::UsageRoom =

@@ -56,6 +56,9 @@ pub struct Config {
     /// ingest process admits (`dimension_cap_exceeded` past it).
     /// `TALLY_MAX_DIMENSION_COMBINATIONS`.
     pub max_dimension_combinations: usize,
+    /// Most distinct values of a `unique_count` meter per customer, meter and month that an
+    /// ingest process admits (`distinct_cap_exceeded` past it). `TALLY_MAX_DISTINCT_VALUES`.
+    pub max_distinct_values: usize,
     /// Oldest event time accepted; older events are refused with `event_too_old`.
     /// `TALLY_LATE_WINDOW`.
     #[serde(with = "duration")]
@@ -187,6 +190,7 @@ impl Default for Config {
             max_body_bytes: 16 * 1024 * 1024,
             max_batch_events: 50_000,
             max_dimension_combinations: 1_000,
+            max_distinct_values: 100_000,
             late_window: Duration::from_secs(35 * 86_400),
             future_tolerance: Duration::from_secs(5 * 60),
             dedup_window: Duration::from_secs(36 * 86_400),

@@ -104,10 +104,10 @@ fn kill_9_after_a_202_loses_nothing_and_counts_nothing_twice() {
     p.child.wait().unwrap();
 }
 
-/// Events of payload meters (a decimal quantity, dimensions, the largest and smallest value)
-/// through kill -9 mid-flush, three times, each batch sent again after every restart as an edge
-/// node would: the totals by dimension and the decimal sums count every event once, and the
-/// extremes are those of the events sent.
+/// Events of payload meters (a decimal quantity, dimensions, the largest and smallest value,
+/// distinct users) through kill -9 mid-flush, three times, each batch sent again after every
+/// restart as an edge node would: the totals by dimension and the decimal sums count every
+/// event once, the extremes are those of the events sent, and each user counts once.
 #[test]
 fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,6 +142,12 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
                 json!({"specversion": "1.0", "id": format!("p{k}-{i}"), "source": "edge-crash",
                        "type": ty, "subject": "crash-payload", "data": data})
             })
+            .chain((0..5).map(|j| {
+                // 150 sessions of 37 users, each user in several batches.
+                let user = format!("user-{}", (k * 5 + j) % 37);
+                json!({"specversion": "1.0", "id": format!("s{k}-{j}"), "source": "edge-crash",
+                       "type": "session", "subject": "crash-payload", "data": {"user": user}})
+            }))
             .collect();
         Value::Array(events).to_string()
     };
@@ -189,18 +195,20 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
         let peak = get("/v1/usage?customer=crash-payload&meter=peak_request_bytes");
         let least = get("/v1/usage?customer=crash-payload&meter=least_request_bytes");
         let peak_gpu = get("/v1/usage?customer=crash-payload&meter=peak_gpu_hours");
+        let users = get("/v1/usage?customer=crash-payload&meter=active_users");
         if by_region["groups"] == json!(want_groups)
             && gpu["usage"] == want_gpu
             && peak["usage"] == 68
             && least["usage"] == 10
             && peak_gpu["usage"] == 7_500
+            && users["usage"] == 37
         {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "stored {by_region} / {gpu} / {peak} / {least} / {peak_gpu}, \
-             want {want_groups:?}, {want_gpu}, 68, 10 and 7500"
+            "stored {by_region} / {gpu} / {peak} / {least} / {peak_gpu} / {users}, \
+             want {want_groups:?}, {want_gpu}, 68, 10, 7500 and 37"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -213,6 +221,7 @@ fn kill_9_mid_flush_counts_payload_meters_by_dimension_once() {
         ("peak_request_bytes", 68),
         ("least_request_bytes", 10),
         ("peak_gpu_hours", 7_500),
+        ("active_users", 37),
     ] {
         let check = get(&format!(
             "/v1/check?customer=crash-payload&meter={meter}&quantity=0"

@@ -310,3 +310,73 @@ async fn new_dimension_combinations_past_the_cap_are_refused() {
     t.wait_stored("c3", "request_bytes", 3).await;
     t.wait_stored("c4", "request_bytes", 1).await;
 }
+
+/// A `unique_count` meter counts each user once per period, in the enforcer and the store,
+/// whichever requests and duplicates the users came in; past `max_distinct_values` new values a
+/// customer's event with one more is refused with its code, and known values go on.
+#[tokio::test]
+async fn each_user_counts_once_and_new_values_past_the_cap_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.toml");
+    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
+    std::fs::write(&path, catalog).unwrap();
+    let mut config = common::config(dir.path());
+    config.catalog_file = Some(path);
+    config.max_distinct_values = 3;
+    let t = Tally::start_with(dir, config).await;
+    let post = |events: Value| {
+        let t = &t;
+        async move {
+            t.post("/v1/events", "application/json", events.to_string())
+                .await
+        }
+    };
+    let ev = |id: &str, customer: &str, user: Value| {
+        event(id, customer, "session", json!({ "user": user }))
+    };
+    let (s, b) = post(json!([
+        ev("1", "u1", json!("ann")),
+        ev("2", "u1", json!("ann")),
+        ev("3", "u1", json!(42)),
+        ev("4", "u2", json!("ann")),
+    ]))
+    .await;
+    assert_eq!((s.as_u16(), b["accepted"].clone()), (202, json!(4)), "{b}");
+    let (_, b) = post(json!([
+        ev("5", "u1", json!("bob")),
+        ev("6", "u1", json!("cy")),
+        ev("7", "u1", json!(42)),
+        ev("1", "u1", json!("ann")),
+        ev("8", "u1", json!(null)),
+    ]))
+    .await;
+    assert_eq!(b["rejected"], 2, "{b}");
+    let codes: Vec<(Value, Value)> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].clone(), e["code"].clone()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (json!(1), json!("distinct_cap_exceeded")),
+            (json!(4), json!("value_missing"))
+        ],
+        "{b}"
+    );
+    t.wait_stored("u1", "active_users", 3).await;
+    t.wait_stored("u2", "active_users", 1).await;
+    let (_, c) = t
+        .get("/v1/check?customer=u1&meter=active_users&quantity=0")
+        .await;
+    assert_eq!(c["usage"], 3, "{c}");
+    let (_, b) = t
+        .get("/v1/usage?customer=u1&meter=active_users&from=2026-01-01T00:00:00Z&to=2026-12-01T00:00:00Z&window=month")
+        .await;
+    assert_eq!(
+        b["points"],
+        json!([{"start": "2026-11-01T00:00:00Z", "end": "2026-12-01T00:00:00Z", "value": 3}]),
+        "{b}"
+    );
+}

@@ -154,6 +154,7 @@ fn every_event_error_code_is_documented() {
         E::ValuePrecision(String::new()),
         E::InvalidDimension(String::new()),
         E::DimensionCapExceeded { cap: 1 },
+        E::DistinctCapExceeded { cap: 1 },
     ];
     // A new variant must be added to `all` (and to the document): this match stops compiling.
     fn _every_variant_listed(e: &E) {
@@ -178,7 +179,8 @@ fn every_event_error_code_is_documented() {
             | E::InvalidValue(_)
             | E::ValuePrecision(_)
             | E::InvalidDimension(_)
-            | E::DimensionCapExceeded { .. } => {}
+            | E::DimensionCapExceeded { .. }
+            | E::DistinctCapExceeded { .. } => {}
         }
     }
     let codes: Vec<&str> = all.iter().map(|e| e.code()).collect();

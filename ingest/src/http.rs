@@ -451,15 +451,20 @@ fn refuse_past_cap(decoded: &mut Decoded, room: &UsageRoom) {
     refuse(decoded, &keep, &EventError::UsageCapExceeded);
 }
 
-/// Moves the events whose dimensions would pass the cap of distinct combinations to the
-/// faults (see [`crate::dimensions`]).
+/// Moves the events that would pass the cap of distinct dimension combinations or of distinct
+/// values to the faults (see [`crate::dimensions`]).
 fn refuse_past_dimension_cap(decoded: &mut Decoded, cap: &DimensionCap) {
-    let keep: Vec<bool> = decoded.valid.iter().map(|e| cap.admit(e)).collect();
-    refuse(
-        decoded,
-        &keep,
-        &EventError::DimensionCapExceeded { cap: cap.cap() },
-    );
+    let mut verdicts: Vec<Result<(), EventError>> =
+        decoded.valid.iter().map(|e| cap.admit(e)).collect();
+    // One refusal at a time: `refuse` lists every event it drops under one error.
+    while let Some(e) = verdicts.iter().find_map(|v| v.clone().err()) {
+        let keep: Vec<bool> = verdicts
+            .iter()
+            .map(|v| v.as_ref().err() != Some(&e))
+            .collect();
+        refuse(decoded, &keep, &e);
+        verdicts.retain(|v| v.as_ref().err() != Some(&e));
+    }
 }
 
 /// Drops the valid events not kept and lists them, at their request `index`, as faults `e`.

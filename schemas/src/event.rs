@@ -132,6 +132,11 @@ pub enum EventError {
         "this event would add a combination of dimension values past the {cap} a customer's meter may have in a month"
     )]
     DimensionCapExceeded { cap: usize },
+    /// Raised at ingest, not by the decoder.
+    #[error(
+        "this event would add a distinct value past the {cap} a customer's unique_count meter may have in a month"
+    )]
+    DistinctCapExceeded { cap: usize },
     /// Raised at ingest, not by the decoder (see [`crate::quantity`]).
     #[error(
         "this event would push the customer's period total of the meter past 9223372036854775807"
@@ -164,6 +169,7 @@ impl EventError {
         "value_precision",
         "invalid_dimension",
         "dimension_cap_exceeded",
+        "distinct_cap_exceeded",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -189,6 +195,7 @@ impl EventError {
             EventError::ValuePrecision(_) => "value_precision",
             EventError::InvalidDimension(_) => "invalid_dimension",
             EventError::DimensionCapExceeded { .. } => "dimension_cap_exceeded",
+            EventError::DistinctCapExceeded { .. } => "distinct_cap_exceeded",
         }
     }
 }
