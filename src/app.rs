@@ -66,17 +66,35 @@ pub struct App {
     fatal: Arc<Mutex<Option<String>>>,
 }
 
-/// Loads the catalogue named in the configuration, or the built-in one.
+/// Loads the catalogue named in the configuration, or the built-in one, and checks that
+/// `stripe_last_meters` names meters of it that are reported by their figure.
 pub fn load_catalog(config: &Config) -> Result<Catalog> {
-    match &config.catalog_file {
-        None => Ok(Catalog::builtin()),
+    let catalog = match &config.catalog_file {
+        None => Catalog::builtin(),
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Error::Config(format!("cannot read catalogue {}: {e}", path.display()))
             })?;
-            Ok(Catalog::from_toml(&text)?)
+            Catalog::from_toml(&text)?
+        }
+    };
+    for name in &config.stripe_last_meters {
+        match catalog.meter(name) {
+            Some(m) if !m.aggregation.is_additive() => {}
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "stripe_last_meters names `{name}`, a count or sum meter: those are reported \
+                     as they grow"
+                )));
+            }
+            None => {
+                return Err(Error::Config(format!(
+                    "stripe_last_meters names `{name}`, which is not a meter of the catalogue"
+                )));
+            }
         }
     }
+    Ok(catalog)
 }
 
 /// The Kafka settings, when Kafka is configured.
@@ -125,6 +143,7 @@ pub fn billing_settings(config: &Config) -> tally_billing_sync::BillingSettings 
                 events_base: config.stripe_meter_events_base.clone(),
             }),
         event_names: name_value_pairs(&config.stripe_event_names),
+        last_meters: config.stripe_last_meters.iter().cloned().collect(),
         ..Default::default()
     }
 }

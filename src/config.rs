@@ -162,6 +162,11 @@ pub struct Config {
     /// in the environment a comma-separated list. `TALLY_STRIPE_EVENT_NAMES`.
     #[serde(deserialize_with = "list")]
     pub stripe_event_names: Vec<String>,
+    /// Meters of other aggregations than count and sum (max, min, unique_count, latest)
+    /// reported to Stripe, each as its period's figure, to a Stripe meter with the `last`
+    /// formula; in the environment a comma-separated list. `TALLY_STRIPE_LAST_METERS`.
+    #[serde(deserialize_with = "list")]
+    pub stripe_last_meters: Vec<String>,
     /// Tally plan per Stripe price or product id, as `price_or_product=plan`, for subscription
     /// webhooks; in the environment a comma-separated list. `TALLY_STRIPE_PLANS`.
     #[serde(deserialize_with = "list")]
@@ -224,6 +229,7 @@ impl Default for Config {
             stripe_meter_events_base: "https://meter-events.stripe.com".into(),
             stripe_requests_per_second: 25,
             stripe_event_names: Vec::new(),
+            stripe_last_meters: Vec::new(),
             stripe_plans: Vec::new(),
             billing_sync_interval: Duration::from_secs(60),
             billing_sync_settle: Duration::from_secs(120),
@@ -498,5 +504,24 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tally.toml");
         let (c, _) = Config::load(Some(&example), &[]).unwrap();
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn stripe_last_meters_name_meters_reported_by_their_figure() {
+        let (c, _) = Config::load(
+            None,
+            &env(&[("TALLY_STRIPE_LAST_METERS", "wasm_modules, collaborators")]),
+        )
+        .unwrap();
+        assert_eq!(c.stripe_last_meters, ["wasm_modules", "collaborators"]);
+        assert!(crate::app::load_catalog(&c).is_ok());
+        for (list, why) in [
+            ("api_requests", "a count or sum meter"),
+            ("seats", "not a meter of the catalogue"),
+        ] {
+            let (c, _) = Config::load(None, &env(&[("TALLY_STRIPE_LAST_METERS", list)])).unwrap();
+            let e = crate::app::load_catalog(&c).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
     }
 }

@@ -609,3 +609,168 @@ fn billing_period_move_mid_period_reports_nothing_twice() {
         .sum();
     assert_eq!(counted, 22, "{usage}");
 }
+
+/// A catalogue with a `unique_count` and a `max` meter, reported to Stripe meters with the
+/// `last` formula.
+const LAST_METERS_CATALOG: &str = "
+[meters.active_users]
+event_type = 'session'
+value = '$.user'
+aggregation = 'unique_count'
+unit = 'users'
+
+[meters.peak_request_bytes]
+event_type = 'request'
+value = '$.bytes'
+aggregation = 'max'
+unit = 'bytes'
+";
+
+/// `unique_count` and `max` meters named in `stripe_last_meters` reach Stripe as their
+/// period's figure: Stripe's last value is Tally's figure after every change, through a kill
+/// and a restart, nothing is sent while the figure stays, and reconcile finds no difference.
+#[test]
+fn figures_reach_stripe_meters_of_the_last_formula() {
+    figures_run("v1");
+}
+
+/// The same through the v2 meter event stream.
+#[test]
+fn figures_reach_stripe_through_the_v2_stream() {
+    figures_run("v2");
+}
+
+fn figures_run(api: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = StripeFake::start(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "{}\n{LAST_METERS_CATALOG}",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        ),
+    )
+    .unwrap();
+    let catalog = catalog.to_string_lossy().into_owned();
+    let env = [
+        ("TALLY_CATALOG_FILE", catalog.as_str()),
+        (
+            "TALLY_STRIPE_LAST_METERS",
+            "active_users,peak_request_bytes",
+        ),
+        ("TALLY_STRIPE_SECRET_KEY", "sk_test_tally"),
+        ("TALLY_STRIPE_API_BASE", fake.url.as_str()),
+        ("TALLY_STRIPE_METER_EVENTS_BASE", fake.url.as_str()),
+        ("TALLY_STRIPE_METER_API", api),
+        ("TALLY_BILLING_SYNC_INTERVAL", "200ms"),
+        ("TALLY_BILLING_SYNC_SETTLE", "1s"),
+    ];
+    let (api_port, admin) = (free_port(), free_port());
+    let mut p = start_with_env("run", dir.path(), api_port, admin, "50ms", &env);
+    put_customer(&p, "f-1", "cus_f1");
+    put_customer(&p, "f-2", "cus_f2");
+    let time = now_rfc3339_minus(10);
+    let post = |p: &Proc, events: &[(&str, &str, &str, Value)]| {
+        let events: Vec<Value> = events
+            .iter()
+            .map(|(id, customer, ty, data)| {
+                json!({"specversion": "1.0", "id": id, "source": "edge-billing", "type": ty,
+                       "subject": customer, "time": time, "data": data})
+            })
+            .collect();
+        assert_eq!(
+            p.post_batch(Value::Array(events).to_string())
+                .status()
+                .as_u16(),
+            202
+        );
+    };
+    post(
+        &p,
+        &[
+            ("1", "f-1", "session", json!({"user": "ann"})),
+            ("2", "f-1", "session", json!({"user": "bob"})),
+            ("3", "f-1", "session", json!({"user": "ann"})),
+            ("4", "f-2", "session", json!({"user": "ann"})),
+            ("5", "f-1", "request", json!({"bytes": 10})),
+            ("6", "f-1", "request", json!({"bytes": 50})),
+            ("7", "f-1", "request", json!({"bytes": 30})),
+        ],
+    );
+    let key = |c: &str, m: &str| (format!("cus_{c}"), m.to_owned());
+    let first = BTreeMap::from([
+        (key("f1", "active_users"), 2),
+        (key("f1", "peak_request_bytes"), 50),
+        (key("f2", "active_users"), 1),
+    ]);
+    wait_for(
+        "Stripe's last values never reached Tally's figures",
+        Duration::from_secs(30),
+        || fake.lasts() == first,
+    );
+    let sent = fake.accepted_count();
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    p = start_with_env("run", dir.path(), api_port, admin, "50ms", &env);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fake.accepted_count(),
+        sent,
+        "a figure already accepted is not sent again"
+    );
+    post(
+        &p,
+        &[
+            ("8", "f-1", "session", json!({"user": "cy"})),
+            ("9", "f-1", "session", json!({"user": "bob"})),
+            ("10", "f-1", "request", json!({"bytes": 70})),
+            ("11", "f-2", "request", json!({"bytes": 20})),
+            ("12", "f-2", "session", json!({"user": "ann"})),
+        ],
+    );
+    let second = BTreeMap::from([
+        (key("f1", "active_users"), 3),
+        (key("f1", "peak_request_bytes"), 70),
+        (key("f2", "active_users"), 1),
+        (key("f2", "peak_request_bytes"), 20),
+    ]);
+    wait_for(
+        "Stripe's last values never followed Tally's figures",
+        Duration::from_secs(30),
+        || fake.lasts() == second,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fake.lasts(), second);
+    let inner = fake.inner.lock().unwrap();
+    assert_eq!(inner.accepted.len(), 6, "one report per changed figure");
+    let ids: std::collections::HashSet<&str> = inner
+        .accepted
+        .iter()
+        .map(|e| e.identifier.as_str())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    drop(inner);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "reconcile",
+            "--from",
+            &now_rfc3339_minus(1440),
+            "--to",
+            &now_rfc3339_minus(-1),
+        ])
+        .envs(env)
+        .env("TALLY_DATA_DIR", dir.path())
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(printed.trim(), "no differences");
+}

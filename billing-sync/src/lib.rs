@@ -15,6 +15,20 @@
 //! last second counted, within the period, moved forward to 35 days ago (less an hour) if older:
 //! Stripe refuses older events and anything more than 5 minutes ahead.
 //!
+//! # Meters of other aggregations
+//! `max`, `min`, `unique_count` and `latest` meters are reported only where the configuration
+//! names them (`last_meters`), to Stripe meters with the `last` formula (Stripe takes the last
+//! event's value of the billing period): each report is the period's figure so far (the
+//! largest or smallest value, the number of distinct values, the gauge's value), sent whenever
+//! it differs from the figure Stripe last accepted for that period, under an identifier
+//! `tally:{customer}:{meter}:{period start}:last{n}:{figure}` (`n` counts the period's reports)
+//! and at a timestamp later than the period's previous report (the last second counted, within
+//! the period). The previous period is finished first, as for additive meters; nothing is
+//! cancelled (a lower figure is a new last value). A correction of a period that has ended is
+//! sent at the period's last second, as its previous report may have been: Stripe's order of
+//! two events of one second is Stripe's. A Stripe meter of another formula would add the
+//! figures up: create these meters with `default_aggregation[formula]=last`.
+//!
 //! # Nothing billed twice, nothing dropped
 //! Per (customer, meter) a mark is kept in the usage store: the usage already reported per
 //! counted time range, and the report in flight. A range is a billing period; when the period
@@ -58,7 +72,7 @@ pub mod metrics;
 pub mod stripe;
 pub mod webhooks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -127,6 +141,9 @@ pub struct BillingSettings {
     pub retry_base: Duration,
     /// Customer-meter pairs reported at the same time.
     pub concurrency: usize,
+    /// Meters of other aggregations than count and sum (max, min, unique_count, latest)
+    /// reported, as their period's figure, to Stripe meters with the `last` formula.
+    pub last_meters: HashSet<String>,
 }
 
 impl Default for BillingSettings {
@@ -139,6 +156,7 @@ impl Default for BillingSettings {
             attempts_per_round: 4,
             retry_base: Duration::from_millis(200),
             concurrency: 16,
+            last_meters: HashSet::new(),
         }
     }
 }
@@ -165,6 +183,10 @@ pub struct Report {
     /// Seconds since the epoch, within Stripe's window.
     pub timestamp_s: i64,
     pub identifier: String,
+    /// The period's figure for a Stripe meter with the `last` formula (a max, min,
+    /// unique_count or latest meter), not a growth: `value` is `period_total`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub figure: bool,
 }
 
 impl Report {
@@ -226,6 +248,23 @@ pub struct Mark {
     /// Bumped by every cancellation, so that later identifiers differ from cancelled ones.
     #[serde(default)]
     pub generation: u32,
+    /// For a meter reported by its figure (`last`): the figure Stripe last accepted per
+    /// billing period, the last few periods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub figures: Vec<FigureReported>,
+}
+
+/// The figure Stripe last accepted for one billing period `[start_ms, end_ms)` of a meter
+/// reported by its figure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FigureReported {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub value: u64,
+    /// Reports of the period so far (each one's identifier differs).
+    pub reports: u32,
+    /// Timestamp of the latest, seconds since the epoch: the next is later.
+    pub timestamp_s: i64,
 }
 
 /// Usage Stripe accepted over one counted range `[start_ms, end_ms)`.
@@ -284,9 +323,34 @@ impl Mark {
             })
     }
 
+    /// The figure last accepted for the period `[start_ms, end_ms)`.
+    fn figure_of(&self, start_ms: i64, end_ms: i64) -> Option<&FigureReported> {
+        self.figures
+            .iter()
+            .find(|f| (f.start_ms, f.end_ms) == (start_ms, end_ms))
+    }
+
     /// Records `report` as done (accepted, or set aside after a refusal): its range replaces
-    /// the ranges it covers.
+    /// the ranges it covers, or its figure the period's.
     fn settle(&mut self, report: &Report) {
+        if report.figure {
+            let (start, end) = (report.period_start_ms, report.period_end_ms);
+            let reports = self.figure_of(start, end).map_or(0, |f| f.reports) + 1;
+            self.figures
+                .retain(|f| (f.start_ms, f.end_ms) != (start, end));
+            self.figures.push(FigureReported {
+                start_ms: start,
+                end_ms: end,
+                value: report.period_total,
+                reports,
+                timestamp_s: report.timestamp_s,
+            });
+            self.figures.sort_by_key(|f| f.start_ms);
+            let excess = self.figures.len().saturating_sub(KEPT_RANGES);
+            self.figures.drain(..excess);
+            self.pending = None;
+            return;
+        }
         let (start, end) = (report.period_start_ms, report.period_end_ms);
         let mut total = report.period_total;
         self.ranges.retain(|r| {
@@ -313,6 +377,10 @@ impl Mark {
     /// Records `report` as accepted by Stripe at `now_ms`.
     fn accepted(&mut self, report: &Report, now_ms: i64) {
         self.settle(report);
+        if report.figure {
+            // A figure is never cancelled: a lower one is the next report.
+            return;
+        }
         self.recent
             .retain(|a| now_ms - a.accepted_at_ms < CANCEL_WINDOW_MS);
         self.recent.push(Accepted {
@@ -359,6 +427,7 @@ pub struct Status {
     pub rounds: u64,
     pub last_round_at: Option<String>,
     pub reports_accepted: u64,
+    /// Units of additive meters accepted (figure reports are not added up).
     pub value_accepted: u64,
     pub retries: u64,
     /// Reports waiting for the next round after retryable failures.
@@ -453,6 +522,24 @@ fn identifier(
     } else {
         format!("tally:{customer}:{meter}:{period_start_ms}:{period_total}:g{generation}")
     };
+    bounded(id)
+}
+
+/// The identifier of the `n`th figure report of a period.
+fn figure_identifier(
+    customer: &str,
+    meter: &str,
+    period_start_ms: i64,
+    n: u32,
+    figure: u64,
+) -> String {
+    bounded(format!(
+        "tally:{customer}:{meter}:{period_start_ms}:last{n}:{figure}"
+    ))
+}
+
+/// `id`, or a hash of it when longer than Stripe takes.
+fn bounded(id: String) -> String {
     if id.len() <= MAX_IDENTIFIER {
         return id;
     }
@@ -483,6 +570,53 @@ async fn due(
         .map_or(tally_schemas::Aggregation::Sum, |m| m.aggregation);
     let current = record.period_at(until - 1);
     let previous = record.period_at(current.start_ms - 1);
+    if !aggregation.is_additive() {
+        // A customer seen for the first time is billed from its current period.
+        let periods = if mark.figures.is_empty() {
+            vec![current]
+        } else {
+            vec![previous, current]
+        };
+        for period in periods {
+            if period.end_ms <= now_ms - STRIPE_MAX_AGE_MS {
+                continue;
+            }
+            let upto = period.end_ms.min(until);
+            let figure = store
+                .total(customer, meter, aggregation, period.start_ms, upto)
+                .await?;
+            let sent = mark.figure_of(period.start_ms, period.end_ms);
+            match sent {
+                Some(f) if f.value == figure => continue,
+                // Stripe's figure of a period without events is 0.
+                None if figure == 0 => continue,
+                _ => {}
+            }
+            let timestamp_s = (upto - 1_000)
+                .max(period.start_ms)
+                .max(now_ms - STRIPE_MAX_AGE_MS)
+                .div_euclid(1000)
+                .max(sent.map_or(i64::MIN, |f| f.timestamp_s + 1))
+                .min((period.end_ms - 1).div_euclid(1000))
+                .min(now_ms.div_euclid(1000));
+            let n = sent.map_or(0, |f| f.reports) + 1;
+            return Ok(Some(Due::Report(Report {
+                customer: customer.to_owned(),
+                meter: meter.to_owned(),
+                stripe_customer_id: stripe_id.to_owned(),
+                event_name: event_name.to_owned(),
+                value: figure,
+                period_start_ms: period.start_ms,
+                period_end_ms: period.end_ms,
+                period_total: figure,
+                counted_until_ms: upto,
+                timestamp_s,
+                identifier: figure_identifier(customer, meter, period.start_ms, n, figure),
+                figure: true,
+            })));
+        }
+        return Ok(None);
+    }
     // A customer seen for the first time is billed from its current period.
     let periods = if mark.ranges.is_empty() {
         vec![current]
@@ -531,16 +665,18 @@ async fn due(
             counted_until_ms: upto,
             timestamp_s: timestamp_ms.div_euclid(1000),
             identifier: identifier(customer, meter, start, total, mark.generation),
+            figure: false,
         })));
     }
     Ok(None)
 }
 
 /// Every (customer, record, Stripe customer id, meter) to report: customers linked to Stripe,
-/// with each additive meter.
+/// with each additive meter and each of `last_meters`.
 async fn linked(
     store: &dyn Store,
     catalog: &Catalog,
+    last_meters: &HashSet<String>,
 ) -> Result<Vec<(String, Customer, String, String)>> {
     let mut out = Vec::new();
     for (customer, record) in store.customers_since(0).await? {
@@ -550,7 +686,7 @@ async fn linked(
         for (meter, _) in catalog
             .meters
             .iter()
-            .filter(|(_, m)| m.aggregation.is_additive())
+            .filter(|(name, m)| m.aggregation.is_additive() || last_meters.contains(*name))
         {
             out.push((
                 customer.clone(),
@@ -570,11 +706,12 @@ pub async fn plan_round(
     store: &dyn Store,
     now_ms: i64,
     settle: Duration,
+    last_meters: &HashSet<String>,
     marks: &mut HashMap<(String, String), Mark>,
 ) -> Result<Vec<Report>> {
     let until = minute_of(now_ms - settle.as_millis() as i64);
     let mut out = Vec::new();
-    for (customer, record, stripe_id, meter) in linked(store, catalog).await? {
+    for (customer, record, stripe_id, meter) in linked(store, catalog, last_meters).await? {
         let mark = marks.entry((customer.clone(), meter.clone())).or_default();
         match due(
             store, catalog, &customer, &meter, &stripe_id, &meter, &record, mark, until, now_ms,
@@ -628,7 +765,7 @@ pub async fn reconcile(
         .map_err(Error::Stripe)?;
     let meters = client.meters().await.map_err(Error::Stripe)?;
     let mut out = Vec::new();
-    for (customer, _, stripe_id, meter) in linked(store, catalog).await? {
+    for (customer, _, stripe_id, meter) in linked(store, catalog, &settings.last_meters).await? {
         let aggregation = catalog
             .meter(&meter)
             .map_or(tally_schemas::Aggregation::Sum, |m| m.aggregation);
@@ -689,7 +826,8 @@ pub async fn run(
             }
             let now = clock.now_ms();
             let settle = settings.settle;
-            match plan_round(&catalog, store.as_ref(), now, settle, &mut marks).await {
+            let last = &settings.last_meters;
+            match plan_round(&catalog, store.as_ref(), now, settle, last, &mut marks).await {
                 Ok(reports) => {
                     reports.iter().for_each(log_dry_run);
                     status.round_done(now, None);
@@ -797,8 +935,12 @@ impl Syncer {
             }
         }
         let mut jobs = Vec::new();
-        for (customer, record, stripe_id, meter) in
-            linked(self.store.as_ref(), &self.catalog).await?
+        for (customer, record, stripe_id, meter) in linked(
+            self.store.as_ref(),
+            &self.catalog,
+            &self.settings.last_meters,
+        )
+        .await?
         {
             let mut mark = marks
                 .remove(&(customer.clone(), meter.clone()))
@@ -949,7 +1091,9 @@ impl Syncer {
                     metrics::REPORTS.with_label_values(&["accepted"]).inc();
                     self.status.update(|s| {
                         s.reports_accepted += 1;
-                        s.value_accepted += report.value;
+                        if !report.figure {
+                            s.value_accepted += report.value;
+                        }
                         s.held.retain(|h| {
                             (&h.report.customer, &h.report.meter)
                                 != (&report.customer, &report.meter)
@@ -1131,7 +1275,11 @@ impl Syncer {
                         .inc_by(reports.len() as u64);
                     self.status.update(|s| {
                         s.reports_accepted += reports.len() as u64;
-                        s.value_accepted += reports.iter().map(|r| r.value).sum::<u64>();
+                        s.value_accepted += reports
+                            .iter()
+                            .filter(|r| !r.figure)
+                            .map(|r| r.value)
+                            .sum::<u64>();
                     });
                     return Ok(0);
                 }
@@ -1252,7 +1400,7 @@ mod tests {
         let mut marks = HashMap::new();
         let now = 1_795_255_200_000 + 600_000;
         let settle = Duration::from_secs(120);
-        let round = plan_round(&catalog, &store, now, settle, &mut marks)
+        let round = plan_round(&catalog, &store, now, settle, &HashSet::new(), &mut marks)
             .await
             .unwrap();
         assert_eq!(round.len(), 1);
@@ -1263,7 +1411,7 @@ mod tests {
         assert_eq!((round[0].customer.as_str(), round[0].value), ("a", 7));
         assert_eq!(round[0].stripe_customer_id, "cus_1");
         assert!(
-            plan_round(&catalog, &store, now, settle, &mut marks)
+            plan_round(&catalog, &store, now, settle, &HashSet::new(), &mut marks)
                 .await
                 .unwrap()
                 .is_empty()
@@ -1310,7 +1458,7 @@ mod tests {
         let mut marks = HashMap::new();
         let mut sent = 0;
         let round = async |marks: &mut HashMap<(String, String), Mark>, now: &str| {
-            let reports = plan_round(&catalog, &store, ms(now), settle, marks)
+            let reports = plan_round(&catalog, &store, ms(now), settle, &HashSet::new(), marks)
                 .await
                 .unwrap();
             reports.iter().map(|r| r.value).sum::<u64>()
@@ -1350,6 +1498,149 @@ mod tests {
             mark.ranges.windows(2).all(|w| w[0].end_ms <= w[1].start_ms),
             "disjoint: {:?}",
             mark.ranges
+        );
+    }
+
+    /// Meters reported by their figure (`last`): the period's largest value, distinct count
+    /// and gauge value, sent whenever they differ from what was accepted, each under a new
+    /// identifier at a later timestamp; a late event of the previous period is reported within
+    /// it, and a meter not named in `last_meters` is never reported.
+    #[tokio::test]
+    async fn figures_are_reported_whenever_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("u.db")).unwrap();
+        let toml = format!(
+            "{}\n[meters.active_users]\naggregation = 'unique_count'\nunit = 'users'\n\
+             event_type = 'session'\nvalue = '$.user'\n\
+             [meters.peak_builds]\naggregation = 'max'\nunit = 'builds'\n",
+            tally_schemas::catalog::DEFAULT_CATALOG_TOML
+        );
+        let catalog = Catalog::from_toml(&toml).unwrap();
+        let mut record = Customer::new_default(&catalog);
+        record.stripe_customer_id = Some("cus_1".into());
+        store.put_customer("a", &record).await.unwrap();
+        let last: HashSet<String> = ["active_users", "peak_builds", "wasm_modules"]
+            .map(String::from)
+            .into();
+        let mut offset = 0;
+        let mut add = async |meter: &str, value: u64, user: Option<&str>, t: &str| {
+            let mut event = UsageEvent {
+                id: offset.to_string(),
+                source: "s".into(),
+                customer: "a".into(),
+                meter: meter.into(),
+                value,
+                time_ms: ms(t),
+                received_ms: ms(t),
+                readings: Vec::new(),
+            };
+            if let Some(user) = user {
+                let data = serde_json::json!({ "user": user });
+                event.readings = catalog
+                    .event_type("session")
+                    .unwrap()
+                    .readings(&tally_schemas::path::Payload::Value(&data))
+                    .unwrap();
+            }
+            let rec = Record {
+                partition: 0,
+                offset,
+                event,
+            };
+            offset += 1;
+            store
+                .apply(&Rollup::from_records(&[rec], &catalog))
+                .await
+                .unwrap();
+        };
+        let settle = Duration::from_secs(120);
+        let mut marks = HashMap::new();
+        let mut sent: Vec<Report> = Vec::new();
+        let mut round = async |marks: &mut HashMap<(String, String), Mark>, now: &str| {
+            let reports = plan_round(&catalog, &store, ms(now), settle, &last, marks)
+                .await
+                .unwrap();
+            let mut got: Vec<(String, u64)> = reports
+                .iter()
+                .filter(|r| r.figure)
+                .map(|r| (r.meter.clone(), r.value))
+                .collect();
+            got.sort();
+            sent.extend(reports);
+            got
+        };
+        let pair = |m: &str, v: u64| (m.to_owned(), v);
+        add("session", 0, Some("ann"), "2026-11-05T00:00:00Z").await;
+        add("session", 0, Some("bob"), "2026-11-05T00:01:00Z").await;
+        add("peak_builds", 4, None, "2026-11-05T00:00:00Z").await;
+        add("wasm_modules", 3, None, "2026-11-05T00:00:00Z").await;
+        assert_eq!(
+            round(&mut marks, "2026-11-06T00:00:00Z").await,
+            [
+                pair("active_users", 2),
+                pair("peak_builds", 4),
+                pair("wasm_modules", 3)
+            ]
+        );
+        assert!(round(&mut marks, "2026-11-06T00:10:00Z").await.is_empty());
+        // A known user, a lower peak, the gauge going down: only the gauge changed.
+        add("session", 0, Some("ann"), "2026-11-07T00:00:00Z").await;
+        add("peak_builds", 2, None, "2026-11-07T00:00:00Z").await;
+        add("wasm_modules", 1, None, "2026-11-07T00:00:00Z").await;
+        assert_eq!(
+            round(&mut marks, "2026-11-08T00:00:00Z").await,
+            [pair("wasm_modules", 1)]
+        );
+        // The gauge back to 3: a new report, not the first one again.
+        add("wasm_modules", 3, None, "2026-11-09T00:00:00Z").await;
+        assert_eq!(
+            round(&mut marks, "2026-11-10T00:00:00Z").await,
+            [pair("wasm_modules", 3)]
+        );
+        // December: the distinct count and the peak start again; the gauge carries over, so
+        // December's first report of it is 3. A late November user is reported in November.
+        add("session", 0, Some("cy"), "2026-12-02T00:00:00Z").await;
+        add("session", 0, Some("dee"), "2026-11-30T23:00:00Z").await;
+        let dec = round(&mut marks, "2026-12-03T00:00:00Z").await;
+        assert_eq!(
+            dec,
+            [pair("active_users", 3), pair("wasm_modules", 3)],
+            "November's users first"
+        );
+        let dec = round(&mut marks, "2026-12-03T00:10:00Z").await;
+        assert_eq!(dec, [pair("active_users", 1)]);
+        let gauge: Vec<&Report> = sent.iter().filter(|r| r.meter == "wasm_modules").collect();
+        let ids: HashSet<&str> = gauge.iter().map(|r| r.identifier.as_str()).collect();
+        assert_eq!(
+            ids.len(),
+            gauge.len(),
+            "every report has its own identifier"
+        );
+        let nov: Vec<i64> = gauge
+            .iter()
+            .filter(|r| r.period_start_ms == ms("2026-11-01T00:00:00Z"))
+            .map(|r| r.timestamp_s)
+            .collect();
+        assert_eq!(nov.len(), 3);
+        assert!(nov.windows(2).all(|w| w[0] < w[1]), "{nov:?}");
+        let late = sent
+            .iter()
+            .find(|r| r.meter == "active_users" && r.value == 3)
+            .unwrap();
+        assert!(
+            late.timestamp_s * 1000 < ms("2026-12-01T00:00:00Z"),
+            "within November"
+        );
+        assert_eq!(
+            late.identifier,
+            format!(
+                "tally:a:active_users:{}:last2:3",
+                ms("2026-11-01T00:00:00Z")
+            )
+        );
+        assert!(
+            sent.iter().all(|r| r.meter != "edge_deployments"),
+            "gauges not named are not reported"
         );
     }
 

@@ -125,6 +125,28 @@ impl StripeFake {
         peak
     }
 
+    /// What each (Stripe customer, event name) of a `last` meter holds over all time.
+    pub fn lasts(&self) -> BTreeMap<(String, String), u64> {
+        let s = self.inner.lock().unwrap();
+        let mut keys: Vec<(String, String)> = s
+            .accepted
+            .iter()
+            .filter(|e| LAST_METERS.contains(&e.event_name.as_str()))
+            .map(|e| (e.customer.clone(), e.event_name.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|k| {
+                let of_key = s
+                    .accepted
+                    .iter()
+                    .filter(|e| (&e.customer, &e.event_name) == (&k.0, &k.1));
+                last_of(of_key).map(|v| (k, v))
+            })
+            .collect()
+    }
+
     pub fn accepted_count(&self) -> usize {
         self.inner.lock().unwrap().accepted.len()
     }
@@ -546,7 +568,26 @@ fn stream_events(s: &mut Inner, body: &[u8]) -> (u16, String) {
 }
 
 /// The meters this Stripe account has: one per Tally meter, `event_name` = meter name.
-const METERS: &[&str] = &["api_requests", "bandwidth_bytes", "build_minutes"];
+const METERS: &[&str] = &[
+    "api_requests",
+    "bandwidth_bytes",
+    "build_minutes",
+    "active_users",
+    "peak_request_bytes",
+];
+
+/// The meters created with the `last` formula (the last event's value of the window); the
+/// others sum.
+const LAST_METERS: &[&str] = &["active_users", "peak_request_bytes"];
+
+/// What a meter with the `last` formula holds: the value of the latest event by timestamp,
+/// of the latest received among events of one second.
+fn last_of<'a>(events: impl Iterator<Item = &'a MeterEvent>) -> Option<u64> {
+    events
+        .enumerate()
+        .max_by_key(|(i, e)| (e.timestamp, *i))
+        .map(|(_, e)| e.value)
+}
 
 fn authorized(headers: &HeaderMap) -> bool {
     headers
@@ -567,8 +608,14 @@ async fn meters(headers: HeaderMap) -> Response {
     let data: Vec<Value> = METERS
         .iter()
         .map(|m| {
+            let formula = if LAST_METERS.contains(m) {
+                "last"
+            } else {
+                "sum"
+            };
             json!({"id": format!("mtr_{m}"), "object": "billing.meter", "event_name": m,
-                        "status": "active", "livemode": false})
+                   "default_aggregation": {"formula": formula},
+                   "status": "active", "livemode": false})
         })
         .collect();
     reply((
@@ -611,15 +658,18 @@ async fn summaries(
             "customer, start_time and end_time are required",
         ));
     };
-    let total: u64 = inner
-        .lock()
-        .unwrap()
+    let s = inner.lock().unwrap();
+    let events = s
         .accepted
         .iter()
         .filter(|e| e.event_name == event_name && &e.customer == customer)
-        .filter(|e| e.timestamp >= start && e.timestamp < end)
-        .map(|e| e.value)
-        .sum();
+        .filter(|e| e.timestamp >= start && e.timestamp < end);
+    let total: u64 = if LAST_METERS.contains(&event_name) {
+        last_of(events).unwrap_or(0)
+    } else {
+        events.map(|e| e.value).sum()
+    };
+    drop(s);
     let data = json!([{"id": "mtrsum_1", "object": "billing.meter_event_summary",
         "aggregated_value": total, "start_time": start, "end_time": end, "meter": id,
         "livemode": false}]);
