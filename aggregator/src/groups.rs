@@ -61,6 +61,70 @@ impl Breakdown {
                 ))
             }
         };
+        Self::parse_with(known, group_by, rest)
+    }
+
+    /// Like [`Breakdown::parse`], for a query across `meters`: each dimension must be one of
+    /// some meter's; the breakdown then applies to the meters that have them all
+    /// ([`Breakdown::applies_to`]).
+    pub fn parse_across<'m>(
+        meters: impl Iterator<Item = &'m Meter> + Clone,
+        group_by: Option<&str>,
+        rest: &BTreeMap<String, String>,
+    ) -> Result<Option<Breakdown>, ApiError> {
+        let known = |dim: &str| {
+            if meters.clone().any(|m| m.group_by.contains_key(dim)) {
+                Ok(())
+            } else {
+                let mut all: Vec<&str> = meters
+                    .clone()
+                    .flat_map(|m| m.group_by.keys().map(String::as_str))
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                Err(ApiError::bad_request(
+                    "unknown_dimension",
+                    format!(
+                        "no meter has a dimension `{dim}` (the meters have: {})",
+                        all.join(", ")
+                    ),
+                ))
+            }
+        };
+        Self::parse_with(known, group_by, rest)
+    }
+
+    /// Whether `meter` has every dimension this breakdown groups or filters by.
+    pub fn applies_to(&self, meter: &Meter) -> bool {
+        self.group_by
+            .iter()
+            .chain(self.filter.iter().map(|(d, _)| d))
+            .all(|d| meter.group_by.contains_key(d))
+    }
+
+    /// CSV columns of rows by dimension: `lead`, each asked dimension in the asked order, then
+    /// `tail`.
+    pub fn csv_header<'a>(&'a self, lead: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+        let dims = self.group_by.iter().map(String::as_str);
+        lead.iter()
+            .copied()
+            .chain(dims)
+            .chain(tail.iter().copied())
+            .collect()
+    }
+
+    /// A group's value of each asked dimension, in the asked order: empty where it has none.
+    pub fn csv_cells<'g>(&'g self, dims: &'g GroupKey) -> impl Iterator<Item = String> + 'g {
+        self.group_by
+            .iter()
+            .map(|d| dims.get(d).cloned().flatten().unwrap_or_default())
+    }
+
+    fn parse_with(
+        known: impl Fn(&str) -> Result<(), ApiError>,
+        group_by: Option<&str>,
+        rest: &BTreeMap<String, String>,
+    ) -> Result<Option<Breakdown>, ApiError> {
         let mut b = Breakdown::default();
         if let Some(list) = group_by {
             for dim in list.split(',').map(str::trim).filter(|d| !d.is_empty()) {

@@ -176,7 +176,8 @@ pub struct UsageQuery {
     /// json (default) or csv; `Accept: text/csv` also selects CSV.
     format: Option<String>,
     /// Break the usage (current period, or a minute to month series) down by these dimensions
-    /// of the meter, comma-separated (`region,model`); the reply lists `groups`. JSON only.
+    /// of the meter, comma-separated (`region,model`); the reply lists `groups` (in CSV: one
+    /// row per group, or per group and bucket, with a column for each asked dimension).
     group_by: Option<String>,
     /// `filter[<dimension>]=<value>` (any number of dimensions): `groups` keep only usage
     /// with these values. Any other parameter is refused.
@@ -441,6 +442,31 @@ async fn soft_crossed(
     Ok(None)
 }
 
+/// The columns of a period's usage by dimension before the dimensions.
+const GROUP_LEAD: &[&str] = &["customer", "meter", "unit", "period_start", "period_end"];
+
+/// A period's usage by dimension as CSV records: one per group, its dimensions in the asked
+/// order (empty where it has none), then its usage.
+fn group_rows<'a>(
+    b: &'a Breakdown,
+    u: &'a PeriodUsage,
+    groups: &'a [Group],
+) -> impl Iterator<Item = Vec<String>> + 'a {
+    groups.iter().map(move |g| {
+        [
+            u.customer.clone(),
+            u.meter.clone(),
+            u.unit.clone(),
+            u.period_start.clone(),
+            u.period_end.clone(),
+        ]
+        .into_iter()
+        .chain(b.csv_cells(&g.dimensions))
+        .chain([g.usage.to_string()])
+        .collect()
+    })
+}
+
 const PERIOD_HEADER: &[&str] = &[
     "customer",
     "meter",
@@ -481,10 +507,10 @@ async fn get_usage(
     let meter = lookup(&s.catalog, &meter_name)?.clone();
     let now = s.clock.now_ms();
     let breakdown = Breakdown::parse(&meter_name, &meter, q.group_by.as_deref(), &q.rest)?;
-    if breakdown.is_some() && (format == Format::Csv || q.window.as_deref() == Some("period")) {
+    if breakdown.is_some() && q.window.as_deref() == Some("period") {
         return Err(ApiError::bad_request(
             "unsupported_breakdown",
-            "group_by and filter apply to the current period and to minute, hour, day and month series, in JSON",
+            "group_by and filter apply to the current period and to minute, hour, day and month series",
         ));
     }
     let record = record(&s, &customer).await?;
@@ -509,7 +535,12 @@ async fn get_usage(
                 .dimension_totals(&customer, &meter_name, period.start_ms, period.end_ms)
                 .await
                 .map_err(|e| ApiError::unavailable(&e))?;
-            u.groups = Some(b.groups(&totals));
+            let groups = b.groups(&totals);
+            if format == Format::Csv {
+                let header = b.csv_header(GROUP_LEAD, &["usage"]);
+                return reply(format, &(), &header, group_rows(&b, &u, &groups));
+            }
+            u.groups = Some(groups);
         }
         return reply(format, &u, PERIOD_HEADER, [&u]);
     }
@@ -546,8 +577,29 @@ async fn get_usage(
             .dimension_series(&customer, &meter_name, from, to, w)
             .await
             .map_err(|e| ApiError::unavailable(&e))?;
-        let groups = b
-            .series_groups(per_key)
+        let grouped = b.series_groups(per_key);
+        if format == Format::Csv {
+            let header = b.csv_header(
+                &["customer", "meter", "unit", "window"],
+                &["start", "end", "value"],
+            );
+            let rows = grouped.iter().flat_map(|(dims, points)| {
+                points.iter().map(|(start, value)| {
+                    [customer.clone(), meter_name.clone(), meter.unit.clone()]
+                        .into_iter()
+                        .chain([window_name(window).to_owned()])
+                        .chain(b.csv_cells(dims))
+                        .chain([
+                            rfc3339(*start),
+                            rfc3339(bucket_end(w, *start)),
+                            value.to_string(),
+                        ])
+                        .collect::<Vec<String>>()
+                })
+            });
+            return reply(format, &(), &header, rows);
+        }
+        let groups = grouped
             .into_iter()
             .map(|(dimensions, points)| SeriesGroup {
                 dimensions,
@@ -800,13 +852,21 @@ impl SeriesQuery {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SummaryQuery {
     /// Customer id.
     customer: Option<String>,
     /// json (default) or csv.
     format: Option<String>,
+    /// Break each meter that has these dimensions down by them, comma-separated
+    /// (`region,model`): those meters list `groups`; in CSV, the reply is one row per meter and
+    /// group. Each dimension must be one of some meter's.
+    group_by: Option<String>,
+    /// `filter[<dimension>]=<value>`: `groups` keep only usage with these values (and only
+    /// meters with these dimensions are broken down). Any other parameter is refused.
+    #[serde(flatten)]
+    #[param(ignore)]
+    rest: BTreeMap<String, String>,
 }
 
 /// A customer's current billing period across every meter.
@@ -833,6 +893,10 @@ pub struct MeterUsage {
     #[schema(value_type = String)]
     pub state: quota::UsageState,
     pub grace_until: Option<String>,
+    /// With `group_by` or `filter[...]`, for a meter with those dimensions: its usage by
+    /// dimension, largest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<Group>>,
 }
 
 /// The current-period summary of one customer across meters.
@@ -856,6 +920,8 @@ async fn get_summary(
     let format = Format::of(q.format.as_deref(), &headers)?;
     let customer = customer_param(q.customer)?;
     let now = s.clock.now_ms();
+    let breakdown =
+        Breakdown::parse_across(s.catalog.meters.values(), q.group_by.as_deref(), &q.rest)?;
     let record = record(&s, &customer).await?;
     let period = record.period_at(now);
     let meters = catalog_meters(&s.catalog);
@@ -867,7 +933,23 @@ async fn get_summary(
     let mut rows = Vec::with_capacity(meters.len());
     for ((name, _), usage) in meters.iter().zip(usage) {
         let meter = &s.catalog.meters[name];
-        rows.push(period_usage(&s, &customer, &record, name, meter, usage, now).await?);
+        let mut u = period_usage(&s, &customer, &record, name, meter, usage, now).await?;
+        if let Some(b) = breakdown.as_ref().filter(|b| b.applies_to(meter)) {
+            let totals = s
+                .usage
+                .dimension_totals(&customer, name, period.start_ms, period.end_ms)
+                .await
+                .map_err(|e| ApiError::unavailable(&e))?;
+            u.groups = Some(b.groups(&totals));
+        }
+        rows.push(u);
+    }
+    if let (Some(b), Format::Csv) = (&breakdown, format) {
+        let header = b.csv_header(GROUP_LEAD, &["usage"]);
+        let records = rows.iter().flat_map(|u| {
+            group_rows(b, u, u.groups.as_deref().unwrap_or_default()).collect::<Vec<_>>()
+        });
+        return reply(format, &(), &header, records);
     }
     let summary = Summary {
         customer: customer.clone(),
@@ -885,6 +967,7 @@ async fn get_summary(
                 threshold: u.threshold,
                 state: u.state,
                 grace_until: u.grace_until.clone(),
+                groups: u.groups.clone(),
             })
             .collect(),
     };
