@@ -80,11 +80,41 @@ impl Pipeline {
             .collect()
     }
 
+    /// Usage of `meter` per customer and stored dimensions key (`"<customer> <key>"`), as
+    /// ClickHouse has it.
+    fn dimension_totals(&self, meter: &str) -> BTreeMap<String, u64> {
+        let out = self
+            .b
+            .ch
+            .query(&format!(
+                "SELECT concat(customer, ' ', dims), sum(value) FROM {}.usage_block_cells FINAL
+                 WHERE meter = '{meter}' AND customer != '' GROUP BY customer, dims FORMAT TSV",
+                self.b.db
+            ))
+            .unwrap_or_default();
+        out.lines()
+            .filter_map(|l| {
+                let (c, v) = l.split_once('\t')?;
+                Some((c.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Waits until ClickHouse holds exactly `want`; fails after `timeout` or on any excess.
     fn wait_totals(&self, want: &BTreeMap<String, u64>, timeout: Duration) {
+        self.wait_for(|| self.totals(), want, timeout)
+    }
+
+    /// Waits until `read` gives exactly `want`; fails after `timeout` or on any excess.
+    fn wait_for(
+        &self,
+        read: impl Fn() -> BTreeMap<String, u64>,
+        want: &BTreeMap<String, u64>,
+        timeout: Duration,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
-            let got = self.totals();
+            let got = read();
             for (c, v) in &got {
                 let w = want.get(c).copied().unwrap_or(0);
                 assert!(*v <= w, "{c} counted {v}, more than the {w} acknowledged");
@@ -113,6 +143,45 @@ fn batch(tag: &str, size: usize, customers: usize) -> (String, BTreeMap<String, 
             *expected.entry(customer.clone()).or_insert(0) += value;
             json!({"specversion": "1.0", "id": format!("{tag}-{i}"), "source": "edge-1",
                    "type": "api_requests", "subject": customer, "data": {"value": value}})
+        })
+        .collect();
+    (Value::Array(events).to_string(), expected)
+}
+
+/// The payload meters of the tests (`tests/fixtures/payload_meters.toml`) beside the default
+/// catalogue, written to `dir`; the environment that gives them to a process.
+fn payload_catalogue(dir: &std::path::Path) -> (&'static str, String) {
+    let path = dir.join("payload_catalog.toml");
+    let text = format!(
+        "{}\n{}",
+        tally_schemas::catalog::DEFAULT_CATALOG_TOML,
+        include_str!("fixtures/payload_meters.toml")
+    );
+    std::fs::write(&path, text).unwrap();
+    ("TALLY_CATALOG_FILE", path.to_str().unwrap().to_owned())
+}
+
+/// A batch of `size` `request` events with a `bytes` quantity and `region` and `model`
+/// dimensions (some without a model), with what `request_bytes` should count per customer and
+/// dimensions key (`"<customer> <key>"`).
+fn dimensioned_batch(tag: &str, size: usize, customers: usize) -> (String, BTreeMap<String, u64>) {
+    let mut expected = BTreeMap::new();
+    let events: Vec<Value> = (0..size)
+        .map(|i| {
+            let (customer, j) = (format!("cust-{}", i % customers), i / customers);
+            let bytes = 100 + (i as u64 % 7);
+            let region = ["eu", "us", "ap"][j % 3];
+            let mut data = json!({"bytes": bytes, "region": region});
+            let key = if j % 4 == 0 {
+                format!(r#"{{"region":"{region}"}}"#)
+            } else {
+                let model = ["m1", "m2"][j % 2];
+                data["model"] = json!(model);
+                format!(r#"{{"model":"{model}","region":"{region}"}}"#)
+            };
+            *expected.entry(format!("{customer} {key}")).or_insert(0) += bytes;
+            json!({"specversion": "1.0", "id": format!("{tag}-{i}"), "source": "edge-1",
+                   "type": "request", "subject": customer, "data": data})
         })
         .collect();
     (Value::Array(events).to_string(), expected)
@@ -502,17 +571,26 @@ fn an_aggregator_killed_mid_flush_restarts_exact() {
         return;
     }
     let p = Pipeline::shared();
-    let ingest = p.start("ingest");
+    // Plain events, and events of a payload meter with dimensions.
+    let catalogue = payload_catalogue(p.dir.path());
+    let extra = [(catalogue.0, catalogue.1.as_str())];
+    let ingest = p.start_with("ingest", &extra);
     let want = Arc::new(Mutex::new(BTreeMap::new()));
+    let want_dims = Arc::new(Mutex::new(BTreeMap::new()));
     let done = Arc::new(AtomicBool::new(false));
     let loader = {
-        let (want, done) = (want.clone(), done.clone());
+        let (want, want_dims, done) = (want.clone(), want_dims.clone(), done.clone());
         let api = ingest.api.clone();
         std::thread::spawn(move || {
             for k in 0..60 {
                 let (body, expected) = batch(&format!("kill-{k}"), 500, 50);
                 post_until_accepted(&api, &body);
                 add(&mut want.lock().unwrap(), &expected);
+                if k % 3 == 0 {
+                    let (body, expected) = dimensioned_batch(&format!("kill-dims-{k}"), 300, 20);
+                    post_until_accepted(&api, &body);
+                    add(&mut want_dims.lock().unwrap(), &expected);
+                }
             }
             done.store(true, Ordering::SeqCst);
         })
@@ -520,16 +598,24 @@ fn an_aggregator_killed_mid_flush_restarts_exact() {
     // Kill -9 the aggregator over and over while batches are flowing and being written.
     let mut kills = 0;
     while !done.load(Ordering::SeqCst) || kills < 3 {
-        let mut aggregator = p.start("aggregator");
+        let mut aggregator = p.start_with("aggregator", &extra);
         std::thread::sleep(Duration::from_millis(400 + 300 * (kills % 3)));
         aggregator.child.kill().unwrap();
         aggregator.child.wait().unwrap();
         kills += 1;
     }
     loader.join().unwrap();
-    let _aggregator = p.start("aggregator");
+    let _aggregator = p.start_with("aggregator", &extra);
     let want = want.lock().unwrap().clone();
     p.wait_totals(&want, Duration::from_secs(120));
+    // Every customer's usage per dimensions key, exactly once.
+    let want_dims = want_dims.lock().unwrap().clone();
+    assert_eq!(want_dims.len(), 20 * 9, "20 customers x 9 dimension keys");
+    p.wait_for(
+        || p.dimension_totals("request_bytes"),
+        &want_dims,
+        Duration::from_secs(60),
+    );
     assert!(kills >= 3);
 }
 
