@@ -452,3 +452,96 @@ async fn each_user_counts_once_and_new_values_past_the_cap_are_refused() {
         "{b}"
     );
 }
+
+/// A plan limits a meter within a filter: `eu_requests` counts the `request` events whose
+/// region is `eu`, and a plan gives it a limit; requests of other regions never count toward
+/// it, and the thresholds, the soft limit and the block apply to the filtered usage alone.
+#[tokio::test]
+async fn a_plan_limits_a_meter_within_a_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.toml");
+    let plan = r#"
+[plans.edge_eu]
+display_name = "Edge EU"
+on_limit = "block"
+limits = { eu_requests = 10 }
+"#;
+    let catalog = format!(
+        "{}\n{METERS}\n{plan}",
+        tally_schemas::catalog::DEFAULT_CATALOG_TOML
+    );
+    std::fs::write(&path, catalog).unwrap();
+    let mut config = common::config(dir.path());
+    config.catalog_file = Some(path);
+    let t = Tally::start_with(dir, config).await;
+    let (s, b) = t.put("/v1/customers/c9", json!({"plan": "edge_eu"})).await;
+    assert_eq!(s.as_u16(), 200, "{b}");
+    let requests = |from: usize, n: usize, region: &'static str| {
+        Value::Array(
+            (from..from + n)
+                .map(|i| {
+                    event(
+                        &format!("{region}-{i}"),
+                        "c9",
+                        "request",
+                        json!({"bytes": 1, "region": region}),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let post = |events: Value| {
+        let t = &t;
+        async move {
+            let (s, b) = t
+                .post("/v1/events", "application/json", events.to_string())
+                .await;
+            assert_eq!(s.as_u16(), 202, "{b}");
+        }
+    };
+    post(requests(0, 7, "eu")).await;
+    post(requests(0, 30, "us")).await;
+    t.wait_usage("c9", "eu_requests", 7).await;
+    t.wait_usage("c9", "requests", 37).await;
+    let decision = |b: &Value| (b["decision"].clone(), b["limit"].clone());
+    // 7 + 1 of 10: warn; the other regions' 30 requests count only toward `requests`.
+    let (s, _, b) = t.check("c9", "eu_requests", 1).await;
+    assert_eq!(
+        (s.as_u16(), decision(&b)),
+        (200, (json!("warn"), json!(10))),
+        "{b}"
+    );
+    let (s, _, b) = t.check("c9", "requests", 1).await;
+    assert_eq!(
+        (s.as_u16(), b["decision"].clone()),
+        (200, json!("allow")),
+        "{b}"
+    );
+    // 10 of 10: the soft limit, still allowed.
+    post(requests(7, 3, "eu")).await;
+    t.wait_usage("c9", "eu_requests", 10).await;
+    let (s, _, b) = t.check("c9", "eu_requests", 0).await;
+    assert_eq!(s.as_u16(), 200, "{b}");
+    // 11 + 1 of 10 is past 110 %: blocked, while another region goes on.
+    post(requests(10, 1, "eu")).await;
+    t.wait_usage("c9", "eu_requests", 11).await;
+    let (s, _, b) = t.check("c9", "eu_requests", 1).await;
+    assert_eq!(
+        (s.as_u16(), b["decision"].clone()),
+        (429, json!("block")),
+        "{b}"
+    );
+    t.wait_stored("c9", "eu_requests", 11).await;
+    let (_, b) = t.get("/v1/usage?customer=c9&meter=eu_requests").await;
+    assert_eq!(
+        (b["usage"].clone(), b["limit"].clone(), b["state"].clone()),
+        (json!(11), json!(10), json!("blocked")),
+        "{b}"
+    );
+    let (s, _, b) = t.check("c9", "requests", 1).await;
+    assert_eq!(
+        (s.as_u16(), b["decision"].clone()),
+        (200, json!("allow")),
+        "{b}"
+    );
+}
