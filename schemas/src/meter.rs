@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::event::EventError;
-use crate::path::{Ambiguous, JsonPath, Payload};
+use crate::path::{Ambiguous, JsonPath, Payload, Scalar};
 
 /// `data.value`, the quantity of the first meters.
 static DATA_VALUE: std::sync::LazyLock<JsonPath> =
@@ -166,35 +166,29 @@ impl EventType {
             let value = match &r.value {
                 ValueRule::One => 1,
                 ValueRule::Distinct(p) => {
-                    let v = data.get(p).map_err(|Ambiguous| ambiguous(p))?;
-                    let text = v
-                        .as_deref()
-                        .map(|v| value_text(p, v))
-                        .transpose()?
-                        .flatten();
+                    let v = data.scalar(p).map_err(|Ambiguous| ambiguous(p))?;
+                    let text = v.map(|v| value_text(p, v)).transpose()?.flatten();
                     let Some(text) = text else {
                         return Err(missing(&r.meter, p));
                     };
                     distinct = Some(text);
                     1
                 }
-                ValueRule::DataValue => match data.get(&DATA_VALUE).ok().flatten().as_deref() {
-                    None | Some(Value::Null) => scaled(1, r.scale)?,
-                    Some(v) => quantity(v, r.scale)?,
+                ValueRule::DataValue => match data.scalar(&DATA_VALUE).ok().flatten() {
+                    None | Some(Scalar::Null) => scaled(1, r.scale)?,
+                    Some(v) => scalar_quantity(&v, r.scale)?,
                 },
-                ValueRule::Path(p) => {
-                    match data.get(p).map_err(|Ambiguous| ambiguous(p))?.as_deref() {
-                        None | Some(Value::Null) => return Err(missing(&r.meter, p)),
-                        Some(v) => quantity(v, r.scale)?,
-                    }
-                }
+                ValueRule::Path(p) => match data.scalar(p).map_err(|Ambiguous| ambiguous(p))? {
+                    None | Some(Scalar::Null) => return Err(missing(&r.meter, p)),
+                    Some(v) => scalar_quantity(&v, r.scale)?,
+                },
             };
             let mut dimensions = Vec::with_capacity(r.group_by.len());
             for (name, path) in &r.group_by {
-                let Some(v) = data.get(path).map_err(|Ambiguous| ambiguous(path))? else {
+                let Some(v) = data.scalar(path).map_err(|Ambiguous| ambiguous(path))? else {
                     continue;
                 };
-                if let Some(value) = dimension_value(name, &v)? {
+                if let Some(value) = dimension_value(name, v)? {
                     dimensions.push(Dimension {
                         name: name.clone(),
                         value,
@@ -229,15 +223,13 @@ fn missing(meter: &str, p: &JsonPath) -> EventError {
 
 /// A string, number or boolean as text, at most [`MAX_DIMENSION_BYTES`]; `None` for JSON null
 /// (no value); `Err(why)` for anything else.
-fn scalar_text(v: &Value) -> Result<Option<String>, String> {
+fn scalar_text(v: Scalar<'_>) -> Result<Option<String>, String> {
     let text = match v {
-        Value::Null => return Ok(None),
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Array(_) | Value::Object(_) => {
-            return Err("must be a string, number or boolean".into());
-        }
+        Scalar::Null => return Ok(None),
+        Scalar::Str(s) => s.into_owned(),
+        Scalar::Number(n) => n.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+        Scalar::Compound => return Err("must be a string, number or boolean".into()),
     };
     if text.len() > MAX_DIMENSION_BYTES {
         return Err(format!("is longer than {MAX_DIMENSION_BYTES} bytes"));
@@ -246,12 +238,12 @@ fn scalar_text(v: &Value) -> Result<Option<String>, String> {
 }
 
 /// A dimension's value as text; `None` for JSON null (no value).
-fn dimension_value(name: &str, v: &Value) -> Result<Option<String>, EventError> {
+fn dimension_value(name: &str, v: Scalar<'_>) -> Result<Option<String>, EventError> {
     scalar_text(v).map_err(|why| EventError::InvalidDimension(format!("dimension `{name}` {why}")))
 }
 
 /// A `unique_count` meter's value as text; `None` for JSON null (no value).
-fn value_text(path: &JsonPath, v: &Value) -> Result<Option<String>, EventError> {
+fn value_text(path: &JsonPath, v: Scalar<'_>) -> Result<Option<String>, EventError> {
     scalar_text(v).map_err(|why| EventError::InvalidValue(format!("`{path}` {why}")))
 }
 
@@ -267,8 +259,12 @@ fn scaled(whole: u64, scale: u8) -> Result<u64, EventError> {
 /// A quantity in the meter's smallest unit, exactly: a JSON number (whole numbers of any size
 /// up to the cap; decimals of at most 15 significant digits) or a decimal string.
 pub fn quantity(v: &Value, scale: u8) -> Result<u64, EventError> {
+    scalar_quantity(&Scalar::of(v), scale)
+}
+
+fn scalar_quantity(v: &Scalar<'_>, scale: u8) -> Result<u64, EventError> {
     match v {
-        Value::Number(n) => {
+        Scalar::Number(n) => {
             if let Some(whole) = n.as_u64() {
                 return scaled(whole, scale);
             }
@@ -294,7 +290,7 @@ pub fn quantity(v: &Value, scale: u8) -> Result<u64, EventError> {
             }
             decimal(&text, scale)
         }
-        Value::String(s) => decimal(s.trim(), scale),
+        Scalar::Str(s) => decimal(s.trim(), scale),
         _ => Err(EventError::InvalidValue(
             "the quantity must be a number or a decimal string".into(),
         )),

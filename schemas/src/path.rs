@@ -129,6 +129,37 @@ impl<'a> Payload<'a> {
         }
     }
 
+    /// The one value `path` names, as a [`Scalar`]: like [`Payload::get`], without building
+    /// the value (a string is borrowed from the event's text where it has no escapes).
+    pub fn scalar(&self, path: &JsonPath) -> Result<Option<Scalar<'_>>, Ambiguous> {
+        if let (Payload::Raw { raw, top, .. }, Some(names)) = (self, &path.members)
+            && let Some((first, deeper)) = names.split_first()
+        {
+            let Some(root) = *raw else {
+                return Ok(None);
+            };
+            let top = top.get_or_init(|| members(root));
+            let Some(mut at) = top.iter().rev().find(|(k, _)| k == first).map(|(_, v)| *v) else {
+                return Ok(None);
+            };
+            for name in deeper {
+                match member(at, name) {
+                    Some(next) => at = next,
+                    None => return Ok(None),
+                }
+            }
+            return Ok(Scalar::parse(at.get()));
+        }
+        Ok(match self.get(path)? {
+            None => None,
+            Some(Cow::Borrowed(v)) => Some(Scalar::of(v)),
+            Some(Cow::Owned(v)) => Some(match v {
+                Value::String(s) => Scalar::Str(Cow::Owned(s)),
+                other => Scalar::of(&other).into_static(),
+            }),
+        })
+    }
+
     /// The one value `path` names: `None` when it names none, [`Ambiguous`] when several.
     pub fn get(&self, path: &JsonPath) -> Result<Option<Cow<'_, Value>>, Ambiguous> {
         match self {
@@ -161,6 +192,105 @@ impl<'a> Payload<'a> {
                 Ok(path.get(whole)?.map(Cow::Borrowed))
             }
         }
+    }
+}
+
+/// One value of `data` as a meter reads it: a scalar, with a string borrowed from the event's
+/// text when it has no escapes, or a mark that it was an array or object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(Cow<'a, str>),
+    /// An array or an object.
+    Compound,
+}
+
+impl<'a> Scalar<'a> {
+    /// The scalar of a built value (strings borrowed from it).
+    pub fn of(v: &'a Value) -> Scalar<'a> {
+        match v {
+            Value::Null => Scalar::Null,
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::Number(n) => Scalar::Number(n.clone()),
+            Value::String(s) => Scalar::Str(Cow::Borrowed(s)),
+            Value::Array(_) | Value::Object(_) => Scalar::Compound,
+        }
+    }
+
+    /// The same scalar, owning its string.
+    pub fn into_static(self) -> Scalar<'static> {
+        match self {
+            Scalar::Null => Scalar::Null,
+            Scalar::Bool(b) => Scalar::Bool(b),
+            Scalar::Number(n) => Scalar::Number(n),
+            Scalar::Str(s) => Scalar::Str(Cow::Owned(s.into_owned())),
+            Scalar::Compound => Scalar::Compound,
+        }
+    }
+
+    /// Reads one JSON value's text: its scalar, strings borrowed; arrays and objects skipped.
+    fn parse(text: &'a str) -> Option<Scalar<'a>> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_none<E>(self) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Number(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Number(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar<'de>, E> {
+                // JSON text has no non-finite numbers; as `Value` does, they would read as null.
+                Ok(serde_json::Number::from_f64(v).map_or(Scalar::Null, Scalar::Number))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Scalar<'de>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Compound)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Scalar<'de>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Scalar::Compound)
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 

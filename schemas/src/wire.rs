@@ -10,10 +10,9 @@ use crate::{Result, UsageEvent};
 /// Content type of an encoded record (a Kafka header carries it).
 pub const CONTENT_TYPE: &str = "application/x-protobuf; messageType=tally.v1.UsageEvent";
 
-/// Appends the encoding of `event` to `buf`.
+/// Appends the encoding of `event` to `buf` (which grows as needed: callers reuse one buffer,
+/// so sizing it first would only walk the event twice).
 pub fn encode_into(event: &UsageEvent, buf: &mut Vec<u8>) {
-    // Encoding into a Vec cannot run out of capacity.
-    buf.reserve(event.encoded_len());
     event.encode_raw(buf);
 }
 
