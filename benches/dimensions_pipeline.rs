@@ -13,25 +13,20 @@
 //! last), the process's CPU seconds per million events, and the ratio of dimensioned to plain.
 //! Each run then checks through the query API that one customer's usage reads back exactly.
 
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tally_process::{Tally, post_all};
+
+#[path = "tally_process.rs"]
+mod tally_process;
 
 const BATCH: usize = 1_000;
 const CLIENTS: usize = 8;
 
-/// The payload meter of the dimensioned runs, beside the default catalogue.
-const DIMENSIONED: &str = r#"
-[meters.request_bytes]
-event_type = "request"
-value = "$.bytes"
-aggregation = "sum"
-unit = "bytes"
-group_by = { region = "$.region", model = "$.model", route = "$.route" }
-"#;
+/// The payload meter of the dimensioned runs, beside the default catalogue (the same as
+/// `benches/hot_paths.rs`'s).
+const DIMENSIONED: &str = include_str!("fixtures/request_bytes.toml");
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -75,122 +70,6 @@ impl Kind {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running `tally run`.
-struct Tally {
-    child: Child,
-    api: String,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Tally {
-    fn start() -> Tally {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = dir.path().join("catalog.toml");
-        std::fs::write(
-            &catalog,
-            format!(
-                "{}\n{DIMENSIONED}",
-                tally_schemas::catalog::DEFAULT_CATALOG_TOML
-            ),
-        )
-        .unwrap();
-        let (api, admin) = (free_port(), free_port());
-        let bin = std::env::var("TALLY_BIN").expect("TALLY_BIN: the release tally binary");
-        let child = Command::new(bin)
-            .arg("run")
-            .env("TALLY_DATA_DIR", dir.path().join("data"))
-            .env("TALLY_CATALOG_FILE", &catalog)
-            .env("TALLY_LISTEN", format!("127.0.0.1:{api}"))
-            .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("TALLY_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let t = Tally {
-            child,
-            api: format!("http://127.0.0.1:{api}"),
-            admin: format!("http://127.0.0.1:{admin}"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while reqwest::blocking::get(format!("{}/readyz", t.admin))
-            .map(|r| !r.status().is_success())
-            .unwrap_or(true)
-        {
-            assert!(Instant::now() < deadline, "tally run did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        t
-    }
-
-    /// The value of an unlabelled metric (0 when absent).
-    fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::blocking::get(format!("{}/metrics", self.admin))
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// CPU seconds (user + system) used so far.
-    fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        ticks / 100.0
-    }
-}
-
-impl Drop for Tally {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Posts every body with `CLIENTS` concurrent clients.
-fn post_all(api: &str, bodies: Vec<String>) {
-    let next = Arc::new(AtomicU64::new(0));
-    let bodies = Arc::new(bodies);
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (next, bodies, api) = (next.clone(), bodies.clone(), api.to_owned());
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(body) = bodies.get(i) else { break };
-                    let r = client
-                        .post(format!("{api}/v1/events"))
-                        .header("content-type", "application/cloudevents-batch+json")
-                        .body(body.clone())
-                        .send()
-                        .unwrap();
-                    assert_eq!(r.status().as_u16(), 202, "{}", r.text().unwrap_or_default());
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-}
-
 struct Figures {
     ingest: f64,
     end_to_end: f64,
@@ -209,10 +88,18 @@ fn run(kind: Kind, run: usize, events: usize, customers: usize) -> Figures {
             .to_string()
         })
         .collect();
-    let tally = Tally::start();
+    let catalog = tempfile::tempdir().unwrap();
+    let path = catalog.path().join("catalog.toml");
+    let text = format!(
+        "{}\n{DIMENSIONED}",
+        tally_schemas::catalog::DEFAULT_CATALOG_TOML
+    );
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    let tally = Tally::start("run", &[("TALLY_CATALOG_FILE", path)]);
     let cpu = tally.cpu_seconds();
     let started = Instant::now();
-    post_all(&tally.api, bodies);
+    post_all(&tally.api, bodies, BATCH, CLIENTS);
     let ingested = started.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(600);
     while tally.metric("tally_aggregator_events_total") < events as f64 {

@@ -104,14 +104,7 @@ fn rollup(c: &mut Criterion) {
 }
 
 /// A meter over the payload with three dimensions, beside the built-in plain meters.
-const DIMENSIONED: &str = r#"
-[meters.request_bytes]
-event_type = "request"
-value = "$.bytes"
-aggregation = "sum"
-unit = "bytes"
-group_by = { region = "$.region", model = "$.model", route = "$.route" }
-"#;
+const DIMENSIONED: &str = include_str!("fixtures/request_bytes.toml");
 
 fn dimensioned_json(i: usize) -> String {
     let region = ["eu", "us", "ap", "sa"][i % 4];

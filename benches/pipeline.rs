@@ -24,7 +24,7 @@
 //! Environment: `BENCH_KAFKA_FAST` (a broker for produce-only runs), `BENCH_KAFKA` (a broker
 //! for runs that consume), `BENCH_CLICKHOUSE` (HTTP URL), `TALLY_BIN` (the release binary).
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +32,11 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
+use tally_process::{Tally, cpu_seconds};
 use tally_schemas::{UsageEvent, wire};
+
+#[path = "tally_process.rs"]
+mod tally_process;
 
 const RUNS: usize = 3;
 const BATCH: usize = 1_000;
@@ -69,14 +73,6 @@ fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run benches/pipeline.sh"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
@@ -84,80 +80,6 @@ fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// A running `tally` process.
-struct Tally {
-    child: Child,
-    api: String,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Tally {
-    fn start(command: &str, env: &[(&str, String)]) -> Tally {
-        let dir = tempfile::tempdir().unwrap();
-        let (api, admin) = (free_port(), free_port());
-        let child = Command::new(self::env("TALLY_BIN"))
-            .arg(command)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("TALLY_DATA_DIR", dir.path())
-            .env("TALLY_LISTEN", format!("127.0.0.1:{api}"))
-            .env("TALLY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("TALLY_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Tally {
-            child,
-            api: format!("http://127.0.0.1:{api}"),
-            admin: format!("http://127.0.0.1:{admin}"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::blocking::get(format!("http://127.0.0.1:{admin}/readyz"))
-            .map(|r| !r.status().is_success())
-            .unwrap_or(true)
-        {
-            assert!(Instant::now() < deadline, "tally {command} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        t
-    }
-
-    /// The value of an unlabelled metric (0 when absent).
-    fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::blocking::get(format!("{}/metrics", self.admin))
-            .and_then(|r| r.text())
-            .unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// CPU seconds (user + system) used so far.
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.child.id())
-    }
-}
-
-impl Drop for Tally {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
 fn settings(brokers: &str, topic: &str, db: &str) -> Vec<(&'static str, String)> {
@@ -234,32 +156,7 @@ fn encoded_for(tag: &str, n: usize, customers: usize) -> Vec<(String, Vec<u8>)> 
 
 /// Posts every body with `CLIENTS` concurrent clients; events/s.
 fn post_all(api: &str, bodies: Vec<String>) -> f64 {
-    let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let bodies = Arc::new(bodies);
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (next, bodies, api) = (next.clone(), bodies.clone(), api.to_owned());
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(body) = bodies.get(i) else { break };
-                    let r = client
-                        .post(format!("{api}/v1/events"))
-                        .header("content-type", "application/cloudevents-batch+json")
-                        .body(body.clone())
-                        .send()
-                        .unwrap();
-                    assert_eq!(r.status().as_u16(), 202);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    (bodies.len() * BATCH) as f64 / started.elapsed().as_secs_f64()
+    tally_process::post_all(api, bodies, BATCH, CLIENTS)
 }
 
 /// The raw librdkafka producer: the same settings as Tally's, every event awaited.

@@ -63,32 +63,23 @@ impl Pipeline {
 
     /// Additive usage per customer of `api_requests`, as ClickHouse has it.
     fn totals(&self) -> BTreeMap<String, u64> {
-        let out = self
-            .b
-            .ch
-            .query(&format!(
-                "SELECT customer, sum(value) FROM {}.usage_block_cells FINAL
-                 WHERE meter = 'api_requests' AND customer != '' GROUP BY customer FORMAT TSV",
-                self.b.db
-            ))
-            .unwrap_or_default();
-        out.lines()
-            .filter_map(|l| {
-                let (c, v) = l.split_once('\t')?;
-                Some((c.to_owned(), v.parse().ok()?))
-            })
-            .collect()
+        self.sums("customer", "api_requests", "customer")
     }
 
     /// Usage of `meter` per customer and stored dimensions key (`"<customer> <key>"`), as
     /// ClickHouse has it.
     fn dimension_totals(&self, meter: &str) -> BTreeMap<String, u64> {
+        self.sums("concat(customer, ' ', dims)", meter, "customer, dims")
+    }
+
+    /// `sum(value)` of `meter`'s cells per `key`, grouped by `group`.
+    fn sums(&self, key: &str, meter: &str, group: &str) -> BTreeMap<String, u64> {
         let out = self
             .b
             .ch
             .query(&format!(
-                "SELECT concat(customer, ' ', dims), sum(value) FROM {}.usage_block_cells FINAL
-                 WHERE meter = '{meter}' AND customer != '' GROUP BY customer, dims FORMAT TSV",
+                "SELECT {key}, sum(value) FROM {}.usage_block_cells FINAL
+                 WHERE meter = '{meter}' AND customer != '' GROUP BY {group} FORMAT TSV",
                 self.b.db
             ))
             .unwrap_or_default();
