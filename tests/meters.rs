@@ -12,12 +12,22 @@ use serde_json::{Value, json};
 const METERS: &str = include_str!("fixtures/payload_meters.toml");
 
 async fn start() -> Tally {
+    start_with("", |_| {}).await
+}
+
+/// The embedded pipeline with the payload meters and `more` (TOML) added to the default
+/// catalogue, and the test configuration changed by `tweak`.
+async fn start_with(more: &str, tweak: impl FnOnce(&mut tally::Config)) -> Tally {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
+    let catalog = format!(
+        "{}\n{METERS}\n{more}",
+        tally_schemas::catalog::DEFAULT_CATALOG_TOML
+    );
     let path = dir.path().join("catalog.toml");
     std::fs::write(&path, catalog).unwrap();
     let mut config = common::config(dir.path());
     config.catalog_file = Some(path);
+    tweak(&mut config);
     Tally::start_with(dir, config).await
 }
 
@@ -340,14 +350,7 @@ fn the_readme_example_meters_load() {
 /// an event with a new one is refused; known combinations and other customers go on.
 #[tokio::test]
 async fn new_dimension_combinations_past_the_cap_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("catalog.toml");
-    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
-    std::fs::write(&path, catalog).unwrap();
-    let mut config = common::config(dir.path());
-    config.catalog_file = Some(path);
-    config.max_dimension_combinations = 2;
-    let t = Tally::start_with(dir, config).await;
+    let t = start_with("", |c| c.max_dimension_combinations = 2).await;
     let post = |events: Value| {
         let t = &t;
         async move {
@@ -388,14 +391,7 @@ async fn new_dimension_combinations_past_the_cap_are_refused() {
 /// customer's event with one more is refused with its code, and known values go on.
 #[tokio::test]
 async fn each_user_counts_once_and_new_values_past_the_cap_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("catalog.toml");
-    let catalog = format!("{}\n{METERS}", tally_schemas::catalog::DEFAULT_CATALOG_TOML);
-    std::fs::write(&path, catalog).unwrap();
-    let mut config = common::config(dir.path());
-    config.catalog_file = Some(path);
-    config.max_distinct_values = 3;
-    let t = Tally::start_with(dir, config).await;
+    let t = start_with("", |c| c.max_distinct_values = 3).await;
     let post = |events: Value| {
         let t = &t;
         async move {
@@ -458,22 +454,13 @@ async fn each_user_counts_once_and_new_values_past_the_cap_are_refused() {
 /// it, and the thresholds, the soft limit and the block apply to the filtered usage alone.
 #[tokio::test]
 async fn a_plan_limits_a_meter_within_a_filter() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("catalog.toml");
     let plan = r#"
 [plans.edge_eu]
 display_name = "Edge EU"
 on_limit = "block"
 limits = { eu_requests = 10 }
 "#;
-    let catalog = format!(
-        "{}\n{METERS}\n{plan}",
-        tally_schemas::catalog::DEFAULT_CATALOG_TOML
-    );
-    std::fs::write(&path, catalog).unwrap();
-    let mut config = common::config(dir.path());
-    config.catalog_file = Some(path);
-    let t = Tally::start_with(dir, config).await;
+    let t = start_with(plan, |_| {}).await;
     let (s, b) = t.put("/v1/customers/c9", json!({"plan": "edge_eu"})).await;
     assert_eq!(s.as_u16(), 200, "{b}");
     let requests = |from: usize, n: usize, region: &'static str| {
