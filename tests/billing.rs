@@ -21,6 +21,36 @@ fn now_rfc3339_minus(minutes: i64) -> String {
     tally_schemas::period::rfc3339(now - minutes * 60_000)
 }
 
+/// `tally billing reconcile` over the last `minutes` (to a minute ahead) finds no difference.
+fn assert_reconciled<I, K, V>(env: I, data_dir: &std::path::Path, minutes: i64)
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "billing",
+            "reconcile",
+            "--from",
+            &now_rfc3339_minus(minutes),
+            "--to",
+            &now_rfc3339_minus(-1),
+        ])
+        .envs(env)
+        .env("TALLY_DATA_DIR", data_dir)
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(printed.trim(), "no differences");
+}
+
 fn put_customer(p: &Proc, id: &str, stripe: &str) {
     let r = reqwest::blocking::Client::new()
         .put(format!("{}/v1/customers/{id}", p.api))
@@ -146,27 +176,7 @@ fn fault_run(api: &str) {
     drop(inner);
 
     // `tally billing reconcile` finds no difference.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "billing",
-            "reconcile",
-            "--from",
-            &now_rfc3339_minus(30 * 1440),
-            "--to",
-            &now_rfc3339_minus(-1),
-        ])
-        .envs(env)
-        .env("TALLY_DATA_DIR", dir.path())
-        .env("TALLY_LOG", "warn")
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(printed.trim(), "no differences");
+    assert_reconciled(env, dir.path(), 30 * 1440);
     // Tally's own totals agree with what Stripe holds.
     let client = reqwest::blocking::Client::new();
     for c in 0..10 {
@@ -752,25 +762,5 @@ fn figures_run(api: &str) {
         .collect();
     assert_eq!(ids.len(), 6);
     drop(inner);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args([
-            "billing",
-            "reconcile",
-            "--from",
-            &now_rfc3339_minus(1440),
-            "--to",
-            &now_rfc3339_minus(-1),
-        ])
-        .envs(env)
-        .env("TALLY_DATA_DIR", dir.path())
-        .env("TALLY_LOG", "warn")
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(printed.trim(), "no differences");
+    assert_reconciled(env, dir.path(), 1440);
 }
