@@ -84,7 +84,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tally_backends::backoff::Backoff;
 use tally_backends::store::Store;
-use tally_schemas::period::{minute_of, rfc3339};
+use tally_schemas::period::{Period, minute_of, rfc3339};
 use tally_schemas::{Catalog, Clock, Customer};
 use tokio_util::sync::CancellationToken;
 
@@ -571,16 +571,8 @@ async fn due(
     let current = record.period_at(until - 1);
     let previous = record.period_at(current.start_ms - 1);
     if !aggregation.is_additive() {
-        // A customer seen for the first time is billed from its current period.
-        let periods = if mark.figures.is_empty() {
-            vec![current]
-        } else {
-            vec![previous, current]
-        };
-        for period in periods {
-            if period.end_ms <= now_ms - STRIPE_MAX_AGE_MS {
-                continue;
-            }
+        let first = mark.figures.is_empty();
+        for period in open_periods(first, previous, current, now_ms) {
             let upto = period.end_ms.min(until);
             let figure = store
                 .total(customer, meter, aggregation, period.start_ms, upto)
@@ -592,9 +584,7 @@ async fn due(
                 None if figure == 0 => continue,
                 _ => {}
             }
-            let timestamp_s = (upto - 1_000)
-                .max(period.start_ms)
-                .max(now_ms - STRIPE_MAX_AGE_MS)
+            let timestamp_s = report_timestamp_ms(upto, period.start_ms, now_ms)
                 .div_euclid(1000)
                 .max(sent.map_or(i64::MIN, |f| f.timestamp_s + 1))
                 .min((period.end_ms - 1).div_euclid(1000))
@@ -617,16 +607,7 @@ async fn due(
         }
         return Ok(None);
     }
-    // A customer seen for the first time is billed from its current period.
-    let periods = if mark.ranges.is_empty() {
-        vec![current]
-    } else {
-        vec![previous, current]
-    };
-    for period in periods {
-        if period.end_ms <= now_ms - STRIPE_MAX_AGE_MS {
-            continue;
-        }
+    for period in open_periods(mark.ranges.is_empty(), previous, current, now_ms) {
         // The period with the ranges reported before that it overlaps: after a billing period
         // moved, what was reported under the old periods counts against the new one.
         let (start, end, done) = mark.covering(period.start_ms, period.end_ms);
@@ -649,10 +630,7 @@ async fn due(
         if total == done {
             continue;
         }
-        let timestamp_ms = (upto - 1_000)
-            .max(period.start_ms)
-            .max(now_ms - STRIPE_MAX_AGE_MS)
-            .min(now_ms);
+        let timestamp_ms = report_timestamp_ms(upto, period.start_ms, now_ms);
         return Ok(Some(Due::Report(Report {
             customer: customer.to_owned(),
             meter: meter.to_owned(),
@@ -669,6 +647,31 @@ async fn due(
         })));
     }
     Ok(None)
+}
+
+/// The periods a round reports, oldest first: the previous one (unless the customer is seen
+/// for the first time, `first`: billed from its current period) and the current one, each only
+/// while Stripe still accepts its timestamps.
+fn open_periods(
+    first: bool,
+    previous: Period,
+    current: Period,
+    now_ms: i64,
+) -> impl Iterator<Item = Period> {
+    (!first)
+        .then_some(previous)
+        .into_iter()
+        .chain([current])
+        .filter(move |p| p.end_ms > now_ms - STRIPE_MAX_AGE_MS)
+}
+
+/// A report's timestamp, in ms: the last second counted (`upto` exclusive), within the period
+/// (from `period_start_ms`) and Stripe's window (35 days back, not past now).
+fn report_timestamp_ms(upto: i64, period_start_ms: i64, now_ms: i64) -> i64 {
+    (upto - 1_000)
+        .max(period_start_ms)
+        .max(now_ms - STRIPE_MAX_AGE_MS)
+        .min(now_ms)
 }
 
 /// Every (customer, record, Stripe customer id, meter) to report: customers linked to Stripe,

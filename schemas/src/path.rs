@@ -132,23 +132,8 @@ impl<'a> Payload<'a> {
     /// The one value `path` names, as a [`Scalar`]: like [`Payload::get`], without building
     /// the value (a string is borrowed from the event's text where it has no escapes).
     pub fn scalar(&self, path: &JsonPath) -> Result<Option<Scalar<'_>>, Ambiguous> {
-        if let (Payload::Raw { raw, top, .. }, Some(names)) = (self, &path.members)
-            && let Some((first, deeper)) = names.split_first()
-        {
-            let Some(root) = *raw else {
-                return Ok(None);
-            };
-            let top = top.get_or_init(|| members(root));
-            let Some(mut at) = top.iter().rev().find(|(k, _)| k == first).map(|(_, v)| *v) else {
-                return Ok(None);
-            };
-            for name in deeper {
-                match member(at, name) {
-                    Some(next) => at = next,
-                    None => return Ok(None),
-                }
-            }
-            return Ok(Scalar::parse(at.get()));
+        if let Some(at) = self.raw_at(path) {
+            return Ok(at.and_then(|v| Scalar::parse(v.get())));
         }
         Ok(match self.get(path)? {
             None => None,
@@ -162,36 +147,40 @@ impl<'a> Payload<'a> {
 
     /// The one value `path` names: `None` when it names none, [`Ambiguous`] when several.
     pub fn get(&self, path: &JsonPath) -> Result<Option<Cow<'_, Value>>, Ambiguous> {
+        if let Some(at) = self.raw_at(path) {
+            return Ok(at
+                .and_then(|v| serde_json::from_str::<Value>(v.get()).ok())
+                .map(Cow::Owned));
+        }
         match self {
             Payload::Value(v) => Ok(path.get(v)?.map(Cow::Borrowed)),
-            Payload::Raw { raw, top, whole } => {
-                if let Some(names) = &path.members {
-                    let Some(root) = *raw else {
-                        return Ok(None);
-                    };
-                    let Some((first, deeper)) = names.split_first() else {
-                        return Ok(serde_json::from_str::<Value>(root.get())
-                            .ok()
-                            .map(Cow::Owned));
-                    };
-                    let top = top.get_or_init(|| members(root));
-                    // The last of repeated names, like a full parse.
-                    let Some(mut at) = top.iter().rev().find(|(k, _)| k == first).map(|(_, v)| *v)
-                    else {
-                        return Ok(None);
-                    };
-                    for name in deeper {
-                        match member(at, name) {
-                            Some(next) => at = next,
-                            None => return Ok(None),
-                        }
-                    }
-                    return Ok(serde_json::from_str::<Value>(at.get()).ok().map(Cow::Owned));
-                }
+            Payload::Raw { whole, .. } => {
                 let whole = whole.get_or_init(|| self.whole());
                 Ok(path.get(whole)?.map(Cow::Borrowed))
             }
         }
+    }
+
+    /// The text of the value a path of member names names in the raw `data`, walked without
+    /// parsing the rest: `Some(None)` when it names none; `None` when `data` is a built value or
+    /// the path is not made of names (it then takes the general way).
+    fn raw_at(&self, path: &JsonPath) -> Option<Option<&RawValue>> {
+        let (Payload::Raw { raw, top, .. }, Some(names)) = (self, &path.members) else {
+            return None;
+        };
+        let Some(root) = *raw else {
+            return Some(None);
+        };
+        let Some((first, deeper)) = names.split_first() else {
+            return Some(Some(root));
+        };
+        let top = top.get_or_init(|| members(root));
+        // The last of repeated names, like a full parse.
+        let mut at = top.iter().rev().find(|(k, _)| k == first).map(|(_, v)| *v);
+        for name in deeper {
+            at = at.and_then(|v| member(v, name));
+        }
+        Some(at)
     }
 }
 
