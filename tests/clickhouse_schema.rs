@@ -107,6 +107,10 @@ fn the_schema_applies_twice_and_its_read_patterns_hold() {
     q("INSERT INTO {db}.customers VALUES ('c1','{\"plan\":\"free\"}',1), ('c1','{\"plan\":\"starter\"}',2)").unwrap();
     let rec = q("SELECT record FROM {db}.customers FINAL WHERE id = 'c1' FORMAT TSVRaw").unwrap();
     assert_eq!(rec.trim(), "{\"plan\":\"starter\"}");
+    // Meter records: the latest version wins.
+    q("INSERT INTO {db}.meter_definitions VALUES ('tokens','{\"v\":2}',2), ('tokens','{\"v\":1}',1)").unwrap();
+    let meters = q("SELECT name, argMax(record, version) FROM {db}.meter_definitions GROUP BY name FORMAT TSVRaw").unwrap();
+    assert_eq!(meters.trim(), "tokens\t{\"v\":2}");
     // Old de-duplication days are dropped by partition.
     q("INSERT INTO {db}.event_ids VALUES ('2026-10-01',0,'edge','e-1',1), ('2026-11-21',0,'edge','e-2',2)").unwrap();
     q("ALTER TABLE {db}.event_ids DROP PARTITION '2026-10-01'").unwrap();
@@ -140,7 +144,14 @@ fn the_schema_and_its_read_patterns_hold_on_current_clickhouse() {
         ('c3','active_users','2026-11-21 10:00:00',1,0,2,0,1,'','bob'), \
         ('c3','active_users','2026-11-22 09:00:00',1,0,2,1,2,'','ann')";
     statements.push(cells.replace("{db}", db));
+    statements.push(format!(
+        "INSERT INTO {db}.meter_definitions VALUES ('tokens','v2',2), ('tokens','v1',1)"
+    ));
     let checks: Vec<(String, &str)> = [
+        (
+            "SELECT name, argMax(record, version) FROM {db}.meter_definitions GROUP BY name",
+            "tokens\tv2",
+        ),
         (
             "SELECT sum(value) FROM {db}.usage_block_cells FINAL WHERE customer = 'c1'",
             "6",

@@ -153,6 +153,7 @@ store_conformance!(
     billing_marks_keep_the_latest_per_customer_and_meter,
     the_webhook_outbox_keeps_the_latest_state_until_done,
     api_keys_keep_the_latest_version,
+    meter_definitions_keep_the_latest_version,
 );
 
 log_conformance!(
@@ -969,6 +970,37 @@ mod store {
             [
                 ("k1".to_owned(), r#"{"v":3}"#.to_owned()),
                 ("k2".to_owned(), r#"{"v":1}"#.to_owned()),
+            ]
+        );
+    }
+
+    /// Meter records: a later version of a name replaces it, an earlier one does not.
+    pub async fn meter_definitions_keep_the_latest_version(s: &StoreSubject) {
+        let store = &s.store;
+        assert!(store.meter_definitions().await.unwrap().is_empty());
+        store
+            .put_meter_definition("tokens", r#"{"v":1}"#, 1)
+            .await
+            .unwrap();
+        store
+            .put_meter_definition("seats", r#"{"v":1}"#, 1)
+            .await
+            .unwrap();
+        store
+            .put_meter_definition("tokens", r#"{"v":3}"#, 3)
+            .await
+            .unwrap();
+        store
+            .put_meter_definition("tokens", r#"{"v":2}"#, 2)
+            .await
+            .unwrap();
+        let mut meters = store.meter_definitions().await.unwrap();
+        meters.sort();
+        assert_eq!(
+            meters,
+            [
+                ("seats".to_owned(), r#"{"v":1}"#.to_owned()),
+                ("tokens".to_owned(), r#"{"v":3}"#.to_owned()),
             ]
         );
     }

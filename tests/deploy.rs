@@ -310,7 +310,7 @@ fn the_cluster_schema_has_every_table_of_the_migrations() {
             tables += 1;
         }
     }
-    assert_eq!(tables, 10, "tables in the migrations");
+    assert_eq!(tables, 11, "tables in the migrations");
     // Tally's names are the Distributed tables over the sharded ones.
     for name in [
         "usage_block_cells",

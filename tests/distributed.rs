@@ -373,7 +373,7 @@ fn a_replayed_batch_counts_once_in_clickhouse() {
     rt.block_on(async {
         assert_eq!(
             ClickHouseStore::migrate(&config).await.unwrap(),
-            vec![1, 2, 3, 4, 5, 6, 7]
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
         );
         assert!(ClickHouseStore::migrate(&config).await.unwrap().is_empty());
         let store = ClickHouseStore::new(&config);

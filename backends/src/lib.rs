@@ -11,6 +11,8 @@
 //!   [`store::WebhookOutbox`], [`store::ApiKeys`]; [`store::Store`] is all of them); adapters
 //!   [`store::sqlite`] and `store::clickhouse` (cargo feature `clickhouse`), each split by role
 //!   with its schema beside it.
+//! - [`catalog`]: the live catalogue, the file's meters and plans with the meters managed
+//!   through the API, kept fresh from the store.
 //! - [`sqlite`]: how the embedded SQLite databases are opened and used off the async workers.
 //! - [`backoff`]: the one retry schedule of every loop that waits for a backend to come back.
 //! - [`metrics`]: Prometheus metrics of the adapters (commit times, consumer lag).
@@ -21,6 +23,7 @@
 //! against every backend.
 
 pub mod backoff;
+pub mod catalog;
 pub mod error;
 pub mod log;
 pub mod metrics;

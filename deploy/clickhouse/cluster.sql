@@ -17,7 +17,7 @@
 --     `tally migrate` can copy it (empty on a new cluster).
 --   * batch_offsets is fed per shard by materialized views of the cells and read through a
 --     Distributed table (maxMerge over the shards).
---   * customers, notifications, billing_marks, webhook_outbox, api_keys and schema_migrations are small
+--   * customers, notifications, billing_marks, webhook_outbox, api_keys, meter_definitions and schema_migrations are small
 --     and replicated to every node (one replica path for the whole cluster).
 --
 -- Tally's user needs, in its profile:
@@ -142,3 +142,10 @@ CREATE TABLE IF NOT EXISTS tally.api_keys ON CLUSTER tally (
     version UInt64
 ) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/tally/api_keys', '{replica}', version)
 ORDER BY id;
+
+CREATE TABLE IF NOT EXISTS tally.meter_definitions ON CLUSTER tally (
+    name String,
+    record String,
+    version UInt64
+) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/tally/meter_definitions', '{replica}', version)
+ORDER BY name;

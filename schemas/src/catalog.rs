@@ -12,6 +12,9 @@ use crate::meter::{Condition, EventType, MAX_SCALE, Reader, ValueRule};
 use crate::path::JsonPath;
 use crate::{Error, Result};
 
+/// Most meters a catalogue holds, the file's and the managed ones (archived included).
+pub const MAX_METERS: usize = 255;
+
 /// The catalogue Tally ships with.
 pub const DEFAULT_CATALOG_TOML: &str = include_str!("../catalog.toml");
 
@@ -357,9 +360,28 @@ pub struct Catalog {
     pub pricing: Pricing,
     pub meters: BTreeMap<String, Meter>,
     pub plans: BTreeMap<String, Plan>,
-    /// The meters reading each CloudEvents `type`, built from `meters`.
+    /// The meters reading each CloudEvents `type`, built from `meters` (archived meters read
+    /// none).
     #[serde(skip)]
     event_types: BTreeMap<String, EventType>,
+    /// The meters managed through the API (`/v1/meters`) rather than the catalogue file; each
+    /// is in `meters` too.
+    #[serde(skip)]
+    managed: BTreeMap<String, ManagedMeter>,
+}
+
+/// A meter managed through the API (`/v1/meters`), as the store keeps it. Its name is never
+/// one of the catalogue file's meters (the file's meter of a name wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedMeter {
+    pub name: String,
+    pub meter: Meter,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Set once archived: the meter reads no more events; its usage stays readable and its
+    /// name stays taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_ms: Option<i64>,
 }
 
 impl Catalog {
@@ -378,11 +400,57 @@ impl Catalog {
         Catalog::from_toml(DEFAULT_CATALOG_TOML).expect("the built-in catalogue is valid")
     }
 
+    /// The catalogue file's meters and plans with the meters managed through the API added
+    /// (whatever this catalogue held of those before is replaced). A managed meter named like
+    /// one of the file's is left out: the file's wins. Every meter is checked as the file's
+    /// are; archived meters read no events.
+    pub fn with_managed(&self, managed: impl IntoIterator<Item = ManagedMeter>) -> Result<Catalog> {
+        let mut out = self.clone();
+        out.meters
+            .retain(|name, _| !self.managed.contains_key(name));
+        out.managed.clear();
+        for m in managed {
+            if out.meters.contains_key(&m.name) {
+                continue;
+            }
+            out.meters.insert(m.name.clone(), m.meter.clone());
+            out.managed.insert(m.name.clone(), m);
+        }
+        out.check()?;
+        out.event_types = out.index()?;
+        Ok(out)
+    }
+
+    /// The record of a meter managed through the API; `None` for the file's meters.
+    pub fn managed(&self, name: &str) -> Option<&ManagedMeter> {
+        self.managed.get(name)
+    }
+
+    /// Whether `name` is a managed meter that was archived.
+    pub fn is_archived(&self, name: &str) -> bool {
+        self.managed
+            .get(name)
+            .is_some_and(|m| m.archived_ms.is_some())
+    }
+
+    /// Every meter in an order that only grows at its end as meters are added: the file's in
+    /// name order, then the managed ones oldest first (ties by name).
+    pub fn meter_order(&self) -> Vec<&str> {
+        let mut managed: Vec<&ManagedMeter> = self.managed.values().collect();
+        managed.sort_by(|a, b| (a.created_ms, &a.name).cmp(&(b.created_ms, &b.name)));
+        self.meters
+            .keys()
+            .filter(|n| !self.managed.contains_key(*n))
+            .map(String::as_str)
+            .chain(managed.into_iter().map(|m| m.name.as_str()))
+            .collect()
+    }
+
     fn check(&self) -> Result<()> {
-        if self.meters.is_empty() || self.meters.len() > 255 {
-            return Err(Error::Catalog(
-                "the catalogue must define between 1 and 255 meters".into(),
-            ));
+        if self.meters.is_empty() || self.meters.len() > MAX_METERS {
+            return Err(Error::Catalog(format!(
+                "the catalogue must define between 1 and {MAX_METERS} meters"
+            )));
         }
         for name in self.meters.keys() {
             crate::event::check_meter_name(name)
@@ -421,6 +489,9 @@ impl Catalog {
         let mut types: BTreeMap<String, EventType> = BTreeMap::new();
         for (name, meter) in &self.meters {
             let reader = meter.reader(name)?;
+            if self.is_archived(name) {
+                continue;
+            }
             types
                 .entry(meter.reads(name).to_owned())
                 .or_insert_with(|| EventType { readers: vec![] })

@@ -36,7 +36,7 @@ pub mod record;
 pub mod rollup;
 pub mod wire;
 
-pub use catalog::{Aggregation, Catalog, Limit, Meter, OnLimit, Plan, QuotaPolicy};
+pub use catalog::{Aggregation, Catalog, Limit, ManagedMeter, Meter, OnLimit, Plan, QuotaPolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use customer::Customer;
 pub use event::{EventError, TimePolicy, UsageEvent};

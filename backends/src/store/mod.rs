@@ -9,6 +9,7 @@
 //! | [`BillingMarks`] (what was reported to Stripe) | billing-sync |
 //! | [`WebhookOutbox`] (notification deliveries in flight) | enforcer |
 //! | [`ApiKeys`] (hashed API keys) | the binary's authentication |
+//! | [`MeterDefinitions`] (meters managed through the API) | every component, through [`crate::catalog`] |
 //!
 //! [`Store`] is all of them. One adapter per backend, each split by role with its schema beside
 //! it:
@@ -306,24 +307,42 @@ pub trait ApiKeys: Send + Sync + 'static {
     async fn put_api_key(&self, id: &str, record: &str, version: u64) -> Result<()>;
 }
 
+/// Meters managed through the API (`/v1/meters`), as JSON [`tally_schemas::ManagedMeter`]
+/// records; the catalogue file's meters are never stored.
+#[async_trait]
+pub trait MeterDefinitions: Send + Sync + 'static {
+    /// Every meter record, as `(name, record)`.
+    async fn meter_definitions(&self) -> Result<Vec<(String, String)>>;
+
+    /// Stores a meter record; a later `version` of the same name replaces it. Durable when
+    /// this returns.
+    async fn put_meter_definition(&self, name: &str, record: &str, version: u64) -> Result<()>;
+}
+
 /// Every role's trait, for code that calls the methods of a concrete store
 /// (`use tally_backends::store::prelude::*`).
 pub mod prelude {
     pub use super::{
-        ApiKeys as _, BillingMarks as _, Customers as _, UsageReader as _, UsageWriter as _,
-        WebhookOutbox as _,
+        ApiKeys as _, BillingMarks as _, Customers as _, MeterDefinitions as _, UsageReader as _,
+        UsageWriter as _, WebhookOutbox as _,
     };
 }
 
 /// Every role at once: what a backend implements, and what the process wires up. A stage keeps
 /// only the roles it uses (`Arc<dyn Store>` coerces to `Arc<dyn Customers>` and the others).
 pub trait Store:
-    UsageWriter + UsageReader + Customers + BillingMarks + WebhookOutbox + ApiKeys
+    UsageWriter + UsageReader + Customers + BillingMarks + WebhookOutbox + ApiKeys + MeterDefinitions
 {
 }
 
 impl<T> Store for T where
-    T: UsageWriter + UsageReader + Customers + BillingMarks + WebhookOutbox + ApiKeys
+    T: UsageWriter
+        + UsageReader
+        + Customers
+        + BillingMarks
+        + WebhookOutbox
+        + ApiKeys
+        + MeterDefinitions
 {
 }
 

@@ -42,8 +42,8 @@ use tally_schemas::rollup::{Block, Cell, CellKey, Rollup};
 use tally_schemas::{Aggregation, Customer, Record, Window, quantity};
 
 use super::{
-    ApiKeys, Applied, BillingMarks, Customers, MeterTotal, Resume, Snapshot, SnapshotRequest,
-    UsageReader, UsageWriter, WebhookDelivery, WebhookOutbox,
+    ApiKeys, Applied, BillingMarks, Customers, MeterDefinitions, MeterTotal, Resume, Snapshot,
+    SnapshotRequest, UsageReader, UsageWriter, WebhookDelivery, WebhookOutbox,
 };
 use crate::{Error, Result};
 
@@ -173,6 +173,13 @@ struct CustomerRow {
 #[derive(Row, Serialize)]
 struct ApiKeyRow {
     id: String,
+    record: String,
+    version: u64,
+}
+
+#[derive(Row, Serialize)]
+struct MeterDefinitionRow {
+    name: String,
     record: String,
     version: u64,
 }

@@ -1,5 +1,6 @@
 //! ClickHouse store, record roles: customers ([`Customers`]), billing marks ([`BillingMarks`]), the
-//! webhook outbox ([`WebhookOutbox`]) and API keys ([`ApiKeys`]). Latest write wins for each.
+//! webhook outbox ([`WebhookOutbox`]), API keys ([`ApiKeys`]) and the meters managed through the
+//! API ([`MeterDefinitions`]). Latest write wins for each.
 
 use async_trait::async_trait;
 
@@ -148,6 +149,34 @@ impl ApiKeys for ClickHouseStore {
         insert
             .write(&ApiKeyRow {
                 id: id.to_owned(),
+                record: record.to_owned(),
+                version,
+            })
+            .await
+            .map_err(ch)?;
+        insert.end().await.map_err(ch)
+    }
+}
+
+#[async_trait]
+impl MeterDefinitions for ClickHouseStore {
+    async fn meter_definitions(&self) -> Result<Vec<(String, String)>> {
+        self.client
+            .query("SELECT name, argMax(record, version) FROM meter_definitions GROUP BY name")
+            .fetch_all()
+            .await
+            .map_err(ch)
+    }
+
+    async fn put_meter_definition(&self, name: &str, record: &str, version: u64) -> Result<()> {
+        let mut insert = self
+            .client
+            .insert::<MeterDefinitionRow>("meter_definitions")
+            .await
+            .map_err(ch)?;
+        insert
+            .write(&MeterDefinitionRow {
+                name: name.to_owned(),
                 record: record.to_owned(),
                 version,
             })

@@ -37,6 +37,8 @@
 //!   (customer, meter), latest `version` wins.
 //! - `api_keys` (version 4): API key records (JSON with the key's hash, never the key), latest
 //!   `version` wins.
+//! - `meter_definitions` (version 8): the meters managed through the API (JSON records), latest
+//!   `version` wins.
 
 /// One schema version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +194,16 @@ pub const MIGRATIONS: &[Migration] = &[
             "SELECT count() FROM system.columns
              WHERE database = '{db}' AND table = 'usage_block_cells' AND name = 'distinct_value'",
         ),
+    },
+    Migration {
+        version: 8,
+        name: "meters managed through the API",
+        statements: &["CREATE TABLE IF NOT EXISTS {db}.meter_definitions (
+            name String,
+            record String,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version) ORDER BY name"],
+        unless: None,
     },
 ];
 

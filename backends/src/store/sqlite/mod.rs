@@ -3,8 +3,8 @@
 //! Tables: `usage_minute` (customer, meter, dimensions, distinct value, minute) cells; `gauge_latest`, the latest value of
 //! each gauge; `log_offsets`, the next log offset per partition, written in the same transaction
 //! as the cells; `customers`, JSON customer records; `billing_marks`, billing-sync's state;
-//! `webhook_outbox`, the enforcer's undelivered notifications; `api_keys`, API key records
-//! (`schema.sql`).
+//! `webhook_outbox`, the enforcer's undelivered notifications; `api_keys`, API key records;
+//! `meter_definitions`, the meters managed through the API (`schema.sql`).
 //!
 //! By role: `writer` ([`UsageWriter`]: one transaction per batch, cells and positions together),
 //! `reader` ([`UsageReader`]), `records` (customers, billing marks, the outbox, API keys).
@@ -19,8 +19,8 @@ use tally_schemas::{Aggregation, Customer, Window, quantity};
 use tally_schemas::rollup::{Cell, Rollup};
 
 use super::{
-    ApiKeys, Applied, BillingMarks, Customers, MeterTotal, Snapshot, SnapshotRequest, UsageReader,
-    UsageWriter, WebhookDelivery, WebhookOutbox,
+    ApiKeys, Applied, BillingMarks, Customers, MeterDefinitions, MeterTotal, Snapshot,
+    SnapshotRequest, UsageReader, UsageWriter, WebhookDelivery, WebhookOutbox,
 };
 use crate::{Error, Result};
 

@@ -151,3 +151,30 @@ impl ApiKeys for SqliteStore {
         .await
     }
 }
+
+#[async_trait]
+impl MeterDefinitions for SqliteStore {
+    async fn meter_definitions(&self) -> Result<Vec<(String, String)>> {
+        Self::with(&self.reader, |c| {
+            let mut stmt = c.prepare_cached("SELECT name, record FROM meter_definitions")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn put_meter_definition(&self, name: &str, record: &str, version: u64) -> Result<()> {
+        let (name, record) = (name.to_owned(), record.to_owned());
+        Self::with(&self.writer, move |c| {
+            c.prepare_cached(
+                "INSERT INTO meter_definitions (name, record, version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET record = excluded.record,
+                     version = excluded.version
+                 WHERE excluded.version >= meter_definitions.version",
+            )?
+            .execute(params![name, record, version as i64])?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -48,3 +48,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     record TEXT NOT NULL,
     version INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meter_definitions (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
