@@ -118,7 +118,7 @@ fn main() {
         let started = Instant::now();
         let task = rt.spawn(tally_billing_sync::run(
             settings,
-            catalog.clone(),
+            tally_backends::catalog::LiveCatalog::fixed((*catalog).clone()),
             store,
             Arc::new(SystemClock),
             StatusHandle::default(),

@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use tally_aggregator::{AggregatorSettings, query};
+use tally_backends::catalog::LiveCatalog;
 use tally_backends::log::EventLog;
 use tally_backends::log::embedded::{EmbeddedLog, EmbeddedLogConfig};
 use tally_backends::log::kafka::{KafkaLog, KafkaLogConfig};
@@ -154,8 +155,10 @@ pub async fn reconcile(
     from_ms: i64,
     to_ms: i64,
 ) -> Result<Vec<tally_billing_sync::Difference>> {
-    let catalog = load_catalog(config)?;
     let store = open_store(config)?;
+    let catalog = LiveCatalog::new(load_catalog(config)?, store.clone())
+        .refresh()
+        .await?;
     tally_billing_sync::reconcile(
         &billing_settings(config),
         &catalog,
@@ -244,11 +247,17 @@ impl App {
         let log = needs_log
             .then(|| open_log(config, clock.clone()))
             .transpose()?;
+        // Every component reads the API keys and the managed meters from the store.
+        let store = open_store(config)?;
+        let catalog = LiveCatalog::new(load_catalog(config)?, store.clone());
+        if let Err(e) = catalog.refresh().await {
+            // Read again every `meters_refresh`, and whenever a reading names a meter unknown.
+            tracing::warn!(error = %e, "managed meters not read yet; retrying in the background");
+        }
         let w = Wiring {
             config,
-            catalog: Arc::new(load_catalog(config)?),
-            // Every component reads the API keys from the store.
-            store: open_store(config)?,
+            catalog,
+            store,
             clock,
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -257,7 +266,7 @@ impl App {
         // The enforcer's state, made first: ingest in the same process reads its period totals
         // to refuse events past the usage cap.
         let enforcer = (wants(Component::Enforcer) && log.is_some()).then(|| {
-            Arc::new(State::new(
+            Arc::new(State::following(
                 w.catalog.clone(),
                 w.clock.clone(),
                 config.fail_open,
@@ -278,7 +287,16 @@ impl App {
         if wants(Component::BillingSync) {
             router = router.merge(w.billing_sync(enforcer.as_ref()));
         }
-        router = router.merge(crate::meters::router(w.catalog.clone()));
+        router = router.merge(crate::meters::router(
+            w.catalog.clone(),
+            w.store.clone(),
+            w.clock.clone(),
+        ));
+        w.tasks.spawn(
+            w.catalog
+                .clone()
+                .keep_fresh(config.meters_refresh, w.stop.clone()),
+        );
         let keys = w.key_ring().await;
         w.tasks.close();
         Ok(App {
@@ -316,7 +334,7 @@ impl App {
 /// What the components of one process share while [`App::start`] wires them.
 struct Wiring<'a> {
     config: &'a Config,
-    catalog: Arc<Catalog>,
+    catalog: Arc<LiveCatalog>,
     clock: Arc<dyn Clock>,
     store: Arc<dyn Store>,
     tasks: TaskTracker,

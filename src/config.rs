@@ -90,6 +90,10 @@ pub struct Config {
     /// `TALLY_CUSTOMER_REFRESH`.
     #[serde(with = "duration")]
     pub customer_refresh: Duration,
+    /// How often meters created, changed or archived through `/v1/meters` by other processes
+    /// are picked up. `TALLY_METERS_REFRESH`.
+    #[serde(with = "duration")]
+    pub meters_refresh: Duration,
     /// URLs that receive every threshold notification as a signed POST. In the environment, a
     /// comma-separated list. `TALLY_WEBHOOK_URLS`.
     #[serde(deserialize_with = "list")]
@@ -205,6 +209,7 @@ impl Default for Config {
             aggregator_stall_rejoin: Duration::from_secs(60),
             fail_open: true,
             customer_refresh: Duration::from_secs(1),
+            meters_refresh: Duration::from_secs(2),
             webhook_urls: Vec::new(),
             webhook_secret: None,
             webhook_max_attempts: 8,

@@ -2,7 +2,7 @@
 //! meters (value paths, filters, decimals, sums and the largest and smallest values), read back
 //! exactly from the enforcer and the store, after a restart too; bad payloads refused with their
 //! codes and nothing of the request lost; the catalogue read back from `/v1/meters` and
-//! `/v1/plans`.
+//! `/v1/plans`; meters created, changed and archived through `/v1/meters` at runtime.
 
 mod common;
 
@@ -304,7 +304,7 @@ async fn the_catalogue_reads_back_from_the_api() {
         json!({
             "name": "request_bytes", "aggregation": "sum", "unit": "bytes", "description": "",
             "event_type": "request", "value": "$.bytes",
-            "group_by": {"model": "$.model", "region": "$.region"}
+            "group_by": {"model": "$.model", "region": "$.region"}, "source": "catalogue"
         })
     );
     let (_, m) = t.get("/v1/meters/gpu_hours").await;
@@ -531,4 +531,257 @@ limits = { eu_requests = 10 }
         (200, json!("allow")),
         "{b}"
     );
+}
+
+#[tokio::test]
+async fn a_meter_created_through_the_api_counts_at_once_and_its_history_stays() {
+    let t = start().await;
+    let tokens = json!({
+        "name": "llm_tokens", "aggregation": "sum", "unit": "tokens", "event_type": "llm.call",
+        "value": "$.tokens", "group_by": {"model": "$.model"}
+    });
+    let call = |id: &str, tokens: u64, model: &str| {
+        event(
+            id,
+            "c1",
+            "llm.call",
+            json!({"tokens": tokens, "model": model, "region": "eu"}),
+        )
+    };
+    // Before it exists, its events are refused, and nothing is counted.
+    let (s, b) = t
+        .post(
+            "/v1/events",
+            "application/json",
+            json!([call("t0", 7, "m1")]).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), b["errors"][0]["code"].clone()),
+        (400, json!("unknown_meter")),
+        "{b}"
+    );
+    let (s, m) = t.call("POST", "/v1/meters", tokens.clone()).await;
+    assert_eq!(s.as_u16(), 201, "{m}");
+    assert_eq!(
+        (m["source"].clone(), m["value"].clone()),
+        (json!("api"), json!("$.tokens"))
+    );
+    assert!(m["created"].is_string() && m["archived"].is_null(), "{m}");
+    // Refusals, each with its code.
+    for (body, status, code) in [
+        (tokens.clone(), 409, "meter_exists"),
+        (
+            json!({"name": "api_requests", "aggregation": "sum", "unit": "r"}),
+            409,
+            "meter_exists",
+        ),
+        (
+            json!({"name": "Bad-Name", "aggregation": "sum", "unit": "r"}),
+            400,
+            "invalid_meter",
+        ),
+        (
+            json!({"name": "n1", "aggregation": "count", "unit": "r", "event_type": "x", "value": "$.v"}),
+            400,
+            "invalid_meter",
+        ),
+        (
+            json!({"name": "n2", "aggregation": "sum", "unit": "r", "colour": "red"}),
+            400,
+            "invalid_meter",
+        ),
+        (
+            json!({"aggregation": "sum", "unit": "r"}),
+            400,
+            "invalid_request",
+        ),
+        (json!([1]), 400, "invalid_request"),
+    ] {
+        let (s, e) = t.call("POST", "/v1/meters", body.clone()).await;
+        assert_eq!(
+            (s.as_u16(), e["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {e}"
+        );
+    }
+    // Counted from the next event, in the enforcer and the store, by dimension.
+    let batch = json!([
+        call("t1", 1200, "m1"),
+        call("t2", 300, "m2"),
+        call("t3", 5, "m1")
+    ]);
+    let (s, b) = t
+        .post("/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!((s.as_u16(), b["accepted"].clone()), (202, json!(3)), "{b}");
+    t.wait_usage("c1", "llm_tokens", 1505).await;
+    t.wait_stored("c1", "llm_tokens", 1505).await;
+    let (_, b) = t
+        .get("/v1/usage?customer=c1&meter=llm_tokens&group_by=model")
+        .await;
+    assert_eq!(
+        b["groups"],
+        json!([
+            {"dimensions": {"model": "m1"}, "usage": 1205},
+            {"dimensions": {"model": "m2"}, "usage": 300},
+        ]),
+        "{b}"
+    );
+    // With usage counted: the description and new dimensions change; the rest does not.
+    let (s, m) = t
+        .call("PATCH", "/v1/meters/llm_tokens", json!({"description": "LLM tokens", "group_by": {"model": "$.model", "region": "$.region"}}))
+        .await;
+    assert_eq!(s.as_u16(), 200, "{m}");
+    assert_eq!(m["group_by"]["region"], "$.region");
+    for patch in [
+        json!({"unit": "kilotokens"}),
+        json!({"value": "$.other"}),
+        json!({"group_by": {"region": "$.region"}}),
+        json!({"filter": [{"path": "$.region", "eq": "eu"}]}),
+    ] {
+        let (s, e) = t
+            .call("PATCH", "/v1/meters/llm_tokens", patch.clone())
+            .await;
+        assert_eq!(
+            (s.as_u16(), e["code"].as_str()),
+            (409, Some("immutable_field")),
+            "{patch}: {e}"
+        );
+    }
+    let (s, e) = t
+        .call("PATCH", "/v1/meters/llm_tokens", json!({"name": "x"}))
+        .await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let (s, e) = t
+        .call("PATCH", "/v1/meters/llm_tokens", json!({"scale": 99}))
+        .await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (400, Some("invalid_meter")),
+        "{e}"
+    );
+    let (s, e) = t
+        .call(
+            "PATCH",
+            "/v1/meters/api_requests",
+            json!({"description": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (409, Some("meter_in_catalogue"))
+    );
+    let (s, e) = t
+        .call("DELETE", "/v1/meters/api_requests", Value::Null)
+        .await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (409, Some("meter_in_catalogue"))
+    );
+    let (s, e) = t.call("PATCH", "/v1/meters/nope", json!({})).await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (404, Some("unknown_meter"))
+    );
+    // A new dimension reads from the next event on.
+    let (s, b) = t
+        .post(
+            "/v1/events",
+            "application/json",
+            json!([call("t4", 10, "m2")]).to_string(),
+        )
+        .await;
+    assert_eq!(s.as_u16(), 202, "{b}");
+    t.wait_stored("c1", "llm_tokens", 1515).await;
+    let (_, b) = t
+        .get("/v1/usage?customer=c1&meter=llm_tokens&group_by=region")
+        .await;
+    assert_eq!(
+        b["groups"],
+        json!([
+            {"dimensions": {"region": null}, "usage": 1505},
+            {"dimensions": {"region": "eu"}, "usage": 10},
+        ]),
+        "{b}"
+    );
+    // A meter without usage yet changes freely.
+    let (s, m) = t
+        .call("POST", "/v1/meters", json!({"name": "llm_calls", "aggregation": "count", "unit": "calls", "event_type": "llm.call"}))
+        .await;
+    assert_eq!(s.as_u16(), 201, "{m}");
+    let (s, m) = t
+        .call(
+            "PATCH",
+            "/v1/meters/llm_calls",
+            json!({"filter": [{"path": "$.model", "eq": "m2"}]}),
+        )
+        .await;
+    assert_eq!(s.as_u16(), 200, "{m}");
+    // Archived: reads no more events, its usage stays readable, its name taken; twice is fine.
+    let (s, m) = t.call("DELETE", "/v1/meters/llm_tokens", Value::Null).await;
+    assert_eq!(s.as_u16(), 200, "{m}");
+    assert!(m["archived"].is_string(), "{m}");
+    let (s, again) = t.call("DELETE", "/v1/meters/llm_tokens", Value::Null).await;
+    assert_eq!(
+        (s.as_u16(), again["archived"].clone()),
+        (200, m["archived"].clone())
+    );
+    let (s, e) = t.call("POST", "/v1/meters", tokens.clone()).await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (409, Some("meter_exists"))
+    );
+    let (s, e) = t
+        .call(
+            "PATCH",
+            "/v1/meters/llm_tokens",
+            json!({"description": "y"}),
+        )
+        .await;
+    assert_eq!(
+        (s.as_u16(), e["code"].as_str()),
+        (409, Some("meter_archived"))
+    );
+    let batch = json!([call("t5", 1000, "m2"), call("t6", 1000, "m1")]);
+    let (s, b) = t
+        .post("/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!((s.as_u16(), b["accepted"].clone()), (202, json!(2)), "{b}");
+    // Of these, t5 (m2) feeds llm_calls (filtered to m2); t4 came before llm_calls existed.
+    t.wait_stored("c1", "llm_calls", 1).await;
+    t.wait_stored("c1", "llm_tokens", 1515).await;
+    // Kept across a restart: both meters, the archive, the usage.
+    let t = t.restart().await;
+    let (_, m) = t.get("/v1/meters/llm_tokens").await;
+    assert_eq!(
+        (m["source"].as_str(), m["description"].as_str()),
+        (Some("api"), Some("LLM tokens")),
+        "{m}"
+    );
+    assert!(m["archived"].is_string(), "{m}");
+    t.wait_usage("c1", "llm_tokens", 1515).await;
+    t.wait_stored("c1", "llm_tokens", 1515).await;
+    let (s, b) = t
+        .post(
+            "/v1/events",
+            "application/json",
+            json!([call("t7", 1, "m2")]).to_string(),
+        )
+        .await;
+    assert_eq!((s.as_u16(), b["accepted"].clone()), (202, json!(1)), "{b}");
+    t.wait_usage("c1", "llm_calls", 2).await;
+    t.wait_stored("c1", "llm_calls", 2).await;
+    let (_, list) = t.get("/v1/meters").await;
+    let managed: Vec<&str> = list["meters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["source"] == "api")
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(managed, ["llm_calls", "llm_tokens"]);
 }

@@ -83,7 +83,7 @@ async fn every_documented_operation_is_served_with_a_documented_status() {
     let mut probed = 0;
     for (path, item) in paths {
         for (method, op) in item.as_object().expect("path item") {
-            if !["get", "post", "put", "delete"].contains(&method.as_str()) {
+            if !["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
                 continue;
             }
             let admin = ["/metrics", "/healthz", "/readyz"].contains(&path.as_str());
@@ -106,7 +106,7 @@ async fn every_documented_operation_is_served_with_a_documented_status() {
             probed += 1;
         }
     }
-    assert_eq!(probed, 24, "operations probed");
+    assert_eq!(probed, 27, "operations probed");
     // And an undocumented path is not served.
     let resp = t
         .app

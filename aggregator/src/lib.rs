@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 pub use error::{Error, Result};
 use tally_backends::backoff::Backoff;
+use tally_backends::catalog::{LiveCatalog, meters_of};
 use tally_backends::log::{EventLog, LogReader};
 use tally_backends::store::{Applied, UsageWriter};
 use tally_schemas::rollup::Rollup;
@@ -98,7 +99,7 @@ impl Default for AggregatorSettings {
 /// before returning.
 pub async fn run(
     settings: AggregatorSettings,
-    catalog: Arc<Catalog>,
+    catalog: Arc<LiveCatalog>,
     log: Arc<dyn EventLog>,
     store: Arc<dyn UsageWriter>,
     shutdown: CancellationToken,
@@ -160,7 +161,8 @@ enum Flow {
 /// the assignment it last resumed from the store.
 struct Aggregator {
     settings: AggregatorSettings,
-    catalog: Arc<Catalog>,
+    /// Read once per batch; a batch naming a meter it lacks reads the store first.
+    catalog: Arc<LiveCatalog>,
     store: Arc<dyn UsageWriter>,
     reader: Box<dyn LogReader>,
     cutter: Cutter,
@@ -194,9 +196,17 @@ impl Aggregator {
         if batch.is_empty() {
             return Ok(Flow::Continue);
         }
+        let Some(catalog) = retrying("reading the meters", &self.shutdown, || {
+            self.catalog.knowing(meters_of(&batch))
+        })
+        .await?
+        else {
+            return Ok(Flow::Stop);
+        };
+        self.catalog.note_unknown(meters_of(&batch));
         let cut = roll_up(
             &batch,
-            &self.catalog,
+            &catalog,
             self.store.as_ref(),
             &mut self.cutter,
             !full,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,6 +41,7 @@ use tally_schemas::period::{calendar_month, parse_rfc3339, rfc3339};
 use tally_schemas::{Aggregation, Catalog, Clock, Customer, Meter, Period, Window, quota};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use tally_backends::catalog::LiveCatalog;
 use tally_backends::store::{Customers, UsageReader};
 
 /// Most points one series may return.
@@ -56,8 +57,29 @@ pub struct QueryState {
     pub usage: Arc<dyn UsageReader>,
     /// Customer records (plan, overrides, billing period).
     pub customers: Arc<dyn Customers>,
-    pub catalog: Arc<Catalog>,
+    /// Read once per request: a meter created through the API is queryable at once.
+    pub catalog: Arc<LiveCatalog>,
     pub clock: Arc<dyn Clock>,
+}
+
+/// What one request reads: the query state with the catalogue in force when it came.
+#[derive(Clone)]
+struct Snapshot {
+    usage: Arc<dyn UsageReader>,
+    customers: Arc<dyn Customers>,
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+}
+
+impl FromRef<QueryState> for Snapshot {
+    fn from_ref(s: &QueryState) -> Snapshot {
+        Snapshot {
+            usage: s.usage.clone(),
+            customers: s.customers.clone(),
+            catalog: s.catalog.get(),
+            clock: s.clock.clone(),
+        }
+    }
 }
 
 pub fn router(state: QueryState) -> Router {
@@ -350,7 +372,7 @@ fn customer_param(v: Option<String>) -> Result<String, ApiError> {
     Ok(customer)
 }
 
-async fn record(s: &QueryState, customer: &str) -> Result<Customer, ApiError> {
+async fn record(s: &Snapshot, customer: &str) -> Result<Customer, ApiError> {
     Ok(s.customers
         .customer(customer)
         .await
@@ -360,7 +382,7 @@ async fn record(s: &QueryState, customer: &str) -> Result<Customer, ApiError> {
 
 /// The current period's usage of one meter, with its verdict.
 async fn period_usage(
-    s: &QueryState,
+    s: &Snapshot,
     customer: &str,
     record: &Customer,
     meter_name: &str,
@@ -407,7 +429,7 @@ async fn period_usage(
 
 /// Start of the minute in which stored usage first reached the soft limit in `period`.
 async fn soft_crossed(
-    s: &QueryState,
+    s: &Snapshot,
     customer: &str,
     meter: &str,
     aggregation: Aggregation,
@@ -497,7 +519,7 @@ const PERIOD_HEADER: &[&str] = &[
     )
 )]
 async fn get_usage(
-    State(s): State<QueryState>,
+    State(s): State<Snapshot>,
     headers: HeaderMap,
     Query(q): Query<UsageQuery>,
 ) -> Result<Response, ApiError> {
@@ -690,7 +712,7 @@ fn chunks(record: &Customer, from: i64, to: i64, window: Option<Window>) -> Vec<
 /// incomplete transfer, never a short series passed off as whole).
 #[allow(clippy::too_many_arguments)]
 fn series_response(
-    s: QueryState,
+    s: Snapshot,
     customer: String,
     meter_name: String,
     meter: Meter,
@@ -739,7 +761,7 @@ fn series_response(
 
 /// One series request, shared by the chunks of its streamed body.
 struct SeriesQuery {
-    s: QueryState,
+    s: Snapshot,
     customer: String,
     meter_name: String,
     meter: Meter,
@@ -913,7 +935,7 @@ pub struct MeterUsage {
     )
 )]
 async fn get_summary(
-    State(s): State<QueryState>,
+    State(s): State<Snapshot>,
     headers: HeaderMap,
     Query(q): Query<SummaryQuery>,
 ) -> Result<Response, ApiError> {
@@ -1021,7 +1043,7 @@ pub struct TopCustomer {
     )
 )]
 async fn get_top(
-    State(s): State<QueryState>,
+    State(s): State<Snapshot>,
     headers: HeaderMap,
     Query(q): Query<TopQuery>,
 ) -> Result<Response, ApiError> {
@@ -1104,7 +1126,7 @@ pub struct MeterTotals {
     )
 )]
 async fn get_totals(
-    State(s): State<QueryState>,
+    State(s): State<Snapshot>,
     headers: HeaderMap,
     Query(q): Query<TotalsQuery>,
 ) -> Result<Response, ApiError> {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tally_schemas::{Catalog, ManagedMeter};
+use tally_schemas::{Catalog, ManagedMeter, Record};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -79,8 +79,8 @@ impl LiveCatalog {
     }
 
     /// Reads the stored meters and puts the catalogue they make in force. A record that cannot
-    /// be read, or a set of records that does not make a valid catalogue, keeps the catalogue in
-    /// force and is reported.
+    /// be read is left out, and a set of records that does not make a valid catalogue keeps the
+    /// catalogue in force; both are logged. Errors are the store's.
     pub async fn refresh(&self) -> Result<Arc<Catalog>> {
         let Some(store) = &self.store else {
             return Ok(self.get());
@@ -100,12 +100,14 @@ impl LiveCatalog {
                 Err(e) => tracing::error!(meter = %name, error = %e, "unreadable meter record"),
             }
         }
-        let next = self.base.with_managed(managed).map_err(|e| {
-            Error::Config(format!(
-                "the stored meters do not make a valid catalogue: {e}"
-            ))
-        })?;
         let current = self.get();
+        let next = match self.base.with_managed(managed) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "the stored meters do not make a valid catalogue; the one in force stays");
+                return Ok(current);
+            }
+        };
         if *current == next {
             return Ok(current);
         }
@@ -190,6 +192,19 @@ impl LiveCatalog {
             }
         }
     }
+}
+
+/// The meters the readings of `records` name; a name once for each run of records naming it.
+pub fn meters_of(records: &[Record]) -> impl Iterator<Item = &str> + '_ {
+    let mut last: Option<&str> = None;
+    records
+        .iter()
+        .flat_map(|r| r.event.readings().map(|x| x.meter))
+        .filter(move |m| {
+            let again = last == Some(*m);
+            last = Some(m);
+            !again
+        })
 }
 
 /// Nanoseconds since the epoch: later writes of a record win.

@@ -83,6 +83,7 @@ use axum::{Json, Router};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tally_backends::backoff::Backoff;
+use tally_backends::catalog::LiveCatalog;
 use tally_backends::store::Store;
 use tally_schemas::period::{Period, minute_of, rfc3339};
 use tally_schemas::{Catalog, Clock, Customer};
@@ -810,7 +811,7 @@ pub async fn reconcile(
 /// Runs rounds every `interval` until `shutdown`: dry-run without Stripe settings.
 pub async fn run(
     settings: BillingSettings,
-    catalog: Arc<Catalog>,
+    catalog: Arc<LiveCatalog>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     status: StatusHandle,
@@ -830,6 +831,7 @@ pub async fn run(
             let now = clock.now_ms();
             let settle = settings.settle;
             let last = &settings.last_meters;
+            let catalog = catalog.get();
             match plan_round(&catalog, store.as_ref(), now, settle, last, &mut marks).await {
                 Ok(reports) => {
                     reports.iter().for_each(log_dry_run);
@@ -908,7 +910,8 @@ fn stripe_clients(
 /// One billing-sync with a Stripe client.
 struct Syncer {
     settings: BillingSettings,
-    catalog: Arc<Catalog>,
+    /// Read once per round.
+    catalog: Arc<LiveCatalog>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     client: Arc<StripeMeters>,
@@ -940,7 +943,7 @@ impl Syncer {
         let mut jobs = Vec::new();
         for (customer, record, stripe_id, meter) in linked(
             self.store.as_ref(),
-            &self.catalog,
+            &self.catalog.get(),
             &self.settings.last_meters,
         )
         .await?
@@ -1016,7 +1019,7 @@ impl Syncer {
         } else {
             match due(
                 self.store.as_ref(),
-                &self.catalog,
+                &self.catalog.get(),
                 customer,
                 meter,
                 stripe_id,
@@ -1196,7 +1199,7 @@ impl Syncer {
                         None => {
                             match due(
                                 this.store.as_ref(),
-                                &this.catalog,
+                                &this.catalog.get(),
                                 &customer,
                                 &meter,
                                 &stripe_id,

@@ -47,10 +47,11 @@ use axum::{Json, Router};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use tally_backends::catalog::LiveCatalog;
 use tally_backends::store::Store;
 use tally_http::problem::ApiError;
 use tally_schemas::period::Period;
-use tally_schemas::{Catalog, Clock, Customer};
+use tally_schemas::{Clock, Customer};
 
 /// Largest gap between a signature's timestamp and now.
 pub const TOLERANCE_SECS: i64 = 300;
@@ -65,7 +66,8 @@ pub struct StripeWebhooks {
     pub secret: Option<String>,
     /// Plan id by Stripe price or product id.
     pub plans: HashMap<String, String>,
-    pub catalog: Arc<Catalog>,
+    /// Read per event: its meters matter to which limits a change touches.
+    pub catalog: Arc<LiveCatalog>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub on_change: Option<OnChange>,
@@ -283,7 +285,7 @@ impl StripeWebhooks {
                 .customer(id)
                 .await
                 .map_err(unavailable)?
-                .unwrap_or_else(|| Customer::new_default(&self.catalog));
+                .unwrap_or_else(|| Customer::new_default(self.catalog.base()));
             return Ok(Some((id.to_owned(), record)));
         }
         let Some(stripe_id) = stripe_id else {
@@ -310,7 +312,7 @@ impl StripeWebhooks {
             self.plans
                 .get(k)
                 .cloned()
-                .or_else(|| self.catalog.plan(k).map(|_| k.to_owned()))
+                .or_else(|| self.catalog.base().plan(k).map(|_| k.to_owned()))
         })
     }
 
@@ -322,7 +324,7 @@ impl StripeWebhooks {
         mut record: Customer,
     ) -> Result<(), ApiError> {
         record.updated_ms = self.clock.now_ms();
-        record.note_limit_changes(before, &self.catalog, record.updated_ms);
+        record.note_limit_changes(before, &self.catalog.get(), record.updated_ms);
         self.store
             .put_customer(&id, &record)
             .await
@@ -376,9 +378,9 @@ impl StripeWebhooks {
             // Ended, or not (or no longer) paid for: incomplete, incomplete_expired, unpaid,
             // paused, canceled.
             record.plan = if status == "unpaid" {
-                self.catalog.policy.fallback_plan.clone()
+                self.catalog.base().policy.fallback_plan.clone()
             } else {
-                self.catalog.policy.default_plan.clone()
+                self.catalog.base().policy.default_plan.clone()
             };
             if deleted && let Some(p) = record.current_period.take() {
                 record.period_anchor_ms = Some(p.start_ms);
@@ -451,7 +453,7 @@ mod tests {
     const DAY: i64 = 86_400;
 
     fn hooks(dir: &std::path::Path) -> StripeWebhooks {
-        let catalog = Arc::new(Catalog::builtin());
+        let catalog = LiveCatalog::fixed(tally_schemas::Catalog::builtin());
         StripeWebhooks {
             secret: None,
             plans: [

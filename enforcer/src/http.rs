@@ -506,14 +506,14 @@ fn view(state: &State, id: String, c: &Customer, known: bool) -> CustomerView {
     CustomerView {
         known,
         plan: c.plan.clone(),
-        effective_plan: c.plan_at(state.catalog(), now).0.to_owned(),
+        effective_plan: c.plan_at(&state.catalog(), now).0.to_owned(),
         limits: c.limit_overrides.clone(),
         period_anchor: c.period_anchor_ms.map(rfc3339),
         period_start: rfc3339(period.start_ms),
         period_end: rfc3339(period.end_ms),
         stripe_customer_id: c.stripe_customer_id.clone(),
         payment_failed_at: c.payment_failed_at_ms.map(rfc3339),
-        payment_grace_until: c.payment_grace_until(state.catalog()).map(rfc3339),
+        payment_grace_until: c.payment_grace_until(&state.catalog()).map(rfc3339),
         id,
     }
 }
@@ -554,7 +554,7 @@ async fn get_customer(
         .await
         .map_err(|e| ApiError::unavailable(&e))?;
     let known = stored.is_some();
-    let c = stored.unwrap_or_else(|| Customer::new_default(s.state.catalog()));
+    let c = stored.unwrap_or_else(|| Customer::new_default(&s.state.catalog()));
     Ok(Json(view(&s.state, id, &c, known)))
 }
 

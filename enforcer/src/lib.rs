@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 pub use error::{Error, Result};
 pub use state::State;
 use tally_backends::backoff::Backoff;
+use tally_backends::catalog::meters_of;
 use tally_backends::log::EventLog;
 use tally_backends::store::{SnapshotRequest, Store};
 use tally_schemas::period::{Window, calendar_month};
@@ -316,6 +317,13 @@ pub async fn run(
         tokio::spawn(hooks.clone().sweep(shutdown.clone()));
     }
     let publisher = tokio::spawn(publish(log.clone(), hooks, notes_rx));
+    if let Some(live) = state.live() {
+        tokio::spawn(follow_catalog(
+            live.subscribe(),
+            state.clone(),
+            shutdown.clone(),
+        ));
+    }
     let Some((offsets, last_update)) =
         load_until_done(&state, log.as_ref(), store.as_ref(), &notes_tx, &shutdown).await
     else {
@@ -356,6 +364,26 @@ pub async fn run(
     // Let queued notifications go out, within bounds.
     let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     Ok(())
+}
+
+/// Puts each new catalogue in force (meters created through the API join the state).
+async fn follow_catalog(
+    mut changes: tokio::sync::watch::Receiver<Arc<tally_schemas::Catalog>>,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = changes.borrow_and_update().clone();
+                state.set_catalog(next);
+            }
+        }
+    }
 }
 
 /// Loads the state, retrying while the store (ClickHouse) is unreachable (not ready
@@ -424,6 +452,7 @@ impl Follower {
     /// Applies a batch (repeats the store already counted are skipped) and hands the
     /// crossings to the publisher.
     async fn apply(&mut self, batch: &[tally_schemas::Record], remembers_since_ms: Option<i64>) {
+        self.know_meters(batch).await;
         let repeats = repeats(batch, remembers_since_ms, self.store.as_ref()).await;
         for (rec, repeat) in batch.iter().zip(repeats) {
             self.position.insert(rec.partition, rec.offset + 1);
@@ -440,6 +469,30 @@ impl Follower {
         if batch.is_empty() && !self.state.is_ready() {
             // Nothing more to read: whatever remains below the start-up end is gone.
             self.catch_up.clear();
+        }
+    }
+
+    /// Makes sure the state knows the meters `batch` names, reading the stored meters first if
+    /// one is new (see [`tally_backends::catalog`]). While the store cannot be read, a reading of
+    /// a meter still unknown is not counted here (the store counts it; this process counts it
+    /// again after a restart), and that is logged.
+    async fn know_meters(&self, batch: &[tally_schemas::Record]) {
+        let Some(live) = self.state.live() else {
+            return;
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+        for attempt in 0..3 {
+            match live.knowing(meters_of(batch)).await {
+                Ok(catalog) => {
+                    self.state.set_catalog(catalog);
+                    live.note_unknown(meters_of(batch));
+                    return;
+                }
+                Err(e) if attempt == 2 => {
+                    tracing::error!(error = %e, "meters not read; readings of unknown meters are not counted in memory");
+                }
+                Err(_) => tokio::time::sleep(backoff.next_wait()).await,
+            }
         }
     }
 

@@ -15,6 +15,12 @@
 //! it; customers without a record share one cached calendar month. Counters are sparse: a
 //! customer holds one only for each meter it used, the first inline.
 //!
+//! # Meters added at runtime
+//! A meter created through `/v1/meters` joins the state without a restart
+//! ([`State::set_catalog`]): meters keep their index, new ones are appended (255 at most, the
+//! catalogue's cap). Plans, from the catalogue file, do not limit such a meter; a customer's
+//! limit override may, and the records naming one are resolved again when it joins.
+//!
 //! # Distinct values
 //! A `unique_count` meter's counter is the number of distinct values of the period; beside it
 //! the state keeps a set of the values' 64-bit hashes (fixed seed: every replica hashes alike),
@@ -30,6 +36,7 @@ use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use compact_str::CompactString;
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
@@ -37,6 +44,7 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
+use tally_backends::catalog::LiveCatalog;
 use tally_schemas::period::{Period, calendar_month};
 use tally_schemas::quota::{self, Verdict};
 use tally_schemas::{
@@ -274,11 +282,60 @@ const NO_PERIOD: Period = Period {
     end_ms: 0,
 };
 
+/// The meters the state knows, by index.
+struct MeterTable {
+    /// The catalogue they come from.
+    catalog: Arc<Catalog>,
+    by_name: HashMap<String, (usize, Aggregation), RandomState>,
+    /// Names by index.
+    names: Vec<String>,
+}
+
+impl MeterTable {
+    /// `catalog`'s meters: `before`'s keep their index, others follow in the catalogue's
+    /// stable order (those past the cap of 255 are left out, reported).
+    fn extend(before: Option<&MeterTable>, catalog: Arc<Catalog>) -> MeterTable {
+        let mut names = before.map(|t| t.names.clone()).unwrap_or_default();
+        for name in catalog.meter_order() {
+            if before.is_some_and(|t| t.by_name.contains_key(name)) {
+                continue;
+            }
+            if names.len() >= usize::from(NO_METER) {
+                tracing::error!(
+                    meter = name,
+                    "the enforcer holds 255 meters; this one is not enforced"
+                );
+                continue;
+            }
+            names.push(name.to_owned());
+        }
+        let by_name = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let agg = catalog.meter(n).map_or(Aggregation::Sum, |m| m.aggregation);
+                (n.clone(), (i, agg))
+            })
+            .collect();
+        MeterTable {
+            catalog,
+            by_name,
+            names,
+        }
+    }
+}
+
 /// The in-memory quota state.
 pub struct State {
+    /// The catalogue at start: plans and policy (the catalogue file's, which do not change).
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
-    meters: HashMap<String, (usize, Aggregation), RandomState>,
+    /// The meters, grown by [`State::set_catalog`].
+    meters: ArcSwap<MeterTable>,
+    /// Serialises [`State::set_catalog`].
+    extending: std::sync::Mutex<()>,
+    /// Where a newer catalogue comes from, if anywhere.
+    live: Option<Arc<LiveCatalog>>,
     plans: Vec<ResolvedPlan>,
     plan_index: HashMap<String, usize, RandomState>,
     default_plan: usize,
@@ -304,18 +361,13 @@ pub struct State {
 
 impl State {
     pub fn new(catalog: Arc<Catalog>, clock: Arc<dyn Clock>, fail_open: bool) -> State {
-        let meters: HashMap<String, (usize, Aggregation), RandomState> = catalog
-            .meters
-            .iter()
-            .enumerate()
-            .map(|(i, (name, m))| (name.clone(), (i, m.aggregation)))
-            .collect();
+        let meters = MeterTable::extend(None, catalog.clone());
         let plans: Vec<ResolvedPlan> = catalog
             .plans
             .iter()
             .map(|(id, plan)| ResolvedPlan {
                 id: Arc::from(id.as_str()),
-                limits: catalog.meters.keys().map(|m| plan.limit(m)).collect(),
+                limits: meters.names.iter().map(|m| plan.limit(m)).collect(),
                 on_limit: plan.on_limit,
                 rate: plan.rate_limit.and_then(|r| {
                     let per_second = NonZeroU32::new(r.per_second)?;
@@ -333,10 +385,6 @@ impl State {
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
-        assert!(
-            meters.len() < usize::from(NO_METER),
-            "the catalogue is checked to hold at most 255 meters"
-        );
         let default_plan = plan_index[&catalog.policy.default_plan];
         let unseen = CustomerState::default();
         State {
@@ -350,7 +398,9 @@ impl State {
             queued: tokio::sync::Notify::new(),
             catalog,
             clock,
-            meters,
+            meters: ArcSwap::from_pointee(meters),
+            extending: std::sync::Mutex::new(()),
+            live: None,
             plans,
             plan_index,
             customers: DashMap::with_hasher(RandomState::default()),
@@ -360,8 +410,63 @@ impl State {
         }
     }
 
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
+    /// A state that follows `live`'s meters ([`State::live`]).
+    pub fn following(live: Arc<LiveCatalog>, clock: Arc<dyn Clock>, fail_open: bool) -> State {
+        let mut state = State::new(live.get(), clock, fail_open);
+        state.live = Some(live);
+        state
+    }
+
+    /// The live catalogue this state follows, if any.
+    pub fn live(&self) -> Option<&Arc<LiveCatalog>> {
+        self.live.as_ref()
+    }
+
+    /// The catalogue in force: the file's plans and policy, and every meter the state knows.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.meters.load().catalog.clone()
+    }
+
+    /// Puts `catalog` in force: its new meters join (see the module docs), a changed
+    /// aggregation of a known meter applies (the API allows that only while a meter has no
+    /// usage). Plans and policy stay the state's first catalogue's.
+    pub fn set_catalog(&self, catalog: Arc<Catalog>) {
+        let _one = self.extending.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.meters.load_full();
+        if Arc::ptr_eq(&before.catalog, &catalog) {
+            return;
+        }
+        let next = MeterTable::extend(Some(&before), catalog);
+        let added: Vec<String> = next.names[before.names.len()..].to_vec();
+        self.meters.store(Arc::new(next));
+        if added.is_empty() {
+            return;
+        }
+        tracing::info!(meters = ?added, "meters joined the enforcer");
+        // Records naming a new meter (an override set before this process knew it) resolve
+        // again, now that it has an index.
+        let names = |c: &Customer| {
+            c.limit_overrides
+                .keys()
+                .chain(c.limit_changed_ms.keys())
+                .any(|m| added.contains(m))
+        };
+        let again: Vec<(CompactString, Customer)> = self
+            .customers
+            .iter()
+            .filter_map(|e| {
+                let x = e.extra()?;
+                names(&x.record).then(|| (e.key().clone(), (*x.record).clone()))
+            })
+            .collect();
+        for (id, record) in again {
+            self.set_customer(&id, record);
+        }
+    }
+
+    /// The index and aggregation of a meter the state knows.
+    fn meter(&self, name: &str) -> Option<(usize, Aggregation)> {
+        self.meters.load().by_name.get(name).copied()
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
@@ -413,17 +518,18 @@ impl State {
             .get(&record.plan)
             .copied()
             .unwrap_or(self.default_plan);
+        let meters = self.meters.load();
         let overrides = (!record.limit_overrides.is_empty()).then(|| {
-            self.catalog
-                .meters
-                .keys()
+            meters
+                .names
+                .iter()
                 .map(|m| record.limit_overrides.get(m).copied())
                 .collect()
         });
         let limit_changed_ms = (!record.limit_changed_ms.is_empty()).then(|| {
-            self.catalog
-                .meters
-                .keys()
+            meters
+                .names
+                .iter()
                 .map(|m| record.limit_changed_ms.get(m).copied())
                 .collect()
         });
@@ -461,7 +567,8 @@ impl State {
         };
         let record = self.record_of(&e);
         let period = record.period_at(now_ms);
-        for (name, &(i, agg)) in &self.meters {
+        let meters = self.meters.load();
+        for (name, &(i, agg)) in &meters.by_name {
             let before = old.limit_at(&self.catalog, name, now_ms);
             let after = self.limit_of(&e, i, now_ms);
             let (Some(after_l), true) = (after.finite(), before != after) else {
@@ -505,12 +612,11 @@ impl State {
     /// were forgotten.
     pub fn evict_idle(&self) -> usize {
         let month = calendar_month(self.clock.now_ms()).start_ms;
-        let additive: Vec<bool> = self
-            .catalog
-            .meters
-            .values()
-            .map(|m| m.aggregation.is_periodic())
-            .collect();
+        let meters = self.meters.load();
+        let mut additive = vec![false; meters.names.len()];
+        for &(i, agg) in meters.by_name.values() {
+            additive[i] = agg.is_periodic();
+        }
         let idle = |c: &Counter| {
             c.meter == NO_METER
                 || match additive.get(usize::from(c.meter)) {
@@ -535,7 +641,7 @@ impl State {
         if !self.distinct.is_empty() {
             // Their sets belong to earlier periods: the next event starts a new one anyway.
             for id in forgotten {
-                for &(i, agg) in self.meters.values() {
+                for &(i, agg) in meters.by_name.values() {
                     if agg == Aggregation::UniqueCount {
                         self.distinct.remove(&(id.clone(), i as u8));
                     }
@@ -570,7 +676,7 @@ impl State {
 
     /// Sets a counter from the store at start-up or after a period change.
     pub fn load_total(&self, customer: &str, meter: &str, period_start_ms: i64, usage: u64) {
-        let Some(&(i, _)) = self.meters.get(meter) else {
+        let Some((i, _)) = self.meter(meter) else {
             return;
         };
         let mut e = self.entry(customer);
@@ -591,7 +697,7 @@ impl State {
         period_start_ms: i64,
         values: impl IntoIterator<Item = &'v str>,
     ) {
-        let Some(&(i, Aggregation::UniqueCount)) = self.meters.get(meter) else {
+        let Some((i, Aggregation::UniqueCount)) = self.meter(meter) else {
             return;
         };
         let mut e = self.entry(customer);
@@ -629,7 +735,7 @@ impl State {
     /// Marks a periodic counter as holding no usage of the period starting at
     /// `period_start_ms` (its next event there starts it), whatever it held before.
     pub fn clear_period(&self, customer: &str, meter: &str, period_start_ms: i64) {
-        let Some(&(i, _)) = self.meters.get(meter) else {
+        let Some((i, _)) = self.meter(meter) else {
             return;
         };
         let mut e = self.entry(customer);
@@ -642,7 +748,7 @@ impl State {
 
     /// Sets a gauge from the store at start-up.
     pub fn load_gauge(&self, customer: &str, meter: &str, time_ms: i64, value: u64) {
-        let Some(&(i, _)) = self.meters.get(meter) else {
+        let Some((i, _)) = self.meter(meter) else {
             return;
         };
         let mut e = self.entry(customer);
@@ -656,7 +762,7 @@ impl State {
         if n.threshold != self.catalog.policy.soft_percent {
             return;
         }
-        let Some(&(i, agg)) = self.meters.get(n.meter.as_str()) else {
+        let Some((i, agg)) = self.meter(n.meter.as_str()) else {
             return;
         };
         let mut e = self.entry(&n.customer);
@@ -672,9 +778,10 @@ impl State {
     pub fn pending_crossings(&self) -> Vec<Notification> {
         let now = self.clock.now_ms();
         let mut out = Vec::new();
+        let meters = self.meters.load();
         for e in self.customers.iter() {
             let record = self.record_of(&e);
-            for (name, &(i, agg)) in &self.meters {
+            for (name, &(i, agg)) in &meters.by_name {
                 let c = e.counter(i);
                 if c.time_ms == i64::MIN {
                     continue;
@@ -721,7 +828,7 @@ impl State {
         distinct: Option<&str>,
         out: &mut Vec<Notification>,
     ) {
-        let Some(&(i, agg)) = self.meters.get(meter) else {
+        let Some((i, agg)) = self.meter(meter) else {
             return;
         };
         let mut e = self.entry(&event.customer);
@@ -806,7 +913,7 @@ impl State {
     /// or an unknown meter. Ingest refuses an event larger than the room
     /// (`usage_cap_exceeded`) when it shares the process with the enforcer.
     pub fn room(&self, customer: &str, meter: &str, time_ms: i64) -> Option<(i64, u64)> {
-        let &(i, agg) = self.meters.get(meter)?;
+        let (i, agg) = self.meter(meter)?;
         if !agg.is_additive() {
             return None;
         }
@@ -843,21 +950,32 @@ impl State {
     fn limit_since(&self, c: &CustomerState, i: usize, now_ms: i64) -> Option<i64> {
         let x = c.extra()?;
         if now_ms >= x.fallback_from_ms {
-            let meter = self.catalog.meters.keys().nth(i)?;
+            let meters = self.meters.load();
+            let meter = meters.names.get(i)?;
             return x.record.limit_since(&self.catalog, meter, now_ms);
         }
-        x.limit_changed_ms.as_ref().and_then(|v| v[i])
+        x.limit_changed_ms
+            .as_ref()
+            .and_then(|v| v.get(i).copied().flatten())
     }
 
     /// The limit on meter `i` for a customer at `now_ms`.
     fn limit_of(&self, c: &CustomerState, i: usize, now_ms: i64) -> Limit {
         if let Some(x) = c.extra()
             && now_ms < x.fallback_from_ms
-            && let Some(l) = x.overrides.as_ref().and_then(|o| o[i])
+            && let Some(l) = x
+                .overrides
+                .as_ref()
+                .and_then(|o| o.get(i).copied().flatten())
         {
             return l;
         }
-        self.plan_of(c, now_ms).limits[i]
+        // A meter that joined after the plans were resolved: plans do not limit it.
+        self.plan_of(c, now_ms)
+            .limits
+            .get(i)
+            .copied()
+            .unwrap_or(Limit::Unlimited)
     }
 
     fn calendar_month(&self, now_ms: i64) -> Period {
@@ -977,7 +1095,7 @@ impl State {
 
     /// Answers a quota question from memory.
     pub fn check(&self, q: Question<'_>) -> Result<Answer, CheckError> {
-        let &(i, agg) = self.meters.get(q.meter).ok_or(CheckError::UnknownMeter)?;
+        let (i, agg) = self.meter(q.meter).ok_or(CheckError::UnknownMeter)?;
         let ready = self.is_ready();
         if !ready && !self.fail_open {
             return Err(CheckError::NotReady);
@@ -1014,7 +1132,7 @@ impl State {
 mod tests {
     use super::*;
     use tally_schemas::period::parse_rfc3339;
-    use tally_schemas::{Decision, ManualClock};
+    use tally_schemas::{Decision, ManagedMeter, ManualClock};
 
     fn ms(s: &str) -> i64 {
         parse_rfc3339(s).unwrap()
@@ -1159,10 +1277,10 @@ mod tests {
             .customers
             .get(id)
             .and_then(|e| e.extra().map(|x| (*x.record).clone()))
-            .unwrap_or_else(|| Customer::new_default(s.catalog()));
+            .unwrap_or_else(|| Customer::new_default(&s.catalog()));
         let mut after = before.clone();
         after.plan = plan.into();
-        after.note_limit_changes(&before, s.catalog(), now);
+        after.note_limit_changes(&before, &s.catalog(), now);
         s.set_customer(id, after);
     }
 
@@ -1468,7 +1586,7 @@ mod tests {
     #[test]
     fn plans_overrides_unknown_meters_and_fail_closed() {
         let (s, _) = state("2026-11-21T10:00:00Z");
-        let mut rec = Customer::new_default(s.catalog());
+        let mut rec = Customer::new_default(&s.catalog());
         rec.plan = "enterprise".into();
         s.set_customer("big", rec.clone());
         s.apply(
@@ -1549,7 +1667,7 @@ mod tests {
             Decision::Allow
         );
         // Plans without a rate limit (enterprise) are never rate limited.
-        let mut rec = Customer::new_default(s.catalog());
+        let mut rec = Customer::new_default(&s.catalog());
         rec.plan = "enterprise".into();
         s.set_customer("big", rec);
         for _ in 0..100 {
@@ -1571,7 +1689,7 @@ mod tests {
             false,
         );
         s.set_ready();
-        let mut rec = Customer::new_default(s.catalog());
+        let mut rec = Customer::new_default(&s.catalog());
         rec.plan = "starter".into();
         s.set_customer("c", rec);
         s.apply(
@@ -1583,5 +1701,75 @@ mod tests {
             (a.verdict.decision, a.verdict.threshold),
             (Decision::Warn, Some(110))
         );
+    }
+
+    fn managed(name: &str, created_ms: i64, meter: serde_json::Value) -> ManagedMeter {
+        ManagedMeter {
+            name: name.into(),
+            meter: serde_json::from_value(meter).unwrap(),
+            created_ms,
+            updated_ms: created_ms,
+            archived_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_meter_added_at_runtime_joins_without_moving_the_others() {
+        let (s, _) = state("2026-11-21T10:00:00Z");
+        let mut notes = Vec::new();
+        s.apply(
+            &ev("c", "api_requests", 9_000, "2026-11-20T00:00:00Z"),
+            &mut notes,
+        );
+        // Before it joins, a meter is unknown to checks and its readings count nowhere.
+        assert_eq!(
+            s.check(ask("c", "aa_tokens", 0)),
+            Err(CheckError::UnknownMeter)
+        );
+        // A customer whose override names the meter before this process knows it.
+        let mut rec = Customer::new_default(&s.catalog());
+        rec.limit_overrides
+            .insert("aa_tokens".into(), Limit::Finite(100));
+        s.set_customer("d", rec);
+        // Named to sort first: an index by name order would move every other meter.
+        let base = Catalog::builtin();
+        let tokens = managed(
+            "aa_tokens",
+            5,
+            serde_json::json!({"aggregation": "sum", "unit": "tokens"}),
+        );
+        s.set_catalog(Arc::new(base.with_managed([tokens.clone()]).unwrap()));
+        let a = s.check(ask("c", "api_requests", 0)).unwrap();
+        assert_eq!((a.usage, a.limit), (9_000, Limit::Finite(10_000)));
+        let a = s.check(ask("c", "aa_tokens", 0)).unwrap();
+        assert_eq!((a.usage, a.limit), (0, Limit::Unlimited));
+        s.apply(
+            &ev("d", "aa_tokens", 85, "2026-11-21T09:00:00Z"),
+            &mut notes,
+        );
+        assert_eq!(
+            notes
+                .iter()
+                .map(|n| (n.meter.as_str(), n.threshold))
+                .collect::<Vec<_>>(),
+            vec![("api_requests", 80), ("aa_tokens", 80)]
+        );
+        let a = s.check(ask("d", "aa_tokens", 30)).unwrap();
+        assert_eq!(
+            (a.usage, a.limit, a.verdict.decision),
+            (85, Limit::Finite(100), Decision::Block)
+        );
+        // A second meter, created earlier by a skewed clock, still goes after the first.
+        let other = managed(
+            "ab_seats",
+            1,
+            serde_json::json!({"aggregation": "max", "unit": "seats"}),
+        );
+        s.set_catalog(Arc::new(base.with_managed([tokens, other]).unwrap()));
+        assert_eq!(s.check(ask("d", "aa_tokens", 0)).unwrap().usage, 85);
+        s.apply(&ev("d", "ab_seats", 4, "2026-11-21T09:00:00Z"), &mut notes);
+        s.apply(&ev("d", "ab_seats", 3, "2026-11-21T09:01:00Z"), &mut notes);
+        assert_eq!(s.check(ask("d", "ab_seats", 0)).unwrap().usage, 4);
+        assert_eq!(s.check(ask("c", "api_requests", 0)).unwrap().usage, 9_000);
     }
 }

@@ -28,6 +28,7 @@ use tally_schemas::event::{BatchError, decode_batch, decode_event, split_ndjson}
 use tally_schemas::{Catalog, Clock, EventError, TimePolicy, UsageEvent};
 use utoipa::{OpenApi, ToSchema};
 
+use tally_backends::catalog::LiveCatalog;
 use tally_backends::log::EventLog;
 use tally_http::problem::{ApiError, EventFault, Problem, from_body_rejection};
 
@@ -71,7 +72,8 @@ pub type UsageRoom = Arc<dyn Fn(&str, &str, i64) -> Option<(i64, u64)> + Send + 
 #[derive(Clone)]
 pub struct IngestState {
     pub log: Arc<dyn EventLog>,
-    pub catalog: Arc<Catalog>,
+    /// Read once per request: a meter created through the API counts from the next request.
+    pub catalog: Arc<LiveCatalog>,
     pub clock: Arc<dyn Clock>,
     pub settings: Arc<IngestSettings>,
     /// Events that would push a known period total past the cap are refused
@@ -396,7 +398,8 @@ fn decode_utf8(
 ) -> Result<Decoded, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("malformed_json", "the body is not UTF-8"))?;
-    let mut decoded = decode_body(kind, text, &state.catalog, &state.settings, now_ms)?;
+    let catalog = state.catalog.get();
+    let mut decoded = decode_body(kind, text, &catalog, &state.settings, now_ms)?;
     if let Some(room) = &state.room {
         refuse_past_cap(&mut decoded, room);
     }

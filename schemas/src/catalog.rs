@@ -426,6 +426,11 @@ impl Catalog {
         self.managed.get(name)
     }
 
+    /// The meters managed through the API, archived ones included, in name order.
+    pub fn managed_meters(&self) -> impl Iterator<Item = &ManagedMeter> {
+        self.managed.values()
+    }
+
     /// Whether `name` is a managed meter that was archived.
     pub fn is_archived(&self, name: &str) -> bool {
         self.managed

@@ -126,6 +126,19 @@ impl Tally {
         (s, b)
     }
 
+    /// A request of any method with a JSON body (`Value::Null`: none).
+    pub async fn call(&self, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = Request::builder().method(method).uri(path);
+        let req = if body.is_null() {
+            req.body(Body::empty())
+        } else {
+            req.header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+        };
+        let (s, _, b) = self.send(req.expect("request")).await;
+        (s, b)
+    }
+
     pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let req = Request::put(path)
             .header("content-type", "application/json")
