@@ -801,3 +801,101 @@ fn enforcer_repeats_older_than_its_memory_count_once() {
     }
     assert!(metric(&enforcer, "tally_enforcer_repeats_skipped_total") >= 200.0);
 }
+
+/// A meter created through one process's API reaches the others without a restart: ingest in
+/// another process accepts its events within `meters_refresh`, an aggregator in a third counts
+/// them by dimension, and the enforcer knows the meter.
+#[test]
+fn a_meter_created_in_one_process_reaches_the_others_within_seconds() {
+    if servers::skip_without_servers(false) {
+        return;
+    }
+    let p = Pipeline::shared();
+    let fast = [("TALLY_METERS_REFRESH", "500ms")];
+    let ingest = p.start_with("ingest", &fast);
+    let aggregator = p.start_with("aggregator", &fast);
+    let enforcer = p.start_with("enforcer", &fast);
+    let client = servers::client();
+    let made = client
+        .post(format!("{}/v1/meters", enforcer.api))
+        .json(&json!({
+            "name": "llm_tokens", "aggregation": "sum", "unit": "tokens",
+            "event_type": "llm.call", "value": "$.tokens", "group_by": {"model": "$.model"}
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(made.status().as_u16(), 201, "{}", made.text().unwrap());
+    let created = Instant::now();
+    let events: Vec<Value> = (0..60u64)
+        .map(|i| {
+            let model = ["m1", "m2"][(i % 2) as usize];
+            json!({"specversion": "1.0", "id": format!("llm-{i}"), "source": "edge-1",
+                   "type": "llm.call", "subject": format!("cust-{}", i % 3),
+                   "data": {"tokens": 100 + i, "model": model}})
+        })
+        .collect();
+    let mut want = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        let model = e["data"]["model"].as_str().unwrap();
+        *want
+            .entry(format!("cust-{} {{\"model\":\"{model}\"}}", i % 3))
+            .or_insert(0) += 100 + i as u64;
+    }
+    let body = Value::Array(events).to_string();
+    // Until ingest has read the meter, its events are refused as of an unknown meter (nothing
+    // is accepted); then all of them are.
+    loop {
+        let r = client
+            .post(format!("{}/v1/events", ingest.api))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body.clone())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let b: Value = r.json().unwrap();
+        if status == 202 {
+            assert_eq!(b["accepted"], 60, "{b}");
+            break;
+        }
+        assert_eq!(
+            (status, b["errors"][0]["code"].as_str()),
+            (400, Some("unknown_meter")),
+            "{b}"
+        );
+        assert!(
+            created.elapsed() < Duration::from_secs(10),
+            "ingest did not learn the meter"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.wait_for(
+        || p.dimension_totals("llm_tokens"),
+        &want,
+        Duration::from_secs(60),
+    );
+    let total: u64 = want
+        .iter()
+        .filter(|(k, _)| k.starts_with("cust-0 "))
+        .map(|(_, v)| v)
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while usage(
+        &client,
+        format!("{}/v1/check?customer=cust-0&meter=llm_tokens", enforcer.api),
+    ) != total
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the enforcer never counted the new meter"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, m): (u16, Value) = {
+        let r = client
+            .get(format!("{}/v1/meters/llm_tokens", aggregator.api))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json().unwrap())
+    };
+    assert_eq!(m["source"], "api", "{m}");
+}
