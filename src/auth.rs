@@ -511,7 +511,7 @@ impl KeyRing {
     async fn put(&self, key: ApiKey) -> Result<(), KeyError> {
         let record = serde_json::to_string(&key).map_err(|e| KeyError::Invalid(e.to_string()))?;
         self.store
-            .put_api_key(&key.id, &record, version_now())
+            .put_api_key(&key.id, &record, tally_backends::store::version_now())
             .await?;
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         self.install(&mut entries, key);
@@ -574,25 +574,11 @@ impl KeyRing {
 
     /// Refreshes the keys every [`KEY_REFRESH`] until `shutdown`.
     pub async fn keep_fresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(KEY_REFRESH);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "API keys not refreshed");
-            }
-        }
+        tally_backends::periodic::every(KEY_REFRESH, shutdown, "API keys refresh", || {
+            self.refresh()
+        })
+        .await;
     }
-}
-
-/// Nanoseconds since the epoch: later writes of a record win.
-fn version_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// The key of a request: `X-Tally-Key`, else `Authorization: Bearer`.

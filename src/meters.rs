@@ -210,12 +210,7 @@ pub async fn create_meter(
     State(s): State<MetersState>,
     tally_http::extract::Json(body): tally_http::extract::Json<Value>,
 ) -> Result<(StatusCode, Json<MeterView>), ApiError> {
-    let Value::Object(mut fields) = body else {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "the body must be a JSON object",
-        ));
-    };
+    let mut fields = object(body)?;
     let name = match fields.remove("name") {
         Some(Value::String(n)) => n,
         _ => {
@@ -232,12 +227,7 @@ pub async fn create_meter(
         )
     })?;
     let meter = parse_meter(Value::Object(fields))?;
-    let _one = s.changing.lock().await;
-    let catalog = s
-        .catalog
-        .refresh()
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?;
+    let (_one, catalog) = s.begin_change().await?;
     if catalog.meter(&name).is_some() {
         let why = if catalog.is_archived(&name) {
             "an archived meter keeps its name"
@@ -286,24 +276,14 @@ pub async fn update_meter(
     Path(name): Path<String>,
     tally_http::extract::Json(body): tally_http::extract::Json<Value>,
 ) -> Result<Json<MeterView>, ApiError> {
-    let Value::Object(patch) = body else {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "the body must be a JSON object",
-        ));
-    };
+    let patch = object(body)?;
     if patch.contains_key("name") {
         return Err(ApiError::bad_request(
             "invalid_request",
             "a meter's name does not change",
         ));
     }
-    let _one = s.changing.lock().await;
-    let catalog = s
-        .catalog
-        .refresh()
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?;
+    let (_one, catalog) = s.begin_change().await?;
     let current = managed(&catalog, &name)?;
     if current.archived_ms.is_some() {
         return Err(ApiError::new(
@@ -365,12 +345,7 @@ pub async fn archive_meter(
     State(s): State<MetersState>,
     Path(name): Path<String>,
 ) -> Result<Json<MeterView>, ApiError> {
-    let _one = s.changing.lock().await;
-    let catalog = s
-        .catalog
-        .refresh()
-        .await
-        .map_err(|e| ApiError::unavailable(&e))?;
+    let (_one, catalog) = s.begin_change().await?;
     let current = managed(&catalog, &name)?;
     let catalog = if current.archived_ms.is_some() {
         catalog.clone()
@@ -385,6 +360,32 @@ pub async fn archive_meter(
     };
     let meter = catalog.meter(&name).ok_or_else(|| unknown(&name))?;
     Ok(Json(view(&catalog, &name, meter)))
+}
+
+impl MetersState {
+    /// Waits for this process's other changes, then reads the stored meters afresh.
+    async fn begin_change(
+        &self,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Arc<Catalog>), ApiError> {
+        let one = self.changing.lock().await;
+        let catalog = self
+            .catalog
+            .refresh()
+            .await
+            .map_err(|e| ApiError::unavailable(&e))?;
+        Ok((one, catalog))
+    }
+}
+
+/// A request body that must be a JSON object.
+fn object(body: Value) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match body {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            "the body must be a JSON object",
+        )),
+    }
 }
 
 /// The managed meter `name`, or why it cannot be managed.

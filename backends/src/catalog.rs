@@ -22,7 +22,7 @@ use tally_schemas::{Catalog, ManagedMeter, Record};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::MeterDefinitions;
+use crate::store::{MeterDefinitions, version_now};
 use crate::{Error, Result};
 
 /// How soon a meter name unknown after a read of the store is looked up again.
@@ -180,17 +180,7 @@ impl LiveCatalog {
         if self.store.is_none() {
             return;
         }
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "meters not refreshed");
-            }
-        }
+        crate::periodic::every(every, shutdown, "meters refresh", || self.refresh()).await;
     }
 }
 
@@ -205,13 +195,6 @@ pub fn meters_of(records: &[Record]) -> impl Iterator<Item = &str> + '_ {
             last = Some(m);
             !again
         })
-}
-
-/// Nanoseconds since the epoch: later writes of a record win.
-fn version_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[cfg(test)]

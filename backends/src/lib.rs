@@ -27,6 +27,7 @@ pub mod catalog;
 pub mod error;
 pub mod log;
 pub mod metrics;
+pub mod periodic;
 pub mod sqlite;
 pub mod store;
 

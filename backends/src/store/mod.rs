@@ -123,6 +123,14 @@ pub trait UsageWriter: Send + Sync + 'static {
     }
 }
 
+/// Nanoseconds since the epoch: the version of a record written now (the latest write wins,
+/// in ClickHouse's ReplacingMergeTree tables as in SQLite).
+pub fn version_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Reads of rolled-up usage: the query API, the enforcer's start-up snapshot, billing-sync.
 #[async_trait]
 pub trait UsageReader: Send + Sync + 'static {

@@ -36,6 +36,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use crate::store::version_now;
+
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use tally_schemas::rollup::{Block, Cell, CellKey, Rollup};
@@ -145,13 +147,6 @@ struct OutboxRow {
     delivery: String,
     /// Nanoseconds since the epoch when written: the latest write wins.
     version: u64,
-}
-
-/// Nanoseconds since the epoch: the version of a row in a ReplacingMergeTree of states.
-fn version_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[derive(Row, Serialize, Deserialize)]
